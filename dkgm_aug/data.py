@@ -1,0 +1,196 @@
+"""Datasets that work offline (DESIGN.md section 3), and long-tailed splits.
+
+Every loader returns an :class:`ImageDataset`: uint8 images ``[N, C, H, W]`` kept
+in memory (all our bundled sets are small), integer ``targets`` and ``classes``.
+Items are ``(float CHW tensor in [0, 1], int label)``; this is the edge where
+images enter the library.
+
+>>> ds = load_dataset("digits")          # 1,797 8x8 images from scikit-learn
+>>> x, y = ds[0]; x.shape, x.dtype
+(torch.Size([1, 8, 8]), torch.float32)
+"""
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DATASETS = ("fashion-mnist", "digits")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """In-memory map-style dataset of uint8 images; items are ``(float [0,1] CHW, int)``."""
+
+    def __init__(self, images: torch.Tensor, targets, classes=None, transform=None, description: str = ""):
+        images = torch.as_tensor(images)
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise DataError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        targets = torch.as_tensor(targets, dtype=torch.long).flatten()
+        if len(targets) != len(images):
+            raise DataError(f"{len(images)} images but {len(targets)} labels")
+        self.images, self.targets = images, targets
+        n_classes = int(targets.max()) + 1 if len(targets) else 0
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
+        self.transform, self.description = transform, description
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float() / 255.0
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[i])
+
+    def subset(self, indices) -> "ImageDataset":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return ImageDataset(self.images[idx], self.targets[idx], self.classes, self.transform, self.description)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}")
+    return arr.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    # Accept the Debian layout (root/*.gz) and torchvision's (root/FashionMNIST/raw/*).
+    for folder in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def fashion_mnist(root=None, split: str = "train", transform=None) -> ImageDataset:
+    """Fashion-MNIST (60,000 train / 10,000 test, 28x28 gray) from Debian's
+    ``dataset-fashion-mnist`` package, or a ``root`` in torchvision's layout."""
+    if split not in _FASHION_FILES:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root) if root is not None else Path(os.environ.get("DKGM_FASHION_MNIST", FASHION_MNIST_DIR))
+    paths = [_find(root, stem) for stem in _FASHION_FILES[split]]
+    if None in paths:
+        raise DataError(f"Fashion-MNIST not found under {root}. Install it with "
+                        "`sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist`, or pass "
+                        "root= a folder holding train-images-idx3-ubyte(.gz) etc. (torchvision layout works)")
+    images, labels = (_read_idx(p) for p in paths)
+    return ImageDataset(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)),
+                        FASHION_MNIST_CLASSES, transform, f"Fashion-MNIST {split} ({root})")
+
+
+def digits(split: str = "all", transform=None, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """scikit-learn's 8x8 digits (1,797 images, 16 gray levels). ``split`` is ``"all"``, or a
+    seeded stratified ``"train"``/``"test"`` split with ``test_fraction`` of each class held out."""
+    from sklearn.datasets import load_digits
+    if split not in ("all", "train", "test"):
+        raise DataError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    targets = torch.from_numpy(d.target.astype(np.int64))
+    ds = ImageDataset(images, targets, [str(i) for i in range(10)], transform, f"sklearn digits {split}")
+    if split == "all":
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    test = torch.zeros(len(targets), dtype=torch.bool)
+    for c in range(10):
+        idx = torch.nonzero(targets == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test[idx[: round(test_fraction * len(idx))]] = True
+    return ds.subset(torch.nonzero(test if split == "test" else ~test).flatten())
+
+
+def npz(path, transform=None) -> ImageDataset:
+    """An ``.npz`` with ``images`` (``N,H,W`` or ``N,H,W,C``; uint8, or floats in [0, 1]) and ``labels``."""
+    with np.load(path, allow_pickle=False) as f:
+        if "images" not in f or "labels" not in f:
+            raise DataError(f"{path} must hold arrays 'images' and 'labels', found {list(f.keys())}")
+        images, labels = f["images"], f["labels"]
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(f"{path}: images must be N,H,W or N,H,W,C, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+            raise DataError(f"{path}: float images must be finite and in [0, 1]")
+        images = np.round(images * 255).astype(np.uint8)
+    classes, labels = np.unique(labels, return_inverse=True) if labels.dtype.kind in "US" else (None, labels)
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+                        torch.from_numpy(labels.astype(np.int64)),
+                        None if classes is None else [str(c) for c in classes], transform, f"npz {path}")
+
+
+def image_folder(root, size=None, channels: int | None = None, transform=None) -> ImageDataset:
+    """Images in ``root/<class>/*.png|jpg|...`` (torchvision's ImageFolder layout), resized
+    to ``size`` (int or (H, W)) when given; ``channels`` 1 or 3 converts the mode."""
+    from PIL import Image
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
+             if p.suffix.lower() in exts]
+    if not files:
+        raise DataError(f"no images found under {root}/<class>/; expected torchvision ImageFolder layout")
+    arrays = []
+    for p, _ in files:
+        with Image.open(p) as im:
+            im = im.convert({1: "L", 3: "RGB", None: "RGB" if im.mode not in ("L", "1") else "L"}[channels])
+            if size is not None:
+                im = im.resize((size, size) if isinstance(size, int) else tuple(size)[::-1])
+            arrays.append(np.asarray(im))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DataError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; pass size=")
+    images = np.stack(arrays)
+    images = images[..., None] if images.ndim == 3 else images
+    return ImageDataset(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                        [c for _, c in files], classes, transform, f"image folder {root}")
+
+
+def load_dataset(name_or_path, split: str = "train", **kwargs) -> ImageDataset:
+    """``"fashion-mnist"``, ``"digits"``, a ``.npz`` file or an image folder."""
+    text = os.fspath(name_or_path)
+    if text == "fashion-mnist":
+        return fashion_mnist(split=split, **kwargs)
+    if text == "digits":
+        return digits(split=split, **kwargs)
+    path = Path(text)
+    if path.suffix == ".npz" and path.is_file():
+        return npz(path, **kwargs)
+    if path.is_dir():
+        return image_folder(path, **kwargs)
+    raise DataError(f"unknown dataset {text!r}: use one of {DATASETS}, a .npz file or an image folder")
+
+
+def long_tailed_indices(targets, rho: float, seed: int = 0) -> torch.Tensor:
+    """Indices of a long-tailed subset (CIFAR-10-LT's exponential profile): class ``c``
+    keeps ``round(n_max * rho ** (-c / (C - 1)))`` images chosen by a seeded permutation,
+    where ``n_max`` is the size of the largest class."""
+    targets = torch.as_tensor(targets).flatten()
+    if rho < 1:
+        raise DataError(f"imbalance ratio rho must be >= 1, got {rho}")
+    classes = torch.unique(targets).tolist()
+    counts = torch.bincount(targets)
+    n_max, n_cls = int(counts.max()), len(classes)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for rank, c in enumerate(classes):
+        idx = torch.nonzero(targets == c).flatten()
+        n = round(n_max * rho ** (-rank / (n_cls - 1))) if n_cls > 1 else len(idx)
+        keep.append(idx[torch.randperm(len(idx), generator=g)[: min(n, len(idx))]])
+    return torch.cat(keep).sort().values

@@ -1,0 +1,172 @@
+"""The two-stage DKGM generator (paper 000, DESIGN.md section 1).
+
+Stage 1, ``f_theta``: a U-Net trained as a denoiser, so that
+``x_kde = f_theta(x + alpha * eps)`` is a KDE neighbour of a real image ``x``.
+Stage 2, ``u_gamma(., t)``: a time-embedded U-Net that removes the KDE blur with
+the iterative update of :meth:`DKGM.debias`.
+
+Images are ``[B, C, H, W]`` floats in ``[-1, 1]``; conversions happen at the edges.
+
+Example::
+
+    model = DKGM.from_preset("tiny", image_size=28, channels=1)
+    loss = model(x, stage=1)                 # eq. (14); stage=2 gives eq. (15)
+    x_new = model.sample(x, alpha=0.5, steps=4, generator=torch.Generator().manual_seed(0))
+"""
+import numbers
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .blur import random_blur
+from .errors import DataError, DKGMError
+from .kernels import KERNELS, noise
+from .unet import UNet, UNetConfig, preset_config
+
+
+def check_images(x: torch.Tensor, channels: int, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a finite float ``[B, channels, H, W]`` batch."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise DataError(f"{name} must have shape [B, C, H, W], got {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise DataError(f"{name} has {x.shape[1]} channels but the model takes {channels}; "
+                        "convert the images (e.g. grayscale <-> RGB) before calling it")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise DataError(f"{name} is empty: shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DataError(f"{name} must be a float tensor in [-1, 1], got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{name} contains NaN or inf values; clean the data first")
+
+
+class DKGM(nn.Module):
+    """Both DKGM stages, their losses and Algorithm 2.
+
+    Knobs: ``alpha`` (sampling noise level: diversity), ``alpha_train`` (stage-1
+    training noise level), ``steps`` (``n``), ``b_range`` (stage-2 training blur),
+    ``kernel`` (``"gaussian"`` or ``"epanechnikov"``, both unit variance) and ``m``
+    (noisy copies per image in eq. 14).
+    """
+
+    kind = "dkgm"
+
+    def __init__(self, stage1: UNetConfig, stage2: UNetConfig, image_size=(28, 28), alpha: float = 0.5,
+                 alpha_train: float = 0.5, steps: int = 4, b_range=(0.5, 1.0), kernel: str = "gaussian",
+                 m: int = 1, info: dict | None = None):
+        super().__init__()
+        if stage1.channels != stage2.channels:
+            raise DKGMError("stage 1 and stage 2 must take the same number of channels")
+        if stage1.time_input or not stage2.time_input:
+            raise DKGMError("stage 1 takes no time input and stage 2 does (set UNetConfig.time_input)")
+        if kernel not in KERNELS:
+            raise DKGMError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+        check_knobs(alpha=alpha, steps=steps)
+        check_knobs(alpha=alpha_train)
+        if not (0 < b_range[0] <= b_range[1]):
+            raise DKGMError(f"b_range must satisfy 0 < b_min <= b_max, got {tuple(b_range)}")
+        if int(m) < 1:
+            raise DKGMError(f"m (noisy copies per image) must be >= 1, got {m}")
+        self.stage1, self.stage2 = UNet(stage1), UNet(stage2)
+        self.image_size = tuple(int(s) for s in (image_size if isinstance(image_size, (tuple, list))
+                                                 else (image_size, image_size)))
+        self.channels = stage1.channels
+        self.alpha, self.alpha_train, self.steps = float(alpha), float(alpha_train), int(steps)
+        self.b_range = (float(b_range[0]), float(b_range[1]))
+        self.kernel, self.m = kernel, int(m)
+        self.info = dict(info or {})   # free-form: class names, training data, command, timings
+
+    @classmethod
+    def from_preset(cls, name: str, image_size=28, channels: int = 1, **knobs) -> "DKGM":
+        return cls(preset_config(name, channels, False), preset_config(name, channels, True),
+                   image_size=image_size, **knobs)
+
+    # -- configuration stored in checkpoints -------------------------------------------------
+    def config(self) -> dict:
+        return dict(stage1=self.stage1.config.to_dict(), stage2=self.stage2.config.to_dict(),
+                    image_size=list(self.image_size), alpha=self.alpha, alpha_train=self.alpha_train,
+                    steps=self.steps, b_range=list(self.b_range), kernel=self.kernel, m=self.m, info=self.info)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DKGM":
+        cfg = dict(cfg)
+        return cls(UNetConfig.from_dict(cfg.pop("stage1")), UNetConfig.from_dict(cfg.pop("stage2")), **cfg)
+
+    def save(self, path, **info) -> None:
+        from .checkpoint import save
+        save(self, path, **info)
+
+    # -- stage 1 -------------------------------------------------------------------------------
+    def kde(self, x: torch.Tensor, alpha: float | None = None, generator=None) -> torch.Tensor:
+        """Stage 1: ``f_theta(x + alpha * eps)``, one KDE neighbour per image."""
+        check_images(x, self.channels)
+        alpha = self.alpha if alpha is None else check_knobs(alpha=alpha)
+        eps = noise(x.shape, self.kernel, generator, x.device, x.dtype)
+        return self.stage1(x + alpha * eps)
+
+    def stage1_loss(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Eq. (14): sum over ``m`` noisy copies of the per-image mean squared error, averaged over the batch."""
+        xm = x.repeat(self.m, 1, 1, 1)
+        eps = noise(xm.shape, self.kernel, generator, x.device, x.dtype)
+        err = (xm - self.stage1(xm + self.alpha_train * eps)).pow(2).flatten(1).mean(1)
+        return err.view(self.m, -1).sum(0).mean()
+
+    # -- stage 2 -------------------------------------------------------------------------------
+    def debias(self, x_in: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Stage 2 alone (Algorithm 2, lines 4-6), the same function for training and sampling::
+
+            x_hat_0 = u(x_in, 0)
+            x_hat_t = x_hat_{t-1} + (1/t) * u(x_in - x_hat_{t-1}, t),   t = 1..steps
+        """
+        check_images(x_in, self.channels, "x_in")
+        steps = self.steps if steps is None else check_knobs(steps=steps)
+        x_hat = self.stage2(x_in, 0)
+        for t in range(1, steps + 1):
+            x_hat = x_hat + self.stage2(x_in - x_hat, t) / t
+        return x_hat
+
+    def stage2_loss(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Clean-image target on Gaussian-blurred input, backpropagated through all ``n+1`` calls."""
+        x_in = random_blur(x, self.b_range, generator)
+        return F.mse_loss(self.debias(x_in), x)
+
+    def forward(self, x: torch.Tensor, stage: int = 1, generator=None) -> torch.Tensor:
+        """Training loss of ``stage`` (1 or 2) on a batch of clean images."""
+        check_images(x, self.channels)
+        if stage == 1:
+            return self.stage1_loss(x, generator)
+        if stage == 2:
+            return self.stage2_loss(x, generator)
+        raise DKGMError(f"stage must be 1 or 2, got {stage!r}")
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(self, x: torch.Tensor, alpha: float | None = None, steps: int | None = None,
+               generator=None) -> torch.Tensor:
+        """Algorithm 2: a debiased KDE neighbour of each image, clamped to ``[-1, 1]``.
+        ``steps=0`` runs only ``u(x_kde, 0)``."""
+        return self.debias(self.kde(x, alpha, generator), steps).clamp(-1, 1)
+
+    @torch.inference_mode()
+    def neighbours(self, x: torch.Tensor, k: int = 1, *, labels=None, alpha: float | None = None,
+                   steps: int | None = None, generator=None) -> torch.Tensor:
+        """``k`` debiased KDE neighbours per image: shape ``[B, k, C, H, W]``. ``labels`` is
+        accepted for the common generator interface and unused (DKGM is unconditional)."""
+        if int(k) < 1:
+            raise DKGMError(f"k must be >= 1, got {k}")
+        xk = x.repeat_interleave(int(k), dim=0)
+        return self.sample(xk, alpha, steps, generator).view(x.shape[0], int(k), *x.shape[1:])
+
+
+def check_knobs(alpha=None, steps=None):
+    """Validate the user-facing knobs; returns the one given (for inline use)."""
+    if alpha is not None:
+        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not (0 <= alpha < float("inf")):
+            raise DKGMError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        return float(alpha)
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise DKGMError(f"steps must be an integer >= 0, got {steps!r}")
+        return int(steps)

@@ -1,0 +1,130 @@
+"""The DDPM-style U-Net used by both DKGM stages, and its presets.
+
+``UNet(time_input=False)`` is stage 1's ``f_theta`` (no time embedding at all);
+``UNet(time_input=True)`` is stage 2's ``u_gamma(., t)``. Any image size works:
+inputs are padded (replicate) up to a multiple of the down-sampling factor and
+the output is cropped back.
+"""
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .errors import DKGMError
+from .nn import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_module
+
+
+@dataclass
+class UNetConfig:
+    channels: int = 1                       # image channels in and out
+    base_channels: int = 32
+    channel_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_levels: tuple = ()                 # levels (0 = full resolution) with self-attention
+    mid_attention: bool = True
+    dropout: float = 0.0
+    time_input: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise DKGMError(f"unknown U-Net config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("channel_mult", "attn_levels"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+# Presets: network sizes for both stages. `cifar` is the DDPM CIFAR-10 U-Net the
+# DKGM paper uses (35.7M parameters with a time embedding).
+PRESETS = {
+    "tiny": dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(), mid_attention=True),
+    "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attn_levels=(), mid_attention=True),
+    "cifar": dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_levels=(1,),
+                  mid_attention=True, dropout=0.1),
+}
+
+
+def preset_config(name: str, channels: int, time_input: bool) -> UNetConfig:
+    if name not in PRESETS:
+        raise DKGMError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return UNetConfig(channels=channels, time_input=time_input, **PRESETS[name])
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.base_channels
+        temb_dim = 4 * ch if c.time_input else None
+        if c.time_input:
+            self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(c.channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chs, cur = [ch], ch
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(ResBlock(cur, ch * mult, temb_dim, c.dropout))
+                cur = ch * mult
+                if level in c.attn_levels:
+                    self.down.append(AttentionBlock(cur))
+                skip_chs.append(cur)
+            if level != len(c.channel_mult) - 1:
+                self.down.append(Downsample(cur))
+                skip_chs.append(cur)
+
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_dim, c.dropout)]
+                                 + ([AttentionBlock(cur)] if c.mid_attention else [])
+                                 + [ResBlock(cur, cur, temb_dim, c.dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, temb_dim, c.dropout))
+                cur = ch * mult
+                if level in c.attn_levels:
+                    self.up.append(AttentionBlock(cur))
+            if level != 0:
+                self.up.append(Upsample(cur))
+
+        self.norm_out = group_norm(cur)
+        self.conv_out = zero_module(nn.Conv2d(cur, c.channels, 3, padding=1))
+        self.factor = 2 ** (len(c.channel_mult) - 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | None = None) -> torch.Tensor:
+        c = self.config
+        temb = None
+        if c.time_input:
+            if t is None:
+                raise DKGMError("this U-Net takes a time step: call it as net(x, t)")
+            t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+            temb = self.time_mlp(timestep_embedding(t, c.base_channels))
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.factor, -width % self.factor
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+        h = self.conv_in(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, temb)
+            if not isinstance(layer, AttentionBlock):
+                skips.append(h)
+            else:
+                skips[-1] = h
+        for layer in self.mid:
+            h = layer(h, temb)
+        for layer in self.up:
+            if isinstance(layer, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = layer(h, temb)
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out[..., :height, :width]

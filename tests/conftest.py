@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from dkgm_aug import DKGM, UNetConfig
+
+# Tests use tiny tensors: one thread is as fast, and it does not collapse when another
+# process holds the second core (OpenMP spin-waits make oversubscription very slow).
+torch.set_num_threads(1)
+
+
+def micro_model(channels: int = 1, image_size=16, **knobs) -> DKGM:
+    """A very small DKGM for fast tests (same code path as the presets)."""
+    cfg = dict(channels=channels, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    return DKGM(UNetConfig(**cfg, time_input=False), UNetConfig(**cfg, time_input=True),
+                image_size=image_size, **knobs)
+
+
+def shapes_batch(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Synthetic images in [0, 1] with hard edges: random bright rectangles on a dark ground."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        for _ in range(2):
+            r0, c0 = torch.randint(0, size - 4, (2,), generator=g).tolist()
+            h, w = torch.randint(3, size // 2, (2,), generator=g).tolist()
+            x[i, 0, r0:r0 + h, c0:c0 + w] = 0.5 + 0.5 * torch.rand(1, generator=g)
+    return x
+
+
+@pytest.fixture
+def micro():
+    torch.manual_seed(0)
+    return micro_model()

@@ -1,0 +1,74 @@
+import csv
+
+import pytest
+import torch
+
+from dkgm_aug import DataError, DKGMError, Trainer
+from dkgm_aug.data import ImageDataset
+from conftest import micro_model, shapes_batch
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_outputs_and_data_kinds(tmp_path):
+    x = shapes_batch(20)
+    ds = ImageDataset((x * 255).round().to(torch.uint8), torch.zeros(20))
+    loader = torch.utils.data.DataLoader(ds, batch_size=5)
+    for i, data in enumerate([x, (x * 255).to(torch.uint8), ds, loader]):
+        model = micro_model()
+        before = weights(model)
+        out = tmp_path / f"run{i}"
+        Trainer(model, data, out_dir=out, batch_size=5, max_steps=3, save_every=2, progress=False).fit(1)
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        rows = list(csv.DictReader(open(out / "log_stage1.csv")))
+        assert rows and float(rows[-1]["loss"]) > 0 and int(rows[-1]["step"]) == 3
+        assert (out / "samples_stage1_step2.png").exists() and (out / "model.safetensors").exists()
+
+
+def test_epochs_and_stage2_grid(tmp_path):
+    t = Trainer(micro_model(), shapes_batch(12), out_dir=tmp_path, batch_size=4, epochs=2, progress=False)
+    assert t.max_steps == 6
+    t.fit(2)
+    assert (tmp_path / "samples_stage2_step6.png").exists() and (tmp_path / "state_stage2.safetensors").exists()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    x = shapes_batch(24)
+    torch.manual_seed(0)
+    full = micro_model()
+    init = weights(full)
+    Trainer(full, x, out_dir=tmp_path / "full", batch_size=4, max_steps=8, save_every=4, progress=False).fit(1)
+
+    part = micro_model()
+    part.load_state_dict(init)
+    Trainer(part, x, out_dir=tmp_path / "part", batch_size=4, max_steps=4, save_every=4, progress=False).fit(1)
+    resumed = micro_model()                     # a fresh process would start from new weights
+    t = Trainer(resumed, x, out_dir=tmp_path / "part", batch_size=4, max_steps=8, save_every=4, progress=False)
+    t.fit(1)
+    rows = list(csv.DictReader(open(tmp_path / "part" / "log_stage1.csv")))
+    assert [int(r["step"]) for r in rows][-1] == 8 and len(rows) == 2   # continued, not restarted
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("data, match", [
+    (torch.zeros(0, 1, 8, 8), "empty"),
+    (torch.zeros(4, 3, 8, 8), "channels"),
+    (torch.zeros(4, 8, 8), r"\[N, C, H, W\]"),
+    ([1, 2, 3], "must be a tensor"),
+])
+def test_bad_data(tmp_path, data, match):
+    with pytest.raises(DataError, match=match):
+        Trainer(micro_model(), data, out_dir=tmp_path, max_steps=1)
+
+
+def test_nan_data_and_bad_args(tmp_path):
+    x = torch.full((4, 1, 8, 8), float("nan"))
+    with pytest.raises(DataError, match="NaN"):
+        Trainer(micro_model(), x, out_dir=tmp_path, batch_size=2, max_steps=1, progress=False).fit(1)
+    with pytest.raises(DKGMError, match="exactly one"):
+        Trainer(micro_model(), shapes_batch(4), out_dir=tmp_path)
+    with pytest.raises(DKGMError, match="stage"):
+        Trainer(micro_model(), shapes_batch(4), out_dir=tmp_path, max_steps=1).fit(3)
