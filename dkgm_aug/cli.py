@@ -46,7 +46,7 @@ def cmd_train(args) -> None:
         trainer.fit(stage, max_steps=steps)
         timings[f"stage{stage}_s"] = round(time.time() - t, 1)
     model.save(args.out, training=dict(
-        command="dkgm-aug " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command="dkgm-aug " + " ".join(shlex.quote(str(a)) for a in args.argv),
         data=data.description, n_images=len(data), stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         wall_time_s=round(time.time() - start, 1), hardware=hardware(trainer.device),
@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except DKGMError as exc:

@@ -1,0 +1,103 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from dkgm_aug import DataError
+from dkgm_aug.data import (FASHION_MNIST_DIR, ImageDataset, digits, fashion_mnist, image_folder,
+                           load_dataset, long_tailed_indices, npz)
+
+
+def write_idx(path, array):
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_torchvision_layout(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", imgs)
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 9, 3]))
+    ds = fashion_mnist(root=tmp_path, split="test")
+    assert len(ds) == 5 and ds.classes[9] == "Ankle boot"
+    x, y = ds[3]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == 9
+    assert torch.allclose(x[0], torch.from_numpy(imgs[3]).float() / 255)
+
+
+def test_fashion_mnist_missing_names_install_command(tmp_path):
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
+        fashion_mnist(root=tmp_path)
+    with pytest.raises(DataError, match="split"):
+        fashion_mnist(split="val")
+
+
+def test_truncated_idx(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 4, 4)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(2))
+    data = gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(data[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        fashion_mnist(root=tmp_path)
+
+
+@pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian package dataset-fashion-mnist not installed (make data installs it)")
+def test_real_fashion_mnist():
+    train, test = fashion_mnist(split="train"), fashion_mnist(split="test")
+    assert (len(train), len(test)) == (60_000, 10_000)
+    assert train.images.shape[1:] == (1, 28, 28)
+    assert torch.equal(torch.bincount(test.targets), torch.full((10,), 1000))
+
+
+def test_digits_splits():
+    all_ = digits()
+    train, test = digits("train"), digits("test")
+    assert len(all_) == 1797 and len(train) + len(test) == 1797
+    assert all_.images.shape[1:] == (1, 8, 8) and all_.images.max() == 255
+    assert set(torch.bincount(test.targets).tolist()) <= {35, 36, 37}   # 20% of each class
+    assert torch.equal(digits("test").images, test.images)             # seeded
+
+
+def test_npz_and_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.random((6, 5, 7)), labels=np.array(["b", "a"] * 3))
+    ds = npz(tmp_path / "d.npz")
+    assert ds.images.shape == (6, 1, 5, 7) and ds.classes == ["a", "b"] and ds.targets.tolist() == [1, 0] * 3
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(DataError, match="'images' and 'labels'"):
+        npz(tmp_path / "bad.npz")
+    from PIL import Image
+    for cls in ("cat", "dog"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "folder" / cls / f"{i}.png")
+    ds = image_folder(tmp_path / "folder", size=8)
+    assert ds.images.shape == (4, 3, 8, 8) and ds.classes == ["cat", "dog"]
+    assert load_dataset(tmp_path / "folder", channels=1).images.shape == (4, 1, 9, 9)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def test_image_dataset_validation():
+    with pytest.raises(DataError, match="uint8"):
+        ImageDataset(torch.zeros(2, 1, 4, 4), [0, 1])
+    with pytest.raises(DataError, match="labels"):
+        ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), [0])
+
+
+def test_long_tailed_profile():
+    targets = torch.arange(10).repeat_interleave(500)
+    idx = long_tailed_indices(targets, rho=100, seed=0)
+    counts = torch.bincount(targets[idx]).tolist()
+    assert counts == [round(500 * 100 ** (-c / 9)) for c in range(10)]
+    assert counts[0] == 500 and counts[-1] == 5
+    assert torch.equal(idx, long_tailed_indices(targets, rho=100, seed=0))
+    assert not torch.equal(idx, long_tailed_indices(targets, rho=100, seed=1))
+    with pytest.raises(DataError, match="rho"):
+        long_tailed_indices(targets, rho=0.5)
