@@ -1,12 +1,14 @@
 """dkgm_aug: generative oversampling for imbalanced image classification with DKGM."""
 __version__ = "0.1.0"
 
+from .balanced import BalancedDKGMDataset
 from .checkpoint import list_pretrained, load, save
 from .dkgm import DKGM
 from .errors import CheckpointError, DataError, DKGMError
 from .metrics import sharpness
 from .trainer import Trainer
+from .transforms import DKGMAugment
 from .unet import PRESETS, UNet, UNetConfig
 
-__all__ = ["DKGM", "Trainer", "UNet", "UNetConfig", "PRESETS", "load", "save", "list_pretrained",
+__all__ = ["DKGM", "Trainer", "DKGMAugment", "BalancedDKGMDataset", "UNet", "UNetConfig", "PRESETS", "load", "save", "list_pretrained",
            "sharpness", "DKGMError", "CheckpointError", "DataError", "__version__"]

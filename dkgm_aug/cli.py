@@ -9,7 +9,6 @@ import json
 import platform
 import shlex
 import sys
-import time
 
 import torch
 
@@ -36,23 +35,23 @@ def cmd_train(args) -> None:
     model = DKGM.from_preset(args.preset, image_size=tuple(x0.shape[-2:]), channels=x0.shape[0],
                              alpha=args.alpha, steps=args.steps, b_range=(args.b_min, args.b_max),
                              kernel=args.kernel, m=args.m)
-    trainer = Trainer(model, data, out_dir=args.work_dir, batch_size=args.batch_size, max_steps=args.stage1_steps,
-                      lr=args.lr, seed=args.seed, device=args.device, save_every=args.save_every,
-                      num_workers=args.num_workers, progress=not args.quiet)
-    start = time.time()
-    timings = {}
-    for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
-        t = time.time()
-        trainer.fit(stage, max_steps=steps)
-        timings[f"stage{stage}_s"] = round(time.time() - t, 1)
+    batch_sizes = {1: args.batch_size, 2: args.stage2_batch_size or args.batch_size}
+    max_steps = {1: args.stage1_steps, 2: args.stage2_steps}
+    elapsed = {}
+    for stage in (1, 2):
+        trainer = Trainer(model, data, out_dir=args.work_dir, batch_size=batch_sizes[stage],
+                          max_steps=max_steps[stage], lr=args.lr, seed=args.seed, device=args.device,
+                          save_every=args.save_every, num_workers=args.num_workers, progress=not args.quiet)
+        trainer.fit(stage)
+        elapsed[f"stage{stage}_s"] = round(trainer.elapsed.get(stage, 0.0), 1)   # summed over resumes
     model.save(args.out, training=dict(
         command="dkgm-aug " + " ".join(shlex.quote(str(a)) for a in args.argv),
         data=data.description, n_images=len(data), stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        wall_time_s=round(time.time() - start, 1), hardware=hardware(trainer.device),
-        torch_version=torch.__version__, **timings), classes=list(data.classes))
+        stage2_steps=args.stage2_steps, batch_size=batch_sizes, lr=args.lr, seed=args.seed,
+        wall_time_s=round(sum(elapsed.values()), 1), hardware=hardware(trainer.device),
+        torch_version=torch.__version__, **elapsed), classes=list(data.classes))
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"trained in {time.time() - start:.0f} s); samples and logs in {args.work_dir}/")
+          f"{sum(elapsed.values()):.0f} s of training); samples and logs in {args.work_dir}/")
 
 
 def cmd_sample(args) -> None:
@@ -91,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stage1-steps", type=int, default=2000)
     t.add_argument("--stage2-steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--stage2-batch-size", type=int, default=0, help="stage-2 batch size (0 = --batch-size)")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--alpha", type=float, default=0.5, help="noise level: stored default for sampling")
     t.add_argument("--steps", type=int, default=4, help="stage-2 iterations n")

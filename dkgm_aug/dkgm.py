@@ -99,11 +99,15 @@ class DKGM(nn.Module):
         save(self, path, **info)
 
     # -- stage 1 -------------------------------------------------------------------------------
-    def kde(self, x: torch.Tensor, alpha: float | None = None, generator=None) -> torch.Tensor:
-        """Stage 1: ``f_theta(x + alpha * eps)``, one KDE neighbour per image."""
+    def kde(self, x: torch.Tensor, alpha: float | None = None, generator=None, eps=None) -> torch.Tensor:
+        """Stage 1: ``f_theta(x + alpha * eps)``, one KDE neighbour per image. ``eps`` (unit
+        variance, shaped like ``x``) may be given, e.g. drawn per image with its own seed."""
         check_images(x, self.channels)
         alpha = self.alpha if alpha is None else check_knobs(alpha=alpha)
-        eps = noise(x.shape, self.kernel, generator, x.device, x.dtype)
+        if eps is None:
+            eps = noise(x.shape, self.kernel, generator, x.device, x.dtype)
+        elif eps.shape != x.shape:
+            raise DKGMError(f"eps has shape {tuple(eps.shape)}, expected {tuple(x.shape)}")
         return self.stage1(x + alpha * eps)
 
     def stage1_loss(self, x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -144,10 +148,10 @@ class DKGM(nn.Module):
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, alpha: float | None = None, steps: int | None = None,
-               generator=None) -> torch.Tensor:
+               generator=None, eps=None) -> torch.Tensor:
         """Algorithm 2: a debiased KDE neighbour of each image, clamped to ``[-1, 1]``.
         ``steps=0`` runs only ``u(x_kde, 0)``."""
-        return self.debias(self.kde(x, alpha, generator), steps).clamp(-1, 1)
+        return self.debias(self.kde(x, alpha, generator, eps), steps).clamp(-1, 1)
 
     @torch.inference_mode()
     def neighbours(self, x: torch.Tensor, k: int = 1, *, labels=None, alpha: float | None = None,
@@ -161,12 +165,14 @@ class DKGM(nn.Module):
 
 
 def check_knobs(alpha=None, steps=None):
-    """Validate the user-facing knobs; returns the one given (for inline use)."""
-    if alpha is not None:
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not (0 <= alpha < float("inf")):
-            raise DKGMError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        return float(alpha)
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-            raise DKGMError(f"steps must be an integer >= 0, got {steps!r}")
-        return int(steps)
+    """Validate the user-facing knobs; returns the one given (for inline use), or both as a tuple."""
+    if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
+                              or not (0 <= alpha < float("inf"))):
+        raise DKGMError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0):
+        raise DKGMError(f"steps must be an integer >= 0, got {steps!r}")
+    alpha = None if alpha is None else float(alpha)
+    steps = None if steps is None else int(steps)
+    if alpha is not None and steps is not None:
+        return alpha, steps
+    return alpha if alpha is not None else steps

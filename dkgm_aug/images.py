@@ -12,7 +12,7 @@ def to_unit_float(img) -> torch.Tensor:
     elif isinstance(img, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(img[..., None] if img.ndim == 2 else img)).permute(2, 0, 1)
     elif hasattr(img, "mode") and hasattr(img, "size"):   # PIL, without importing it here
-        arr = np.asarray(img)
+        arr = np.array(img)   # a copy: PIL's buffer is read-only
         x = torch.from_numpy(np.ascontiguousarray(arr[..., None] if arr.ndim == 2 else arr)).permute(2, 0, 1)
     else:
         raise DataError(f"cannot read an image from {type(img).__name__}; give a PIL image, numpy array or tensor")

@@ -27,9 +27,21 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes a single 1x1 image with one channel per group
+    (PyTorch refuses that case; the math is well defined: the output is the bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * (x.shape[1] // self.num_groups) * x[0, 0].numel() > 1:
+            return super().forward(x)
+        g = x.reshape(x.shape[0], self.num_groups, -1)
+        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, keepdim=True, correction=0) + self.eps)
+        return g.reshape(x.shape) * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def group_norm(channels: int) -> GroupNorm:
     # 32 groups as in DDPM; fewer when a small preset has fewer channels.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    return GroupNorm(math.gcd(32, channels), channels)
 
 
 class ResBlock(nn.Module):

@@ -65,6 +65,7 @@ class Trainer:
         if self.max_steps < 1:
             raise DKGMError(f"training needs at least one step, got max_steps={self.max_steps}")
         self._preview = None
+        self.elapsed = {}        # training seconds per stage, summed over resumed runs
 
     # -- data -------------------------------------------------------------------------------------
     def _check_data(self) -> int:
@@ -140,6 +141,7 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         meta = dict(stage=stage, step=step, max_steps=self.max_steps, seed=self.seed,
+                    elapsed_s=self.elapsed.get(stage, 0.0),
                     param_groups=opt_state["param_groups"], model_config=self.model.config())
         atomic_write(self._state_path(stage), lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
 
@@ -160,6 +162,7 @@ class Trainer:
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         gen.set_state(t["rng.noise"])
         torch.set_rng_state(t["rng.torch"])
+        self.elapsed[stage] = float(meta.get("elapsed_s", 0.0))
         return int(meta["step"])
 
     @contextmanager
@@ -222,7 +225,7 @@ class Trainer:
             if new_log:
                 log.writerow(["step", "loss", "images_per_s", "elapsed_s"])
             bar = tqdm(total=self.max_steps, initial=step, desc=f"stage {stage}", disable=not self.progress)
-            start, seen, t0 = time.time(), 0, time.time()
+            start, seen, t0 = time.time() - self.elapsed.get(stage, 0.0), 0, time.time()
             batches = self._batches(step)
             while step < self.max_steps:
                 x = next(batches)
@@ -251,6 +254,7 @@ class Trainer:
                     log_file.flush()
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
                     seen, t0 = 0, time.time()
+                self.elapsed[stage] = time.time() - start
                 if step % self.save_every == 0 or step == self.max_steps:
                     self._save_state(stage, net, ema, opt, gen, step)
                     with self._swapped(net, ema):

@@ -1,0 +1,63 @@
+"""The one generation path behind every augmentation API.
+
+``DKGMAugment`` (torchvision and albumentations) and ``BalancedDKGMDataset`` all call
+:func:`generate`: images in ``[0, 1]`` go in, debiased KDE neighbours come out,
+each image's noise drawn from its own seed so that a result does not depend on
+which batch an image was generated in.
+"""
+import torch
+
+from .checkpoint import load
+from .errors import DataError, DKGMError
+from .kernels import noise
+from .images import from_model, to_model
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def load_generator(spec, device=None):
+    """A generator from a shipped name, a checkpoint path, or a model object (returned as is)."""
+    if isinstance(spec, torch.nn.Module):
+        if not hasattr(spec, "sample") or not hasattr(spec, "channels"):
+            raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator")
+        model = spec
+    else:
+        model = load(spec)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def per_image_noise(shape, kernel: str, seeds, device=None) -> torch.Tensor:
+    """Unit-variance noise for a batch, image ``i`` drawn from ``torch.Generator().manual_seed(seeds[i])``."""
+    return torch.stack([noise(shape[1:], kernel, torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+def match_channels(x: torch.Tensor, channels: int, convert: bool) -> torch.Tensor:
+    if x.shape[1] == channels:
+        return x
+    if not convert:
+        raise DataError(f"images have {x.shape[1]} channels but the generator takes {channels}; pass "
+                        "convert_channels=True to convert (gray <-> RGB) or use a matching generator")
+    if channels == 1 and x.shape[1] == 3:
+        return (x * _LUMA.to(x)[None, :, None, None]).sum(1, keepdim=True)
+    if channels == 3 and x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
+
+
+@torch.inference_mode()
+def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_channels: bool = False) -> torch.Tensor:
+    """Debiased KDE neighbours of ``x01`` (``[B, C, H, W]`` floats in [0, 1]), one per image,
+    on the model's device; returns ``[B, C, H, W]`` floats in [0, 1] on ``x01``'s device with
+    ``x01``'s channel count."""
+    if x01.ndim != 4:
+        raise DataError(f"expected a [B, C, H, W] batch, got shape {tuple(x01.shape)}")
+    if not bool(torch.isfinite(x01).all()):
+        raise DataError("images contain NaN or inf values")
+    if len(seeds) != len(x01):
+        raise DKGMError(f"{len(seeds)} seeds for {len(x01)} images")
+    device = next(model.parameters()).device
+    x = match_channels(x01.to(device, torch.float32), model.channels, convert_channels)
+    eps = per_image_noise(x.shape, model.kernel, seeds, device)
+    out = from_model(model.sample(to_model(x), alpha=alpha, steps=steps, eps=eps))
+    return match_channels(out, x01.shape[1], True).to(x01.device)

@@ -1,0 +1,202 @@
+"""``DKGMAugment``: a torchvision v2 transform that replaces images by DKGM KDE neighbours.
+
+Random parameters are drawn in :meth:`DKGMAugment.make_params` (which images of a
+batch to change, and one noise seed per image) and applied deterministically in
+:meth:`DKGMAugment.transform`, so ``t.transform(x, params)`` replays a call.
+
+Two ways to use it:
+
+* per image, in a Dataset's transform (CPU DataLoader workers)::
+
+      from torchvision import transforms
+      tf = transforms.Compose([DKGMAugment("fashion-mnist-tiny", alpha=0.5, p=0.5), transforms.ToTensor()])
+
+* batched, on a collated batch on the GPU (like kornia): much faster, one U-Net call
+  per batch instead of per image::
+
+      aug = DKGMAugment("fashion-mnist-tiny", p=0.5, device="cuda")
+      for x, y in loader:                       # x: [B, C, H, W] uint8 or float in [0, 1]
+          x = aug(x.cuda(non_blocking=True))
+
+Inputs: PIL images (mode L or RGB), ``tv_tensors.Image``, plain CHW or BCHW tensors
+(uint8, or float in [0, 1]). The output has the input's type, dtype, shape, device
+and value range; the input is never modified.
+
+Seeding: ``seed=None`` draws from torch's global RNG (DataLoader workers are seeded
+differently, so workers differ). With ``seed=int`` the transform owns a generator;
+inside a DataLoader worker it is re-seeded once from ``(seed, worker seed)`` so that
+workers never repeat each other's noise, and a seeded DataLoader stays reproducible.
+The generator checkpoint loads lazily, so the transform pickles small for workers.
+"""
+import numbers
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .augment import generate, load_generator
+from .dkgm import check_knobs
+from .errors import DataError, DKGMError
+from .images import to_unit_float
+
+_SEED_MAX = 2 ** 62
+
+
+class SeedSource:
+    """Where a transform's random numbers come from: torch's global RNG, or an owned,
+    worker-aware ``torch.Generator``. Shared by the torchvision and albumentations twins."""
+
+    def __init__(self, seed=None):
+        if seed is not None and not isinstance(seed, (numbers.Integral, torch.Generator)):
+            raise DKGMError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+        self.seed = seed
+        self.generator = seed if isinstance(seed, torch.Generator) else (
+            torch.Generator().manual_seed(int(seed)) if seed is not None else None)
+        self._worker = None
+
+    def __getstate__(self):
+        # torch pickles a Generator's state as a shared-memory tensor, which fails where
+        # /dev/shm is small; plain bytes travel to spawned workers everywhere.
+        state = dict(self.__dict__)
+        if self.generator is not None:
+            state["generator"] = bytes(self.generator.get_state().numpy())
+        if isinstance(self.seed, torch.Generator):
+            state["seed"] = self.seed.initial_seed()
+        return state
+
+    def __setstate__(self, state):
+        if state["generator"] is not None:
+            gen = torch.Generator()
+            gen.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+            state["generator"] = gen
+        self.__dict__.update(state)
+
+    def _in_worker(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self.generator is not None and self._worker != info.id:
+            self._worker = info.id
+            base = int(self.seed) if isinstance(self.seed, numbers.Integral) else self.generator.initial_seed()
+            self.generator = torch.Generator().manual_seed((base * 1_000_003 + info.seed) % _SEED_MAX)
+
+    def rand(self, n: int) -> torch.Tensor:
+        self._in_worker()
+        return torch.rand(n, generator=self.generator)
+
+    def seeds(self, n: int) -> list:
+        self._in_worker()
+        return torch.randint(0, _SEED_MAX, (n,), generator=self.generator).tolist()
+
+
+def check_p(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= p <= 1.0):
+        raise DKGMError(f"p (probability of augmenting an image) must be in [0, 1], got {p!r}")
+    return float(p)
+
+
+class GeneratorHandle:
+    """A generator spec that loads once per process; pickles as the spec alone when it is a name/path."""
+
+    def __init__(self, spec, device=None):
+        if not isinstance(spec, torch.nn.Module):
+            from .checkpoint import resolve
+            resolve(spec)                       # fail now, not in a worker, if the file is missing
+        self.spec, self.device, self._model = spec, device, None
+
+    def get(self, like: torch.Tensor | None = None):
+        if self._model is None:
+            self._model = load_generator(self.spec, self.device)
+        if self.device is None and like is not None and next(self._model.parameters()).device != like.device:
+            self._model = self._model.to(like.device)       # follow the input's device
+        return self._model
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if not isinstance(self.spec, torch.nn.Module):
+            state["_model"] = None
+        return state
+
+
+class DKGMAugment(v2.Transform):
+    """Replace each image, with probability ``p``, by a debiased KDE neighbour from a DKGM generator.
+
+    ``ckpt``: a shipped name (``dkgm_aug.list_pretrained()``), a checkpoint path, or a model.
+    ``alpha``/``steps``: the generator's defaults when ``None``. ``device``: where the
+    generator runs (``None``: the input's device). ``convert_channels``: allow gray <-> RGB
+    conversion when the image and the generator differ.
+
+    >>> aug = DKGMAugment("fashion-mnist-tiny", p=1.0, seed=0)       # doctest: +SKIP
+    >>> aug(pil_image)                                              # doctest: +SKIP
+    """
+
+    _transformed_types = (torch.Tensor, PIL.Image.Image)
+
+    def __init__(self, ckpt, alpha=None, steps=None, p: float = 1.0, device=None, seed=None,
+                 convert_channels: bool = False):
+        super().__init__()
+        self.alpha = None if alpha is None else check_knobs(alpha=alpha)
+        self.steps = None if steps is None else check_knobs(steps=steps)
+        self.p = check_p(p)
+        self.device = None if device is None else torch.device(device)
+        self.convert_channels = bool(convert_channels)
+        self.handle = GeneratorHandle(ckpt, self.device)
+        self.rng = SeedSource(seed)
+
+    def make_params(self, flat_inputs) -> dict:
+        n = batch_size(flat_inputs[0]) if flat_inputs else 1
+        return dict(apply=self.rng.rand(n) < self.p, seeds=self.rng.seeds(n))
+
+    def transform(self, inpt, params: dict):
+        apply = params["apply"]
+        x01, restore = to_batch(inpt)            # validates the input even when nothing is applied
+        if not bool(apply.any()):
+            return inpt
+        if len(apply) != len(x01):
+            raise DKGMError(f"params were drawn for {len(apply)} images, the input has {len(x01)}")
+        idx = torch.nonzero(apply).flatten()
+        model = self.handle.get(like=x01 if self.device is None else None)
+        out = x01.clone()
+        out[idx] = generate(model, x01[idx], [params["seeds"][i] for i in idx.tolist()],
+                            self.alpha, self.steps, self.convert_channels)
+        return restore(out)
+
+    def extra_repr(self) -> str:
+        spec = self.handle.spec if not isinstance(self.handle.spec, torch.nn.Module) else type(self.handle.spec).__name__
+        return f"ckpt={spec!r}, alpha={self.alpha}, steps={self.steps}, p={self.p}, device={self.device}"
+
+
+def batch_size(inpt) -> int:
+    return inpt.shape[0] if isinstance(inpt, torch.Tensor) and inpt.ndim == 4 else 1
+
+
+def to_batch(inpt):
+    """``inpt`` as a float ``[B, C, H, W]`` batch in [0, 1], and a function that turns such a
+    batch back into ``inpt``'s type, dtype, shape and range."""
+    if isinstance(inpt, torch.Tensor):
+        if inpt.ndim not in (3, 4):
+            raise DataError(f"tensor images must be CHW or BCHW, got shape {tuple(inpt.shape)}")
+        if inpt.dtype != torch.uint8 and not inpt.is_floating_point():
+            raise DataError(f"tensor images must be uint8 or float in [0, 1], got {inpt.dtype}")
+        if min(inpt.shape[-2:]) == 0 or (inpt.ndim == 4 and inpt.shape[0] == 0):
+            raise DataError(f"empty image tensor of shape {tuple(inpt.shape)}")
+        x = inpt if inpt.ndim == 4 else inpt[None]
+        x01 = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+        def restore(out):
+            y = (out * 255).round().to(torch.uint8) if inpt.dtype == torch.uint8 else out.to(inpt.dtype)
+            y = y if inpt.ndim == 4 else y[0]
+            return tv_tensors.wrap(y, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else y
+        return x01, restore
+    if isinstance(inpt, PIL.Image.Image):
+        if inpt.mode not in ("L", "RGB"):
+            raise DataError(f"PIL images must be mode 'L' or 'RGB', got {inpt.mode!r}; call .convert('RGB')")
+        x01 = to_unit_float(inpt)[None]
+
+        def restore(out):
+            arr = (out[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            return PIL.Image.fromarray(arr[..., 0] if inpt.mode == "L" else arr, mode=inpt.mode)
+        return x01, restore
+    if isinstance(inpt, np.ndarray):
+        raise DataError("numpy images go through dkgm_aug.albumentations.DKGMAugment (HWC), not the torchvision transform")
+    raise DataError(f"cannot augment a {type(inpt).__name__}; give a PIL image or a tensor")
