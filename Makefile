@@ -1,13 +1,14 @@
 # Quickstart targets. Each one does its own set-up on a fresh machine:
-#   make demo   train a small generator on Fashion-MNIST (Debian package) and write samples
-#   make test   run the test suite
+#   make demo        balance a long-tailed Fashion-MNIST split with the shipped generator
+#   make test        run the test suite
+#   make train-demo  train a small generator on Fashion-MNIST and write samples
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= demo_out
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo train-demo test clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ $(FMNIST):
 	$(SUDO) apt-get install -y -q dataset-fashion-mnist
 
 demo: setup data
+	$(PY) -m dkgm_aug.demo --out $(DEMO_OUT)
+
+train-demo: setup data
 	$(PY) -m dkgm_aug.cli train --data fashion-mnist --preset tiny --limit 10000 \
 		--stage1-steps 400 --stage2-steps 150 --batch-size 32 --save-every 200 \
 		--work-dir $(DEMO_OUT)/run --out $(DEMO_OUT)/fashion-mnist-demo.safetensors

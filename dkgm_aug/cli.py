@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import load, read_metadata, resolve
 from .data import load_dataset
+from .demo import main as demo_main
 from .dkgm import DKGM
 from .errors import DKGMError
 from .images import from_model, to_model
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_sample)
+    d = sub.add_parser("demo", help="balance a long-tailed Fashion-MNIST split with a shipped generator",
+                       add_help=False)
+    d.add_argument("demo_args", nargs=argparse.REMAINDER)
+    d.set_defaults(func=lambda a: demo_main(a.demo_args))
     i = sub.add_parser("info", help="print a checkpoint's config and metadata")
     i.add_argument("checkpoint")
     i.set_defaults(func=cmd_info)
