@@ -22,6 +22,7 @@ from .errors import CheckpointError, DKGMError
 FORMAT_VERSION = 1
 METADATA_KEY = "dkgm_aug"
 MAX_HEADER_BYTES = 16 * 2 ** 20
+MAX_METADATA_CHARS = 2 ** 20
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -42,6 +43,9 @@ def atomic_write(path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -98,9 +102,12 @@ def read_metadata(path) -> dict:
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a dkgm_aug checkpoint "
                               f"(no {METADATA_KEY!r} metadata)")
+    if len(raw) > MAX_METADATA_CHARS:
+        raise CheckpointError(f"{path}: checkpoint metadata is {len(raw):,} characters, over the "
+                              f"{MAX_METADATA_CHARS:,} limit")
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}: checkpoint metadata has no config")
@@ -110,7 +117,7 @@ def read_metadata(path) -> dict:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written in checkpoint format {version}; this dkgm_aug reads up "
                               f"to format {FORMAT_VERSION}: upgrade with `pip install -U dkgm-aug`")
-    if meta.get("kind") not in model_kinds():
+    if not isinstance(meta.get("kind"), str) or meta["kind"] not in model_kinds():
         raise CheckpointError(f"{path}: unknown model kind {meta.get('kind')!r}; "
                               f"known: {sorted(model_kinds())}")
     return meta
@@ -127,7 +134,7 @@ def load(path_or_name, device=None):
     try:
         with torch.device("meta"):   # build without allocating, to check names and shapes first
             skeleton = cls.from_config(meta["config"])
-    except (DKGMError, TypeError, KeyError, ValueError, AttributeError) as exc:
+    except (DKGMError, TypeError, KeyError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
         raise CheckpointError(f"{path}: invalid model config: {exc}") from None
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     with safe_open(str(path), framework="pt") as f:
@@ -151,6 +158,8 @@ def load(path_or_name, device=None):
         if tensor.dtype != expected[name][1]:
             raise CheckpointError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected "
                                   f"{expected[name][1]}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or inf values; the file is corrupt")
     model = cls.from_config(meta["config"])
     model.load_state_dict(state)
     return model.to(device).eval() if device is not None else model.eval()

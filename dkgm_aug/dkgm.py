@@ -65,13 +65,22 @@ class DKGM(nn.Module):
             raise DKGMError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
         check_knobs(alpha=alpha, steps=steps)
         check_knobs(alpha=alpha_train)
-        if not (0 < b_range[0] <= b_range[1]):
+        if (not isinstance(b_range, (tuple, list)) or len(b_range) != 2
+                or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in b_range)
+                or not (0 < b_range[0] <= b_range[1] <= 100)):
             raise DKGMError(f"b_range must satisfy 0 < b_min <= b_max, got {tuple(b_range)}")
-        if int(m) < 1:
-            raise DKGMError(f"m (noisy copies per image) must be >= 1, got {m}")
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 1 <= m <= 64:
+            raise DKGMError(f"m (noisy copies per image) must be an integer in [1, 64], got {m!r}")
+        if steps > 1000:
+            raise DKGMError(f"steps must be at most 1000, got {steps}")
+        size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                     and 1 <= v <= 8192 for v in size):
+            raise DKGMError(f"image_size must be an int or (H, W) with sides in [1, 8192], got {image_size!r}")
+        if not isinstance(info, (dict, type(None))):
+            raise DKGMError(f"info must be a dict, got {type(info).__name__}")
         self.stage1, self.stage2 = UNet(stage1), UNet(stage2)
-        self.image_size = tuple(int(s) for s in (image_size if isinstance(image_size, (tuple, list))
-                                                 else (image_size, image_size)))
+        self.image_size = tuple(int(v) for v in size)
         self.channels = stage1.channels
         self.alpha, self.alpha_train, self.steps = float(alpha), float(alpha_train), int(steps)
         self.b_range = (float(b_range[0]), float(b_range[1]))
@@ -91,6 +100,8 @@ class DKGM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: dict) -> "DKGM":
+        if not isinstance(cfg, dict) or not {"stage1", "stage2"} <= set(cfg):
+            raise DKGMError("a DKGM config must be a dict with 'stage1' and 'stage2'")
         cfg = dict(cfg)
         return cls(UNetConfig.from_dict(cfg.pop("stage1")), UNetConfig.from_dict(cfg.pop("stage2")), **cfg)
 

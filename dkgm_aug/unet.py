@@ -26,6 +26,27 @@ class UNetConfig:
     dropout: float = 0.0
     time_input: bool = False
 
+    def __post_init__(self):
+        # Limits checked before any layer is built: a hostile checkpoint config must not
+        # make us allocate (or even enumerate) an absurd network.
+        def whole(name, lo, hi):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise DKGMError(f"U-Net {name} must be an integer in [{lo}, {hi}], got {v!r}")
+        whole("channels", 1, 16)
+        whole("base_channels", 1, 1024)
+        whole("num_res_blocks", 1, 8)
+        mult, attn = self.channel_mult, self.attn_levels
+        if not isinstance(mult, tuple) or not 1 <= len(mult) <= 8 or not all(
+                isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 16 for m in mult):
+            raise DKGMError(f"channel_mult must be 1 to 8 integers in [1, 16], got {mult!r}")
+        if not isinstance(attn, tuple) or not all(isinstance(a, int) and 0 <= a < len(mult) for a in attn):
+            raise DKGMError(f"attn_levels must be levels in [0, {len(mult) - 1}], got {attn!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise DKGMError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.mid_attention, bool) or not isinstance(self.time_input, bool):
+            raise DKGMError("mid_attention and time_input must be booleans")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -35,9 +56,11 @@ class UNetConfig:
         unknown = set(d) - known
         if unknown:
             raise DKGMError(f"unknown U-Net config keys {sorted(unknown)}; known: {sorted(known)}")
+        if not isinstance(d, dict):
+            raise DKGMError(f"a U-Net config must be a dict, got {type(d).__name__}")
         d = dict(d)
         for key in ("channel_mult", "attn_levels"):
-            if key in d:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
 

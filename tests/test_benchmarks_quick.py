@@ -1,0 +1,59 @@
+"""The benchmarks' --quick modes and the README's main job, on small settings."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import dkgm_aug
+from dkgm_aug.data import FASHION_MNIST_DIR
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="Debian package dataset-fashion-mnist not installed (make data)")
+
+
+def bench(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shipped_generators_listed_and_loadable():
+    names = dkgm_aug.list_pretrained()
+    assert {"digits-tiny", "fashion-mnist-tiny"} <= set(names)
+    total = sum((Path(dkgm_aug.__file__).parent / "pretrained" / f"{n}.safetensors").stat().st_size for n in names)
+    assert total < 25 * 2 ** 20
+    for name in names:
+        model = dkgm_aug.load(name)
+        training = model.info["training"]
+        assert training["command"].startswith("dkgm-aug train") and training["wall_time_s"] > 0
+        assert len(model.info["classes"]) == 10
+
+
+def test_model_cards_quick(tmp_path):
+    bench("model_cards").main(["--quick", "--out", str(tmp_path)])
+    text = (tmp_path / "digits-tiny.md").read_text()
+    assert "| stage 1 + 2 | 0.5 |" in text and (tmp_path / "digits-tiny.png").stat().st_size > 0
+
+
+def test_speed_quick(tmp_path):
+    bench("speed").main(["--quick", "--generator", "digits-tiny", "--threads", "1", "--out", str(tmp_path / "s.md")])
+    text = (tmp_path / "s.md").read_text()
+    assert "per image" in text and "batched" in text and "RSS +" in text
+
+
+def test_throughput_quick(tmp_path):
+    bench("throughput").main(["--sizes", "8", "--iters", "1", "--batch-size", "4", "--out", str(tmp_path / "t.md")])
+    assert "| tiny | 8x8 | 2 |" in (tmp_path / "t.md").read_text()
+
+
+@needs_fmnist
+def test_main_job(tmp_path, capsys):
+    from dkgm_aug.demo import main
+    assert main(["--out", str(tmp_path), "--timed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Ankle boot" in out and "time per synthetic image" in out
+    # imbalance ratio 100: the head class keeps 6000 images, the tail 60; "auto" lifts all to 6000
+    assert "T-shirt/top     6000    6000" in out and "Ankle boot        60    6000" in out
+    assert (tmp_path / "neighbours.png").stat().st_size > 0
