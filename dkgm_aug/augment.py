@@ -1,15 +1,18 @@
 """The one generation path behind every augmentation API.
 
 ``DKGMAugment`` (torchvision and albumentations) and ``BalancedDKGMDataset`` all call
-:func:`generate`: images in ``[0, 1]`` go in, debiased KDE neighbours come out,
-each image's noise drawn from its own seed so that a result does not depend on
-which batch an image was generated in.
+:func:`generate`: images in ``[0, 1]`` go in, neighbours come out, each image's noise
+drawn from its own seed so that a result does not depend on which batch an image was
+generated in.
+
+A generator is any ``nn.Module`` with ``channels`` and
+``neighbours_from_seeds(x, seeds, *, labels=None, alpha=None, steps=None)`` taking and
+returning ``[-1, 1]`` images (:class:`dkgm_aug.DKGM` is one).
 """
 import torch
 
 from .checkpoint import load
 from .errors import DataError, DKGMError
-from .kernels import noise
 from .images import from_model, to_model
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -18,18 +21,13 @@ _LUMA = torch.tensor([0.299, 0.587, 0.114])
 def load_generator(spec, device=None):
     """A generator from a shipped name, a checkpoint path, or a model object (returned as is)."""
     if isinstance(spec, torch.nn.Module):
-        if not hasattr(spec, "sample") or not hasattr(spec, "channels"):
+        if not hasattr(spec, "neighbours_from_seeds") or not hasattr(spec, "channels"):
             raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator")
         model = spec
     else:
         model = load(spec)
     model.eval()
     return model.to(device) if device is not None else model
-
-
-def per_image_noise(shape, kernel: str, seeds, device=None) -> torch.Tensor:
-    """Unit-variance noise for a batch, image ``i`` drawn from ``torch.Generator().manual_seed(seeds[i])``."""
-    return torch.stack([noise(shape[1:], kernel, torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
 def match_channels(x: torch.Tensor, channels: int, convert: bool) -> torch.Tensor:
@@ -46,7 +44,8 @@ def match_channels(x: torch.Tensor, channels: int, convert: bool) -> torch.Tenso
 
 
 @torch.inference_mode()
-def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_channels: bool = False) -> torch.Tensor:
+def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_channels: bool = False,
+             labels=None) -> torch.Tensor:
     """Debiased KDE neighbours of ``x01`` (``[B, C, H, W]`` floats in [0, 1]), one per image,
     on the model's device; returns ``[B, C, H, W]`` floats in [0, 1] on ``x01``'s device with
     ``x01``'s channel count."""
@@ -58,6 +57,5 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
         raise DKGMError(f"{len(seeds)} seeds for {len(x01)} images")
     device = next(model.parameters()).device
     x = match_channels(x01.to(device, torch.float32), model.channels, convert_channels)
-    eps = per_image_noise(x.shape, model.kernel, seeds, device)
-    out = from_model(model.sample(to_model(x), alpha=alpha, steps=steps, eps=eps))
+    out = from_model(model.neighbours_from_seeds(to_model(x), seeds, labels=labels, alpha=alpha, steps=steps))
     return match_channels(out, x01.shape[1], True).to(x01.device)

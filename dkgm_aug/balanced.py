@@ -236,12 +236,16 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             q = self._cache.get(j)
             if q is None:
                 out = generate(self._generator(), to_unit_float(_readable(image))[None], [self.noise_seed(j)],
-                               self.alpha, self.steps, self.convert_channels)
+                               self.alpha, self.steps, self.convert_channels, labels=self._labels([j]))
                 q = (out[0] * 255).round().to(torch.uint8)
                 if self.cache is not None:
                     self._cache[j] = q
             item = (_like(q, image), label)
         return item if self.transform is None else (self.transform(item[0]), *item[1:])
+
+    def _labels(self, js) -> list:
+        """The class labels of synthetic items ``js``, for generators that condition on them."""
+        return [self.classes[int(self._codes[self.n_real + j])] for j in js]
 
     def _generator(self, device=None):
         if self._model is None:
@@ -262,7 +266,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                     raise DataError("source images differ in size, so they cannot be generated in batches; "
                                     "resize them in the base dataset or use precompute(batch_size=1)")
                 out = generate(model, torch.stack(images), [self.noise_seed(j) for j in js],
-                               self.alpha, self.steps, self.convert_channels)
+                               self.alpha, self.steps, self.convert_channels, labels=self._labels(js))
                 self._cache.update(zip(js, (out * 255).round().to(torch.uint8)))
                 bar.update(len(js))
         if isinstance(self.cache, Path) and (todo or not self._cache_file_ok):

@@ -165,6 +165,18 @@ class DKGM(nn.Module):
         return self.debias(self.kde(x, alpha, generator, eps), steps).clamp(-1, 1)
 
     @torch.inference_mode()
+    def neighbours_from_seeds(self, x: torch.Tensor, seeds, *, labels=None, alpha: float | None = None,
+                              steps: int | None = None) -> torch.Tensor:
+        """The generator interface used by the augmentation API: one neighbour per image,
+        image ``i``'s noise drawn from ``torch.Generator().manual_seed(seeds[i])`` so that the
+        result does not depend on the batch it was made in."""
+        if len(seeds) != len(x):
+            raise DKGMError(f"{len(seeds)} seeds for {len(x)} images")
+        eps = torch.stack([noise(x.shape[1:], self.kernel, torch.Generator().manual_seed(int(s)))
+                           for s in seeds]).to(x.device, x.dtype)
+        return self.sample(x, alpha, steps, eps=eps)
+
+    @torch.inference_mode()
     def neighbours(self, x: torch.Tensor, k: int = 1, *, labels=None, alpha: float | None = None,
                    steps: int | None = None, generator=None) -> torch.Tensor:
         """``k`` debiased KDE neighbours per image: shape ``[B, k, C, H, W]``. ``labels`` is
