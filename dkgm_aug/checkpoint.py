@@ -6,6 +6,7 @@ file alone. Nothing is ever unpickled. The file is validated before the model is
 built: size of the header, format version, model kind, config schema, and then
 every tensor's name, shape and dtype against the model the config describes.
 """
+import importlib
 import json
 import os
 import re
@@ -27,10 +28,14 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+# Modules whose ``GENERATORS`` tuple lists the model classes checkpoints may hold.
+_KIND_MODULES = ("dkgm",)
+
+
 def model_kinds() -> dict:
     """Every model class that checkpoints may hold, by its ``kind``."""
-    from .dkgm import DKGM
-    return {cls.kind: cls for cls in (DKGM,)}
+    return {cls.kind: cls for name in _KIND_MODULES
+            for cls in importlib.import_module(f".{name}", __package__).GENERATORS}
 
 
 def atomic_write(path, write) -> None:

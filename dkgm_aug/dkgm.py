@@ -187,6 +187,9 @@ class DKGM(nn.Module):
         return self.sample(xk, alpha, steps, generator).view(x.shape[0], int(k), *x.shape[1:])
 
 
+GENERATORS = (DKGM,)
+
+
 def check_knobs(alpha=None, steps=None):
     """Validate the user-facing knobs; returns the one given (for inline use), or both as a tuple."""
     if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
