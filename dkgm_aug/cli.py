@@ -3,6 +3,9 @@
     dkgm-aug train --data fashion-mnist --preset tiny --stage1-steps 2000 --stage2-steps 1000 --out gen.safetensors
     dkgm-aug sample gen.safetensors --data fashion-mnist --n 16 --alpha 0.5 --out grid.png
     dkgm-aug info gen.safetensors
+
+``train`` also runs on several processes: ``torchrun --nproc_per_node=8 -m dkgm_aug.cli train ...``
+(docs/distributed.md).
 """
 import argparse
 import json
@@ -11,6 +14,7 @@ import shlex
 import sys
 
 import torch
+import torch.distributed as dist
 
 from .checkpoint import load, read_metadata, resolve
 from .data import load_dataset
@@ -18,21 +22,35 @@ from .demo import main as demo_main
 from .dkgm import DKGM
 from .errors import DKGMError
 from .images import from_model, to_model
-from .trainer import Trainer
+from .trainer import Trainer, init_distributed
 from .unet import PRESETS
 
 
-def hardware(device: torch.device) -> str:
+def hardware(device: torch.device, world_size: int = 1) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return name if world_size == 1 else f"{world_size} processes x {name}"
 
 
 def cmd_train(args) -> None:
+    """Under torchrun every process runs this; the trainer splits each batch over them."""
+    owned = dist.is_available() and not dist.is_initialized()
+    rank, world_size = init_distributed(args.device)
+    try:
+        _train(args, rank, world_size)
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, rank: int, world_size: int) -> None:
     data = load_dataset(args.data, split=args.split)
     if args.limit:
         data = data.subset(torch.arange(min(args.limit, len(data))))
     x0, _ = data[0]
+    torch.manual_seed(args.seed)           # initial weights too: a rerun of the command is the same run
     model = DKGM.from_preset(args.preset, image_size=tuple(x0.shape[-2:]), channels=x0.shape[0],
                              alpha=args.alpha, steps=args.steps, b_range=(args.b_min, args.b_max),
                              kernel=args.kernel, m=args.m)
@@ -45,11 +63,13 @@ def cmd_train(args) -> None:
                           save_every=args.save_every, num_workers=args.num_workers, progress=not args.quiet)
         trainer.fit(stage)
         elapsed[f"stage{stage}_s"] = round(trainer.elapsed.get(stage, 0.0), 1)   # summed over resumes
+    if rank != 0:        # rank 0 holds the same weights and writes the checkpoint
+        return
     model.save(args.out, training=dict(
         command="dkgm-aug " + " ".join(shlex.quote(str(a)) for a in args.argv),
         data=data.description, n_images=len(data), stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps, batch_size=batch_sizes, lr=args.lr, seed=args.seed,
-        wall_time_s=round(sum(elapsed.values()), 1), hardware=hardware(trainer.device),
+        stage2_steps=args.stage2_steps, batch_size=batch_sizes, world_size=world_size, lr=args.lr, seed=args.seed,
+        wall_time_s=round(sum(elapsed.values()), 1), hardware=hardware(trainer.device, world_size),
         torch_version=torch.__version__, **elapsed), classes=list(data.classes))
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{sum(elapsed.values()):.0f} s of training); samples and logs in {args.work_dir}/")
@@ -90,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work-dir", default="runs/dkgm", help="training state, logs and sample grids")
     t.add_argument("--stage1-steps", type=int, default=2000)
     t.add_argument("--stage2-steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--batch-size", type=int, default=64, help="global batch, split over torchrun's processes")
     t.add_argument("--stage2-batch-size", type=int, default=0, help="stage-2 batch size (0 = --batch-size)")
     t.add_argument("--lr", type=float, default=3e-4)
     t.add_argument("--alpha", type=float, default=0.5, help="noise level: stored default for sampling")
