@@ -8,7 +8,9 @@ from .errors import CheckpointError, DataError, DKGMError
 from .metrics import sharpness
 from .trainer import Trainer
 from .transforms import DKGMAugment
+from .kss import KernelSmoothedScore
+from .vae import EVAE, VAE
 from .unet import PRESETS, UNet, UNetConfig
 
-__all__ = ["DKGM", "Trainer", "DKGMAugment", "BalancedDKGMDataset", "UNet", "UNetConfig", "PRESETS", "load", "save", "list_pretrained",
+__all__ = ["DKGM", "EVAE", "VAE", "KernelSmoothedScore", "Trainer", "DKGMAugment", "BalancedDKGMDataset", "UNet", "UNetConfig", "PRESETS", "load", "save", "list_pretrained",
            "sharpness", "DKGMError", "CheckpointError", "DataError", "__version__"]

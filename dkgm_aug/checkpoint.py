@@ -29,7 +29,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # Modules whose ``GENERATORS`` tuple lists the model classes checkpoints may hold.
-_KIND_MODULES = ("dkgm", "kss")
+_KIND_MODULES = ("dkgm", "vae", "kss")
 
 
 def model_kinds() -> dict:

@@ -93,8 +93,8 @@ def cmd_info(args) -> None:
     path = resolve(args.checkpoint)
     meta = read_metadata(path)
     model = load(path)
-    meta["parameters"] = {name: sum(p.numel() for p in getattr(model, name).parameters())
-                          for name in ("stage1", "stage2")}
+    meta["parameters"] = {name: sum(p.numel() for p in child.parameters())
+                          for name, child in model.named_children()}
     print(json.dumps(meta, indent=2))
 
 

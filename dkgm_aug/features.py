@@ -1,0 +1,178 @@
+"""A small CNN classifier whose penultimate layer is our feature space for Frechet distances.
+
+We call the result "Frechet distance in our classifier's feature space", never FID: FID
+means Inception-v3 features, and its numbers are not comparable with ours.
+
+    net = train_feature_net(fashion_mnist(split="train"), epochs=2, seed=0)
+    save_feature_net(net, "featurenet.safetensors")
+    f_real = features(net, real01)                      # [N, 128]
+    frechet_distance(f_real, features(net, fake01))     # dkgm_aug.metrics
+
+Architecture (``width`` w, default 32; any input size via adaptive pooling)::
+
+    [Conv3x3 -> BN -> ReLU](w) -> MaxPool2 -> [..](2w) -> MaxPool2 -> [..](4w)
+    -> AdaptiveAvgPool2d(1) -> Linear(4w, feature_dim) -> ReLU   (the features)
+    -> Linear(feature_dim, n_classes)                              (the logits)
+
+Images enter in [0, 1] and are mapped to [-1, 1] inside. Weights are stored with
+safetensors (the config in its metadata); nothing is unpickled.
+"""
+import json
+import math
+import numbers
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write
+from .errors import CheckpointError, DataError
+from .images import to_unit_float
+
+METADATA_KEY = "dkgm_aug_featurenet"
+
+
+def _block(c_in, c_out):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class FeatureNet(nn.Module):
+    """Small CNN classifier; :meth:`features` is its penultimate layer."""
+
+    def __init__(self, channels: int = 1, n_classes: int = 10, width: int = 32, feature_dim: int = 128,
+                 info: dict | None = None):
+        super().__init__()
+        for name, v in dict(channels=channels, n_classes=n_classes, width=width, feature_dim=feature_dim).items():
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= 4096:
+                raise DataError(f"FeatureNet {name} must be an integer in [1, 4096], got {v!r}")
+        self.channels, self.n_classes, self.width, self.feature_dim = channels, n_classes, width, feature_dim
+        self.info = dict(info or {})
+        w = width
+        self.body = nn.Sequential(*_block(channels, w), nn.MaxPool2d(2), *_block(w, 2 * w), nn.MaxPool2d(2),
+                                  *_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(4 * w, feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def config(self) -> dict:
+        return dict(channels=self.channels, n_classes=self.n_classes, width=self.width,
+                    feature_dim=self.feature_dim, info=self.info)
+
+    def features(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.body(x01 * 2 - 1)
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x01))
+
+
+def _images_and_labels(dataset):
+    """``(uint8 or float images [N, C, H, W], long labels [N])`` from an ImageDataset-like
+    object (``images`` and ``targets`` tensors) or any map-style ``(image, label)`` dataset."""
+    images, targets = getattr(dataset, "images", None), getattr(dataset, "targets", None)
+    if isinstance(images, torch.Tensor) and targets is not None:
+        return images, torch.as_tensor(targets, dtype=torch.long)
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        raise DataError("the dataset is empty")
+    return (torch.stack([to_unit_float(x) for x, *_ in items]),
+            torch.as_tensor([int(y) for _, y, *_ in items], dtype=torch.long))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def train_feature_net(dataset, epochs: int = 2, seed: int = 0, batch_size: int = 128, lr: float = 1e-3,
+                      width: int = 32, feature_dim: int = 128, device=None, progress: bool = True,
+                      max_batches: int | None = None) -> FeatureNet:
+    """Train a :class:`FeatureNet` (Adam, cross-entropy) on ``dataset`` (an ImageDataset or any
+    ``(image, label)`` dataset with integer labels). Initialisation and batch order come from
+    ``seed``. Returns the net in eval mode, its run in ``net.info["training"]``."""
+    images, labels = _images_and_labels(dataset)
+    if labels.min() < 0:
+        raise DataError("labels must be class indices >= 0")
+    torch.manual_seed(seed)
+    net = FeatureNet(images.shape[1], int(labels.max()) + 1, width, feature_dim).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n_batches = math.ceil(len(images) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    start, net_device = time.perf_counter(), next(net.parameters()).device
+    net.train()
+    with tqdm(total=epochs * n_batches, desc="FeatureNet", disable=not progress) as bar:
+        for epoch in range(epochs):
+            perm = torch.randperm(len(images), generator=g)
+            for b in range(n_batches):
+                idx = perm[b * batch_size:(b + 1) * batch_size]
+                loss = F.cross_entropy(net(_unit(images[idx]).to(net_device)), labels[idx].to(net_device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+    net.eval()
+    net.info["training"] = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, n_images=len(images),
+                                batches_per_epoch=n_batches, wall_time_s=round(time.perf_counter() - start, 3))
+    return net
+
+
+@torch.inference_mode()
+def features(net: FeatureNet, images01: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Penultimate-layer features ``[N, feature_dim]`` (float32, CPU) of images ``[N, C, H, W]``
+    in [0, 1] (uint8 is divided by 255), computed in eval mode."""
+    if not isinstance(images01, torch.Tensor) or images01.ndim != 4 or images01.shape[1] != net.channels:
+        raise DataError(f"features takes [N, {net.channels}, H, W] images, got "
+                        f"{getattr(images01, 'shape', type(images01).__name__)}")
+    was = net.training
+    net.eval()
+    try:
+        device = next(net.parameters()).device
+        out = [net.features(_unit(images01[i:i + batch_size]).to(device)).float().cpu()
+               for i in range(0, len(images01), batch_size)]
+    finally:
+        net.train(was)
+    return torch.cat(out) if out else torch.zeros(0, net.feature_dim)
+
+
+@torch.inference_mode()
+def accuracy(net: FeatureNet, dataset, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``net`` on ``dataset`` (what the feature space is worth)."""
+    images, labels = _images_and_labels(dataset)
+    was = net.training
+    net.eval()
+    try:
+        device = next(net.parameters()).device
+        hits = sum(int((net(_unit(images[i:i + batch_size]).to(device)).argmax(1).cpu()
+                        == labels[i:i + batch_size]).sum()) for i in range(0, len(images), batch_size))
+    finally:
+        net.train(was)
+    return hits / len(images)
+
+
+def save_feature_net(net: FeatureNet, path) -> None:
+    """Write ``net`` to a safetensors file (config in the metadata), atomically."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    meta = {METADATA_KEY: json.dumps(net.config())}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_feature_net(path, device=None) -> FeatureNet:
+    """Read a net written by :func:`save_feature_net`; returns it in eval mode."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            if raw is None:
+                raise CheckpointError(f"{path} is not a FeatureNet file (no {METADATA_KEY!r} metadata)")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        cfg = json.loads(raw)
+        net = FeatureNet(**cfg)
+        net.load_state_dict(state)
+    except CheckpointError:
+        raise
+    except Exception as exc:   # safetensors / json / shape mismatches
+        raise CheckpointError(f"{path}: not a valid FeatureNet file ({type(exc).__name__}: {exc})") from None
+    return net.to(device).eval() if device is not None else net.eval()

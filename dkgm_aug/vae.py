@@ -1,0 +1,436 @@
+"""EVAE (Epanechnikov VAE, Qin & Huang, arXiv:2405.12783) and a Gaussian VAE baseline
+(DESIGN.md section 5), as dkgm_aug generators.
+
+Both models share the encoder and decoder of the paper's Appendix C (MNIST / Fashion-MNIST,
+32x32 input, 4x4 kernels)::
+
+    encoder: x -> [Conv 4x4 stride 2 -> BatchNorm -> ReLU] x 4 (32, 64, 128, 256 channels)
+               -> AdaptiveAvgPool2d(1) -> two Linear(256, d_z) heads
+    decoder: z -> Linear(d_z, 256) -> (256 x 1 x 1)
+               -> ConvT 4x4 stride 1 (128) -> BN -> ReLU        1 -> 4
+               -> ConvT 4x4 stride 2 (64)  -> BN -> ReLU        4 -> 8
+               -> ConvT 4x4 stride 2 (32)  -> BN -> ReLU        8 -> 16
+               -> ConvT 4x4 stride 2 (C)   -> Sigmoid          16 -> 32
+
+``C`` is the number of image channels (1 for gray). Images that are not 32x32 go in and
+out through a fixed geometry: images no larger than 32x32 are zero-padded (black, in
+[0, 1] units) to 32x32, centred, and the decoder's output is cropped back (28x28
+Fashion-MNIST: 2 pixels on each side); larger images are resized to 32x32 (bilinear,
+antialiased) and the output resized back. The paper resizes 28x28 to 32x32 instead; we
+pad so that the reconstruction loss is taken on the image's own pixels only.
+
+EVAE (paper, section 4, Algorithm 1 and eq. 10). The encoder gives ``mu`` and
+``r = softplus(.) > 0``; the latent is::
+
+    z = b_m * (mu + r * k) + U,   k ~ standard Epanechnikov on [-1, 1] (median of three
+    U[-1, 1], Algorithm 2), U ~ Unif[-B/2, B/2], b_m = 100^(-2/9) ~ 0.3594
+
+(all per latent dimension), so ``E z = b_m mu``, ``Var z = b_m^2 r^2 / 5 + B^2 / 12`` and
+``|z - b_m mu| <= b_m r + B/2``. The training loss of an image is::
+
+    BCE(decoder(z), x)  (summed over pixels, images in [0, 1])  +  3B / (5M) * sum_k 1 / r_k
+
+and a batch's loss is the mean over its images. Which ``M``? Eq. (8) derives the bound
+``KL <= B * I(K) / n`` with ``n`` the number of data points, and ``I(K*) = 3 / (5 r)`` for
+the Epanechnikov kernel (Lemma 3.2); eq. (9) says "n can be the sample size or minibatch
+size", and eq. (10), the version the paper's experiments implement, writes ``M`` = the
+minibatch size (100 in Appendix D). We follow eq. (8): ``M`` is the number of training
+images, a config value that :func:`fit` sets from the data; set ``M`` to the batch size
+to reproduce the paper's eq. (10) exactly (its penalty is then ``n / batch`` times
+stronger: 600x for Fashion-MNIST). Averaging rather than summing over the batch only
+rescales the gradient, which Adam undoes. As in the paper (footnote 3), ``mu`` enters
+only the reconstruction term.
+
+VAE: the same networks; the encoder gives ``mu`` and ``log sigma^2``; ``z = mu + sigma *
+eps``, ``eps ~ N(0, I)``; loss = the same BCE + ``KL(N(mu, sigma^2) || N(0, I))``, mean
+over the batch.
+
+Generation (the generator interface of :mod:`dkgm_aug.augment`): encode the image, draw
+the latent noise (EVAE: ``k`` and ``U``; VAE: ``eps``) from the image's own seed, decode.
+``alpha`` scales the latent noise around the posterior centre: EVAE ``z = b_m mu +
+alpha (b_m r k + U)``, VAE ``z = mu + alpha sigma eps``. ``alpha = 1`` (the default knob)
+samples the model's own posterior; ``alpha = 0`` gives the deterministic reconstruction
+from the posterior mean. Generation always runs the networks in eval mode (BatchNorm
+running statistics), so an image's output does not depend on its batch.
+
+Example::
+
+    model = EVAE(channels=1, image_size=28, d_z=64, B=0.1)
+    fit(model, train_set.images, epochs=5, batch_size=100, lr=3e-4, seed=0)
+    model.save("evae.safetensors")
+    x_new = model.neighbours(x, k=4)           # x: [B, 1, 28, 28] in [-1, 1]
+"""
+import contextlib
+import math
+import numbers
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .dkgm import check_images, check_knobs
+from .errors import DataError, DKGMError
+from .kernels import rand, randn, standard_epanechnikov
+
+B_M = 100.0 ** (-2.0 / 9.0)   # b(100), the paper's "step size" (section 4)
+WIDTHS = (32, 64, 128, 256)   # Appendix C channel counts
+SIDE = 32                     # the networks' input and output size
+
+
+def _evaluating(module: nn.Module):
+    """Context manager: ``module`` in eval mode inside, its previous mode restored after."""
+    @contextlib.contextmanager
+    def ctx():
+        was = module.training
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train(was)
+    return ctx()
+
+
+def _check_int(name, v, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+        raise DKGMError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
+    return int(v)
+
+
+def _check_pos(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
+        raise DKGMError(f"{name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def to32(x: torch.Tensor) -> torch.Tensor:
+    """Images ``[B, C, H, W]`` (in [0, 1]) to the networks' 32x32 geometry: centred
+    zero-padding when both sides are at most 32, else a bilinear (antialiased) resize."""
+    h, w = x.shape[-2:]
+    if h <= SIDE and w <= SIDE:
+        top, left = (SIDE - h) // 2, (SIDE - w) // 2
+        return F.pad(x, (left, SIDE - w - left, top, SIDE - h - top))
+    return F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
+
+
+def from32(y: torch.Tensor, size) -> torch.Tensor:
+    """The inverse geometry of :func:`to32`: crop the centre back to ``size`` or resize to it."""
+    h, w = size
+    if h <= SIDE and w <= SIDE:
+        top, left = (SIDE - h) // 2, (SIDE - w) // 2
+        return y[..., top:top + h, left:left + w]
+    return F.interpolate(y, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+
+
+class Encoder(nn.Module):
+    """Appendix C encoder: four stride-2 4x4 convolutions with BatchNorm and ReLU,
+    adaptive average pooling and two linear heads (``[B, d_z]`` each, raw)."""
+
+    def __init__(self, channels: int, d_z: int, widths=WIDTHS):
+        super().__init__()
+        layers, c = [], channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head_mu = nn.Linear(c, d_z)
+        self.head_spread = nn.Linear(c, d_z)
+
+    def forward(self, x32):
+        h = self.body(x32)
+        return self.head_mu(h), self.head_spread(h)
+
+
+class Decoder(nn.Module):
+    """Appendix C decoder: linear to ``widths[-1] x 1 x 1``, then transposed convolutions
+    1 -> 4 -> 8 -> 16 -> 32; returns logits (the Sigmoid is applied by the caller)."""
+
+    def __init__(self, channels: int, d_z: int, widths=WIDTHS):
+        super().__init__()
+        w1, w2, w3, w4 = widths
+        self.fc = nn.Linear(d_z, w4)
+        self.body = nn.Sequential(
+            nn.ConvTranspose2d(w4, w3, 4, 1, 0), nn.BatchNorm2d(w3), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w3, w2, 4, 2, 1), nn.BatchNorm2d(w2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w2, w1, 4, 2, 1), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(w1, channels, 4, 2, 1))
+
+    def forward(self, z):
+        return self.body(self.fc(z)[:, :, None, None])
+
+
+class _LatentAutoencoder(nn.Module):
+    """What EVAE and VAE share: networks, image geometry, loss assembly, generation."""
+
+    kind = None
+
+    def __init__(self, channels: int = 1, image_size=28, d_z: int = 64, widths=WIDTHS,
+                 alpha: float = 1.0, info: dict | None = None):
+        super().__init__()
+        self.channels = _check_int("channels", channels, 1, 64)
+        self.d_z = _check_int("d_z", d_z, 1, 4096)
+        if not isinstance(widths, (tuple, list)) or len(widths) != 4:
+            raise DKGMError(f"widths must be 4 channel counts (the paper's (32, 64, 128, 256)), got {widths!r}")
+        self.widths = tuple(_check_int("widths[i]", w, 1, 4096) for w in widths)
+        size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                     and 1 <= v <= 8192 for v in size):
+            raise DKGMError(f"image_size must be an int or (H, W) with sides in [1, 8192], got {image_size!r}")
+        self.image_size = tuple(int(v) for v in size)
+        self.alpha = check_knobs(alpha=alpha)
+        if not isinstance(info, (dict, type(None))):
+            raise DKGMError(f"info must be a dict, got {type(info).__name__}")
+        self.info = dict(info or {})
+        self.encoder = Encoder(self.channels, self.d_z, self.widths)
+        self.decoder = Decoder(self.channels, self.d_z, self.widths)
+
+    # -- configuration stored in checkpoints ----------------------------------------------------
+    def config(self) -> dict:
+        return dict(channels=self.channels, image_size=list(self.image_size), d_z=self.d_z,
+                    widths=list(self.widths), alpha=self.alpha, info=self.info)
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        if not isinstance(cfg, dict):
+            raise DKGMError(f"a {cls.__name__} config must be a dict, got {type(cfg).__name__}")
+        try:
+            return cls(**cfg)
+        except TypeError as exc:   # unknown or missing keys
+            raise DKGMError(f"invalid {cls.__name__} config: {exc}") from None
+
+    def save(self, path, **info) -> None:
+        from .checkpoint import save
+        save(self, path, **info)
+
+    # -- the networks ----------------------------------------------------------------------------
+    def encode(self, x01: torch.Tensor):
+        """``(mu, spread)`` of images in [0, 1]: EVAE's spread is ``r > 0``, VAE's ``log sigma^2``."""
+        mu, h = self.encoder(to32(x01))
+        return mu, self.spread(h)
+
+    def decode_logits(self, z: torch.Tensor, size=None) -> torch.Tensor:
+        """Decoder logits at ``size`` (default: the model's ``image_size``)."""
+        return from32(self.decoder(z), self.image_size if size is None else tuple(size))
+
+    def decode(self, z: torch.Tensor, size=None) -> torch.Tensor:
+        """Decoded images in [0, 1] (the Bernoulli means)."""
+        return torch.sigmoid(self.decode_logits(z, size))
+
+    # -- what the subclasses define ---------------------------------------------------------------
+    def spread(self, h):
+        raise NotImplementedError
+
+    def draw_noise(self, n: int, generator=None, device=None) -> torch.Tensor:
+        """Standardised latent noise for ``n`` images, ``[n, parts, d_z]``."""
+        raise NotImplementedError
+
+    def sample_latent(self, mu, spread, noise=None, alpha=None, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def posterior_mean(self, mu, spread) -> torch.Tensor:
+        raise NotImplementedError
+
+    def regulariser(self, mu, spread) -> torch.Tensor:
+        """The per-image term added to the reconstruction loss, ``[B]``."""
+        raise NotImplementedError
+
+    # -- training ---------------------------------------------------------------------------------
+    def loss_terms(self, x01: torch.Tensor, generator=None):
+        """``(reconstruction [B], regulariser [B])`` of a batch in [0, 1]: BCE summed over pixels."""
+        check_images(x01, self.channels, "x01")
+        if float(x01.min()) < 0 or float(x01.max()) > 1:
+            raise DataError("x01 must hold images in [0, 1] (the BCE targets)")
+        mu, spread = self.encode(x01)
+        z = self.sample_latent(mu, spread, noise=self.draw_noise(len(x01), generator, mu.device).to(mu.dtype))
+        logits = self.decode_logits(z, x01.shape[-2:])
+        rec = F.binary_cross_entropy_with_logits(logits, x01, reduction="none").flatten(1).sum(1)
+        return rec, self.regulariser(mu, spread)
+
+    def loss(self, x01: torch.Tensor, generator=None) -> torch.Tensor:
+        """The training loss of a batch of images in [0, 1]: mean over images of BCE + regulariser."""
+        rec, reg = self.loss_terms(x01, generator)
+        return (rec + reg).mean()
+
+    def forward(self, x: torch.Tensor, stage: int = 1, generator=None) -> torch.Tensor:
+        """Training loss of a batch in [-1, 1] (the library's convention; one stage only)."""
+        if stage != 1:
+            raise DKGMError(f"{type(self).__name__} has one training stage; stage must be 1, got {stage!r}")
+        check_images(x, self.channels)
+        return self.loss(((x + 1) / 2).clamp(0, 1), generator)
+
+    # -- generation -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def reconstruct(self, x01: torch.Tensor, sample: bool = False, alpha=None, generator=None) -> torch.Tensor:
+        """Encode and decode images in [0, 1] (eval mode): from the posterior mean, or, with
+        ``sample=True``, from one posterior draw (noise scaled by ``alpha``, default 1: the
+        posterior itself, whatever the model's generation knob ``alpha`` is)."""
+        check_images(x01, self.channels, "x01")
+        with _evaluating(self):
+            mu, spread = self.encode(x01)
+            z = (self.sample_latent(mu, spread, alpha=alpha, generator=generator) if sample
+                 else self.posterior_mean(mu, spread))
+            return self.decode(z, x01.shape[-2:])
+
+    @torch.inference_mode()
+    def _generate(self, x: torch.Tensor, noise: torch.Tensor, alpha) -> torch.Tensor:
+        check_images(x, self.channels)
+        alpha = self.alpha if alpha is None else check_knobs(alpha=alpha)
+        with _evaluating(self):
+            mu, spread = self.encode(((x + 1) / 2).clamp(0, 1))
+            z = self.sample_latent(mu, spread, noise=noise.to(mu.device, mu.dtype), alpha=alpha)
+            return (self.decode(z, x.shape[-2:]) * 2 - 1).clamp(-1, 1)
+
+    @torch.inference_mode()
+    def neighbours_from_seeds(self, x: torch.Tensor, seeds, *, labels=None, alpha: float | None = None,
+                              steps: int | None = None) -> torch.Tensor:
+        """The generator interface: one posterior sample per image (``[-1, 1]`` in and out),
+        image ``i``'s latent noise drawn from ``torch.Generator().manual_seed(seeds[i])``.
+        ``alpha`` scales the latent noise (1.0: the model's own posterior spread; 0: the
+        posterior-mean reconstruction); ``labels`` and ``steps`` are accepted and unused."""
+        if len(seeds) != len(x):
+            raise DKGMError(f"{len(seeds)} seeds for {len(x)} images")
+        noise = torch.cat([self.draw_noise(1, torch.Generator().manual_seed(int(s))) for s in seeds])
+        return self._generate(x, noise, alpha)
+
+    @torch.inference_mode()
+    def neighbours(self, x: torch.Tensor, k: int = 1, *, labels=None, alpha: float | None = None,
+                   steps: int | None = None, generator=None) -> torch.Tensor:
+        """``k`` posterior samples per image: ``[B, k, C, H, W]`` in [-1, 1]."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise DKGMError(f"k must be an integer >= 1, got {k!r}")
+        check_images(x, self.channels)
+        xk = x.repeat_interleave(int(k), dim=0)
+        out = self._generate(xk, self.draw_noise(len(xk), generator), alpha)
+        return out.view(x.shape[0], int(k), *x.shape[1:])
+
+
+class EVAE(_LatentAutoencoder):
+    """Epanechnikov VAE: posterior ``b_m (mu + r k) + U`` (see the module docstring).
+
+    Knobs: ``d_z`` (latent dimension), ``B`` (support length of the uniform prior; the
+    paper's default 0.1), ``M`` (the ``n`` of the penalty ``3B / (5M) sum 1/r``: number of
+    training images, set by :func:`fit`), ``b_m`` (default ``100^(-2/9)``), ``alpha``
+    (generation noise scale), ``widths`` (encoder channels; the paper's (32, 64, 128, 256)).
+    """
+
+    kind = "evae"
+
+    def __init__(self, channels: int = 1, image_size=28, d_z: int = 64, B: float = 0.1, M: int = 60_000,
+                 b_m: float = B_M, widths=WIDTHS, alpha: float = 1.0, info: dict | None = None):
+        super().__init__(channels, image_size, d_z, widths, alpha, info)
+        self.B = _check_pos("B", B)
+        self.M = _check_int("M (number of training images)", M, 1, 2 ** 62)
+        self.b_m = _check_pos("b_m", b_m)
+
+    def config(self) -> dict:
+        return dict(super().config(), B=self.B, M=self.M, b_m=self.b_m)
+
+    def spread(self, h):
+        return F.softplus(h)
+
+    def draw_noise(self, n, generator=None, device=None):
+        """``[n, 2, d_z]``: standard Epanechnikov ``k``, then ``v ~ U[-1/2, 1/2]`` (``U = B v``)."""
+        k = standard_epanechnikov((n, self.d_z), generator, device)
+        v = rand((n, self.d_z), generator, device) - 0.5
+        return torch.stack([k, v], dim=1)
+
+    def sample_latent(self, mu, spread, noise=None, alpha=None, generator=None):
+        """``z = b_m mu + alpha (b_m r k + B v)``; ``alpha = 1`` is Algorithm 1."""
+        if noise is None:
+            noise = self.draw_noise(len(mu), generator, mu.device).to(mu.dtype)
+        alpha = 1.0 if alpha is None else alpha
+        return self.b_m * mu + alpha * (self.b_m * spread * noise[:, 0] + self.B * noise[:, 1])
+
+    def posterior_mean(self, mu, spread):
+        return self.b_m * mu
+
+    def regulariser(self, mu, spread):
+        """``3B / (5M) * sum_k 1 / r_k``: ``B * I(K*) / M`` with ``I(K*) = 3 / (5r)`` (eq. 8, 10)."""
+        return (3.0 * self.B / (5.0 * self.M)) * spread.reciprocal().sum(1)
+
+
+class VAE(_LatentAutoencoder):
+    """Gaussian VAE baseline with EVAE's networks: ``z = mu + sigma eps``, KL to ``N(0, I)``."""
+
+    kind = "vae"
+
+    def spread(self, h):
+        return h   # log sigma^2
+
+    def draw_noise(self, n, generator=None, device=None):
+        """``[n, 1, d_z]`` standard normal."""
+        return randn((n, 1, self.d_z), generator, device)
+
+    def sample_latent(self, mu, spread, noise=None, alpha=None, generator=None):
+        if noise is None:
+            noise = self.draw_noise(len(mu), generator, mu.device).to(mu.dtype)
+        alpha = 1.0 if alpha is None else alpha
+        return mu + alpha * torch.exp(0.5 * spread) * noise[:, 0]
+
+    def posterior_mean(self, mu, spread):
+        return mu
+
+    def regulariser(self, mu, spread):
+        """``KL(N(mu, sigma^2) || N(0, I))`` summed over latent dimensions."""
+        return -0.5 * (1 + spread - mu.pow(2) - spread.exp()).sum(1)
+
+
+GENERATORS = (EVAE, VAE)
+
+
+def _as_uint8_images(images) -> torch.Tensor:
+    images = getattr(images, "images", images)   # an ImageDataset gives its tensor
+    images = torch.as_tensor(images)
+    if images.ndim != 4 or images.dtype != torch.uint8 or len(images) == 0:
+        raise DataError(f"fit takes a non-empty uint8 tensor [N, C, H, W] (or an ImageDataset), "
+                        f"got {images.dtype} {tuple(images.shape)}")
+    return images
+
+
+def fit(model: _LatentAutoencoder, images_uint8, epochs: int = 1, batch_size: int = 100, lr: float = 3e-4,
+        seed: int = 0, progress: bool = True, set_M: bool = True, max_batches: int | None = None) -> list:
+    """Train ``model`` with Adam on uint8 images ``[N, C, H, W]`` (the paper's Appendix D:
+    batch 100, lr 3e-4). Batch order and latent noise come from ``seed``. For an EVAE,
+    ``set_M`` sets the penalty's ``M`` to ``N`` first (see the module docstring).
+    ``max_batches`` stops each epoch early (for quick runs). Returns the mean loss of each
+    epoch and records the run in ``model.info["training"]``."""
+    images = _as_uint8_images(images_uint8)
+    epochs = _check_int("epochs", epochs, 0, 10 ** 6)
+    batch_size = _check_int("batch_size", batch_size, 1, 10 ** 6)
+    lr = _check_pos("lr", lr)
+    if images.shape[1] != model.channels:
+        raise DataError(f"images have {images.shape[1]} channels, the model takes {model.channels}")
+    if set_M and isinstance(model, EVAE):
+        model.M = len(images)
+    device = next(model.parameters()).device
+    order_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n_batches = math.ceil(len(images) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, _check_int("max_batches", max_batches, 1, 10 ** 9))
+    history, start = [], time.perf_counter()
+    model.train()
+    with tqdm(total=epochs * n_batches, desc=f"{type(model).__name__} d_z={model.d_z}",
+              disable=not progress) as bar:
+        for epoch in range(epochs):
+            perm = torch.randperm(len(images), generator=order_gen)
+            total, count = 0.0, 0
+            for b in range(n_batches):
+                idx = perm[b * batch_size:(b + 1) * batch_size]
+                x01 = images[idx].to(device, torch.float32) / 255.0
+                loss = model.loss(x01, generator=noise_gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.2f}")
+            history.append(total / count)
+    model.eval()
+    model.info["training"] = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, n_images=len(images),
+                                  batches_per_epoch=n_batches, optimizer="Adam",
+                                  wall_time_s=round(time.perf_counter() - start, 3),
+                                  final_epoch_loss=history[-1] if history else None)
+    return history
