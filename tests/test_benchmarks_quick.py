@@ -57,3 +57,16 @@ def test_main_job(tmp_path, capsys):
     # imbalance ratio 100: the head class keeps 6000 images, the tail 60; "auto" lifts all to 6000
     assert "T-shirt/top     6000    6000" in out and "Ankle boot        60    6000" in out
     assert (tmp_path / "neighbours.png").stat().st_size > 0
+
+
+def test_kernel_compare_quick(tmp_path):
+    bench("kernel_compare").main(["--quick", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "k.md")])
+    text = (tmp_path / "k.md").read_text()
+    assert "| gaussian | 0.5 |" in text and "| epanechnikov | 1.0 |" in text
+
+
+@needs_fmnist
+def test_stage2_on_others_quick(tmp_path):
+    bench("stage2_on_others").main(["--quick", "--out", str(tmp_path / "s.md")])
+    text = (tmp_path / "s.md").read_text()
+    assert text.count("\n| ") == 5 and "EVAE" in text and "kernel-smoothed" in text
