@@ -21,13 +21,13 @@ def bench(name):
 
 def test_shipped_generators_listed_and_loadable():
     names = dkgm_aug.list_pretrained()
-    assert {"digits-tiny", "fashion-mnist-tiny"} <= set(names)
+    assert {"digits-tiny", "fashion-mnist-tiny", "fashion-mnist-evae"} <= set(names)
     total = sum((Path(dkgm_aug.__file__).parent / "pretrained" / f"{n}.safetensors").stat().st_size for n in names)
     assert total < 25 * 2 ** 20
     for name in names:
         model = dkgm_aug.load(name)
         training = model.info["training"]
-        assert training["command"].startswith("dkgm-aug train") and training["wall_time_s"] > 0
+        assert training["command"].split()[0] in ("dkgm-aug", "python") and training["wall_time_s"] > 0
         assert len(model.info["classes"]) == 10
 
 
@@ -70,3 +70,17 @@ def test_stage2_on_others_quick(tmp_path):
     bench("stage2_on_others").main(["--quick", "--out", str(tmp_path / "s.md")])
     text = (tmp_path / "s.md").read_text()
     assert text.count("\n| ") == 5 and "EVAE" in text and "kernel-smoothed" in text
+
+
+@needs_fmnist
+def test_shipped_evae_balances_a_long_tailed_split():
+    import torch
+    from dkgm_aug import BalancedDKGMDataset
+    from dkgm_aug.data import fashion_mnist, long_tailed_indices
+    test = fashion_mnist(split="test")
+    lt = test.subset(long_tailed_indices(test.targets, 10, 0))
+    ds = BalancedDKGMDataset(lt, generator="fashion-mnist-evae", progress=False)
+    assert set(ds.class_counts.values()) == {1000}
+    x, y = ds[len(ds) - 1]
+    src = lt[ds.source_index(len(ds) - 1)]
+    assert y == src[1] and x.shape == (1, 28, 28) and not torch.equal(x, src[0])
