@@ -1,0 +1,69 @@
+"""benchmarks/imbalanced.py: metric helpers on hand-made examples, and the --quick run end to end."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "imbalanced.py"
+
+
+@pytest.fixture(scope="module")
+def imb():
+    spec = importlib.util.spec_from_file_location("imbalanced", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tail_classes_are_the_rarest_third(imb):
+    counts = [100, 70, 50, 35, 25, 18, 13, 9, 6, 3]     # long-tailed, largest first
+    assert imb.tail_classes(counts) == [7, 8, 9]
+    assert imb.tail_classes([5, 1, 9, 2, 8, 3]) == [1, 3]   # order does not matter, 6 classes -> 2
+    assert imb.tail_classes([4, 4]) == [0]                    # at least one; ties by index
+
+
+def test_metrics_on_a_known_confusion(imb):
+    # 3 classes, 4 test items each; class 2 is the tail. Class 0: all right; class 1: 3/4;
+    # class 2: 1/4 (two predicted as 0, one as 1).
+    y_true = [0] * 4 + [1] * 4 + [2] * 4
+    y_pred = [0, 0, 0, 0, 1, 1, 1, 0, 2, 0, 0, 1]
+    np.testing.assert_allclose(imb.per_class_recall(y_true, y_pred, 3), [1.0, 0.75, 0.25])
+    m = imb.metrics(y_true, y_pred, 3, tail=[2])
+    assert m["accuracy"] == pytest.approx(8 / 12)
+    assert m["tail_recall"] == pytest.approx(0.25)
+    # F1 per class: 0: p=4/7, r=1 -> 8/11; 1: p=3/4, r=3/4 -> 3/4; 2: p=1, r=1/4 -> 2/5
+    assert m["macro_f1"] == pytest.approx((8 / 11 + 3 / 4 + 2 / 5) / 3)
+    assert imb.metrics(y_true, y_pred, 3, tail=[1, 2])["tail_recall"] == pytest.approx(0.5)
+
+
+def test_class_balanced_weights_favour_rare_classes(imb):
+    w = imb.class_balanced_weights([100, 10, 1])
+    assert w.sum().item() == pytest.approx(3.0)
+    assert w[0] < w[1] < w[2]
+    assert torch.allclose(imb.class_balanced_weights([7, 7, 7]), torch.ones(3))
+
+
+def test_random_shift_keeps_shape_and_content(imb):
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    y = imb.random_shift(x, 1, g)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert torch.equal(imb.random_shift(x, 0, g), x)
+
+
+def test_quick_run_writes_csv_table_and_plot(imb, tmp_path):
+    assert imb.main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == list(imb.METHODS)     # all methods, one seed
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["tail_recall"]) <= 1.0
+    by_method = {r["method"]: r for r in rows}
+    assert int(by_method["dkgm_balanced"]["n_pool"]) > int(by_method["ce"]["n_pool"])   # synthetic items added
+    assert int(by_method["smote"]["n_pool"]) == int(by_method["dkgm_balanced"]["n_pool"])  # both balance to max
+    text = (tmp_path / "results.md").read_text()
+    assert "--quick" in text and "| dkgm_augment |" in text and "threads: 1" in text
+    assert (tmp_path / "results.png").stat().st_size > 0
