@@ -1,3 +1,6 @@
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,3 +34,12 @@ def shapes_batch(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
 def micro():
     torch.manual_seed(0)
     return micro_model()
+
+
+def load_benchmark(name: str):
+    """A script from benchmarks/ as a module (benchmarks is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

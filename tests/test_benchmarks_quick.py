@@ -1,22 +1,14 @@
 """The benchmarks' --quick modes and the README's main job, on small settings."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 import dkgm_aug
+from conftest import load_benchmark
 from dkgm_aug.data import FASHION_MNIST_DIR
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
                                   reason="Debian package dataset-fashion-mnist not installed (make data)")
-
-
-def bench(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_shipped_generators_listed_and_loadable():
@@ -32,19 +24,19 @@ def test_shipped_generators_listed_and_loadable():
 
 
 def test_model_cards_quick(tmp_path):
-    bench("model_cards").main(["--quick", "--out", str(tmp_path)])
+    load_benchmark("model_cards").main(["--quick", "--out", str(tmp_path)])
     text = (tmp_path / "digits-tiny.md").read_text()
     assert "| stage 1 + 2 | 0.5 |" in text and (tmp_path / "digits-tiny.png").stat().st_size > 0
 
 
 def test_speed_quick(tmp_path):
-    bench("speed").main(["--quick", "--generator", "digits-tiny", "--threads", "1", "--out", str(tmp_path / "s.md")])
+    load_benchmark("speed").main(["--quick", "--generator", "digits-tiny", "--threads", "1", "--out", str(tmp_path / "s.md")])
     text = (tmp_path / "s.md").read_text()
     assert "per image" in text and "batched" in text and "RSS +" in text
 
 
 def test_throughput_quick(tmp_path):
-    bench("throughput").main(["--sizes", "8", "--iters", "1", "--batch-size", "4", "--out", str(tmp_path / "t.md")])
+    load_benchmark("throughput").main(["--sizes", "8", "--iters", "1", "--batch-size", "4", "--out", str(tmp_path / "t.md")])
     assert "| tiny | 8x8 | 2 |" in (tmp_path / "t.md").read_text()
 
 
@@ -60,14 +52,14 @@ def test_main_job(tmp_path, capsys):
 
 
 def test_kernel_compare_quick(tmp_path):
-    bench("kernel_compare").main(["--quick", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "k.md")])
+    load_benchmark("kernel_compare").main(["--quick", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "k.md")])
     text = (tmp_path / "k.md").read_text()
     assert "| gaussian | 0.5 |" in text and "| epanechnikov | 1.0 |" in text
 
 
 @needs_fmnist
 def test_stage2_on_others_quick(tmp_path):
-    bench("stage2_on_others").main(["--quick", "--out", str(tmp_path / "s.md")])
+    load_benchmark("stage2_on_others").main(["--quick", "--out", str(tmp_path / "s.md")])
     text = (tmp_path / "s.md").read_text()
     assert text.count("\n| ") == 5 and "EVAE" in text and "kernel-smoothed" in text
 

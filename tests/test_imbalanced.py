@@ -1,21 +1,16 @@
 """benchmarks/imbalanced.py: metric helpers on hand-made examples, and the --quick run end to end."""
 import csv
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "imbalanced.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def imb():
-    spec = importlib.util.spec_from_file_location("imbalanced", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("imbalanced")
 
 
 def test_tail_classes_are_the_rarest_third(imb):

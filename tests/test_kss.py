@@ -1,8 +1,6 @@
 """Kernel-smoothed empirical score generator (dkgm_aug/kss.py): score maths, streaming,
 memorisation, the generator interface, checkpoints and oversampling."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ from dkgm_aug import kss as kss_mod
 from dkgm_aug.data import ImageDataset
 from dkgm_aug.kss import (KernelSmoothedScore, empirical_score, memorisation, nearest_neighbour_distances,
                           smoothed_score)
+from conftest import load_benchmark
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def random_set(n=10, size=4, seed=0, low=0, high=256):
@@ -248,9 +246,7 @@ def test_bad_inputs():
 
 # -- benchmark -----------------------------------------------------------------------------------
 def test_kss_memorisation_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("kss_memorisation", BENCH / "kss_memorisation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("kss_memorisation")
     rows = mod.main(["--quick", "--out", str(tmp_path / "r")])
     text = (tmp_path / "r.md").read_text()
     assert "| h |" in text and (tmp_path / "r.csv").stat().st_size > 0 and (tmp_path / "r.png").stat().st_size > 0

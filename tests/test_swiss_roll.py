@@ -1,21 +1,16 @@
 """Tests for benchmarks/swiss_roll.py (loaded by path: benchmarks is not a package)."""
 import csv
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "swiss_roll.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sr():
-    spec = importlib.util.spec_from_file_location("swiss_roll", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("swiss_roll")
 
 
 def test_ground_truth_formula(sr):

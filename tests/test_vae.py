@@ -1,9 +1,7 @@
 """EVAE and the Gaussian VAE baseline (dkgm_aug.vae), the feature net, the Frechet distance,
 and the EVAE-vs-VAE benchmark's --quick mode."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from dkgm_aug.features import (FeatureNet, features, load_feature_net, save_feat
                                train_feature_net)
 from dkgm_aug.metrics import frechet_distance
 from dkgm_aug.vae import B_M, EVAE, VAE, fit, from32, to32
-from conftest import shapes_batch
+from conftest import load_benchmark, shapes_batch
 
 TINY = dict(channels=1, image_size=8, d_z=3, widths=(4, 4, 8, 8))
 
@@ -280,10 +278,7 @@ def test_feature_net_train_features_save_load(tmp_path):
 @pytest.mark.skipif(not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
                     reason="Debian package dataset-fashion-mnist not installed (make data)")
 def test_evae_vs_vae_benchmark_quick(tmp_path):
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "evae_vs_vae.py"
-    spec = importlib.util.spec_from_file_location("evae_vs_vae", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("evae_vs_vae")
     assert mod.main(["--quick", "--no-progress", "--out", str(tmp_path / "q")]) == 0
     md = (tmp_path / "q.md").read_text()
     assert "Frechet distance" in md and "not FID" in md and "| 8 |" in md and "| 64 |" in md
