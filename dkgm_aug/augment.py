@@ -30,6 +30,16 @@ def load_generator(spec, device=None):
     return model.to(device) if device is not None else model
 
 
+def model_device(model) -> torch.device:
+    """Where a generator lives: its first parameter, or its first buffer for
+    training-free generators that hold only data (the kernel-smoothed score)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def match_channels(x: torch.Tensor, channels: int, convert: bool) -> torch.Tensor:
     if x.shape[1] == channels:
         return x
@@ -55,7 +65,7 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
         raise DataError("images contain NaN or inf values")
     if len(seeds) != len(x01):
         raise DKGMError(f"{len(seeds)} seeds for {len(x01)} images")
-    device = next(model.parameters()).device
+    device = model_device(model)
     x = match_channels(x01.to(device, torch.float32), model.channels, convert_channels)
     out = from_model(model.neighbours_from_seeds(to_model(x), seeds, labels=labels, alpha=alpha, steps=steps))
     return match_channels(out, x01.shape[1], True).to(x01.device)

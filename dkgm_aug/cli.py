@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .augment import model_device
 from .checkpoint import load, read_metadata, resolve
 from .data import load_dataset
 from .demo import main as demo_main
@@ -81,7 +82,7 @@ def cmd_sample(args) -> None:
     data = load_dataset(args.data, split=args.split)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
-    real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(next(model.parameters()).device)
+    real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(model_device(model))
     out = model.neighbours(real, k=args.k, alpha=args.alpha, steps=args.steps, generator=g)
     # one row per source image: the real image, then its k neighbours
     grid = torch.cat([real[:, None], out], dim=1).flatten(0, 1)

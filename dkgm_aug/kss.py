@@ -384,9 +384,6 @@ class KernelSmoothedScore(nn.Module):
         self.register_buffer("images", torch.zeros((n, c, hh, ww), dtype=torch.uint8))
         if self.classes is not None:
             self.register_buffer("label_codes", torch.zeros(n, dtype=torch.int64))
-        # No learned weights; this empty parameter only tells device-agnostic callers
-        # (``next(model.parameters()).device``) where the model lives.
-        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
         self._cache = {}
 
     # -- construction helpers ---------------------------------------------------------------

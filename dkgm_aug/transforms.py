@@ -36,7 +36,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .augment import generate, load_generator
+from .augment import generate, load_generator, model_device
 from .dkgm import check_knobs
 from .errors import DataError, DKGMError
 from .images import to_unit_float
@@ -107,7 +107,7 @@ class GeneratorHandle:
     def get(self, like: torch.Tensor | None = None):
         if self._model is None:
             self._model = load_generator(self.spec, self.device)
-        if self.device is None and like is not None and next(self._model.parameters()).device != like.device:
+        if self.device is None and like is not None and model_device(self._model) != like.device:
             self._model = self._model.to(like.device)       # follow the input's device
         return self._model
 
