@@ -74,13 +74,22 @@ def class_balanced_weights(counts, beta: float = 0.999) -> torch.Tensor:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load(data: str, rho: float, seed: int):
-    """(long-tailed train set, balanced test set); the seed fixes the digits split and the LT subset."""
+def load(data: str, rho: float, split_seed: int):
+    """(long-tailed train set, balanced test set); ``split_seed`` fixes the digits train/test
+    split and which images the long-tailed subset keeps."""
     if data == "digits":
-        train, test = digits("train", seed=seed), digits("test", seed=seed)
+        train, test = digits("train", seed=split_seed), digits("test", seed=split_seed)
     else:
         train, test = fashion_mnist(split="train"), fashion_mnist(split="test")
-    return train.subset(long_tailed_indices(train.targets, rho, seed)), test
+    return train.subset(long_tailed_indices(train.targets, rho, split_seed)), test
+
+
+def export_split(data: str, rho: float, split_seed: int, path) -> None:
+    """Write the long-tailed training split as an ``.npz`` that ``dkgm-aug train --data`` reads,
+    so a generator can be trained on exactly what the classifiers see (and nothing more)."""
+    lt, _ = load(data, rho, split_seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, images=lt.images.permute(0, 2, 3, 1).numpy(), labels=lt.targets.numpy())
 
 
 def random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:

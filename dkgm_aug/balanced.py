@@ -227,21 +227,41 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     # -- items ------------------------------------------------------------------------------------
     def __getitem__(self, i):
-        i = self._index(i)
-        if i < self.n_real:
-            item = self.ds[i]
-        else:
-            j = i - self.n_real
-            image, label = self.ds[int(self._sources[j])][:2]
-            q = self._cache.get(j)
-            if q is None:
-                out = generate(self._generator(), to_unit_float(_readable(image))[None], [self.noise_seed(j)],
-                               self.alpha, self.steps, self.convert_channels, labels=self._labels([j]))
-                q = (out[0] * 255).round().to(torch.uint8)
-                if self.cache is not None:
-                    self._cache[j] = q
-            item = (_like(q, image), label)
-        return item if self.transform is None else (self.transform(item[0]), *item[1:])
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list:
+        """Items ``indices`` as a list, generating the synthetic ones not cached yet in one batch.
+        ``DataLoader`` calls this with a whole batch of indices, so on-demand generation is
+        batched too; each image still gets its own noise seed, so it does not depend on which
+        other items share its batch."""
+        idx = [self._index(i) for i in indices]
+        todo = list(dict.fromkeys(i - self.n_real for i in idx if i >= self.n_real and i - self.n_real not in self._cache))
+        made = dict(zip(todo, self._make(todo, self._generator()))) if todo else {}
+        if self.cache is not None:
+            self._cache.update(made)
+        items = []
+        for i in idx:
+            if i < self.n_real:
+                item = self.ds[i]
+            else:
+                j = i - self.n_real
+                image, label = self.ds[int(self._sources[j])][:2]
+                q = made[j] if j in made else self._cache[j]
+                item = (_like(q, image), label)
+            items.append(item if self.transform is None else (self.transform(item[0]), *item[1:]))
+        return items
+
+    def _make(self, js: list, model) -> list:
+        """Synthetic images ``js`` as uint8 CHW tensors, generated in one batch per image size."""
+        images = [to_unit_float(_readable(self.ds[int(self._sources[j])][0])) for j in js]
+        out = [None] * len(js)
+        for shape in dict.fromkeys(tuple(x.shape) for x in images):
+            ks = [k for k, x in enumerate(images) if tuple(x.shape) == shape]
+            made = generate(model, torch.stack([images[k] for k in ks]), [self.noise_seed(js[k]) for k in ks],
+                            self.alpha, self.steps, self.convert_channels, labels=self._labels([js[k] for k in ks]))
+            for k, q in zip(ks, (made * 255).round().to(torch.uint8)):
+                out[k] = q
+        return out
 
     def _labels(self, js) -> list:
         """The class labels of synthetic items ``js``, for generators that condition on them."""
@@ -261,13 +281,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         with tqdm(total=len(todo), desc="generating", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 js = todo[start:start + batch_size]
-                images = [to_unit_float(_readable(self.ds[int(self._sources[j])][0])) for j in js]
-                if len({tuple(x.shape) for x in images}) > 1:
-                    raise DataError("source images differ in size, so they cannot be generated in batches; "
-                                    "resize them in the base dataset or use precompute(batch_size=1)")
-                out = generate(model, torch.stack(images), [self.noise_seed(j) for j in js],
-                               self.alpha, self.steps, self.convert_channels, labels=self._labels(js))
-                self._cache.update(zip(js, (out * 255).round().to(torch.uint8)))
+                self._cache.update(zip(js, self._make(js, model)))
                 bar.update(len(js))
         if isinstance(self.cache, Path) and (todo or not self._cache_file_ok):
             self.save_cache(self.cache)

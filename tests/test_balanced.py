@@ -221,6 +221,45 @@ def test_precompute_equals_on_demand(gen):
     assert not lazy._cache   # cache=None keeps nothing
 
 
+def test_dataloader_batches_generation_through_getitems(gen, monkeypatch):
+    """A DataLoader hands __getitems__ a whole batch: one generator call per batch, images equal
+    to item-by-item access, repeated indices generated once, and cache=None keeps nothing."""
+    import dkgm_aug.balanced as balanced
+    calls = []
+    real_generate = balanced.generate
+    monkeypatch.setattr(balanced, "generate", lambda model, x, *a, **k: calls.append(len(x)) or real_generate(model, x, *a, **k))
+    b = BalancedDKGMDataset(Images(), gen, progress=False, cache=None)
+    order = list(range(len(b)))[::-1] + [len(b) - 1, len(b) - 1]
+    loader = torch.utils.data.DataLoader(b, batch_size=8, sampler=order)
+    got = torch.cat([x for x, _ in loader])
+    n_batches = -(-len(order) // 8)
+    assert len(calls) <= n_batches and sum(calls) < len(order)   # batched, duplicates made once
+    one_by_one = BalancedDKGMDataset(Images(), gen, progress=False, cache=None)
+    expect = torch.stack([one_by_one[i][0] for i in order])
+    assert got.dtype == torch.uint8 and (got.int() - expect.int()).abs().max() <= 1   # batched conv rounding
+    assert not b._cache
+
+
+def test_getitems_mixed_sizes(gen):
+    """Sources of different sizes are generated in one batch per size."""
+    class Sized(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(1)
+            self.items = [(torch.randint(0, 256, (1, 8, 8 if k % 2 else 16), generator=g, dtype=torch.uint8), int(k > 5))
+                          for k in range(8)]
+            self.targets = [y for _, y in self.items]
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+    b = BalancedDKGMDataset(Sized(), gen, progress=False)
+    items = b.__getitems__(range(len(b)))
+    assert [tuple(x.shape) for x, _ in items[b.n_real:]] == [tuple(b.ds[b.source_index(i)][0].shape)
+                                                             for i in range(b.n_real, len(b))]
+
+
 # -- cache files --------------------------------------------------------------------------------
 def test_cache_file_round_trip(gen, tmp_path):
     path = tmp_path / "synth.safetensors"
