@@ -3,6 +3,8 @@
     python benchmarks/imbalanced.py --data digits --rho 10 --steps 300 --seeds 0 1 2 \
         --out benchmarks/results/imbalanced_digits
     python benchmarks/imbalanced.py --quick --out /tmp/imb      # digits, all methods, 20 steps, 1 seed
+    python benchmarks/imbalanced.py --data fashion-mnist --rho 100 --export-split runs/lt/split.npz
+        # the long-tailed training split as .npz, to train a generator on exactly what the classifiers see
 
 The training split is made long-tailed with ``long_tailed_indices`` (CIFAR-10-LT profile,
 largest/smallest class = ``--rho``); the test split stays balanced, so top-1 accuracy there
@@ -16,14 +18,27 @@ shift of up to ``--shift`` px by reflect-pad + random crop); only what the metho
   ros            random oversampling: items drawn with probability 1/count(class)
   smote          imblearn SMOTE on flattened pixels, k_neighbors=min(5, n_min-1), then uniform
   randaug        torchvision RandAugment on each uint8 image, on top of the base shift
-  dkgm_balanced  BalancedDKGMDataset (shipped generator, sampling_strategy="auto"), precomputed once
-  dkgm_augment   DKGMAugment(p=0.5) on the minority-class items (all but the largest class) of each batch
+  dkgm_balanced  BalancedDKGMDataset(generator=--generator, sampling_strategy="auto"), batches drawn uniformly
+  dkgm_augment   DKGMAugment(--generator, p=0.5) on the minority-class items (all but the largest class) of each batch
+  evae_balanced  the same wrapper around an EVAE: --evae, or one fitted here on the long-tailed split
+  kss_balanced   the same wrapper around the kernel-smoothed-score sampler built from the long-tailed split
+
+The long-tailed split is fixed by ``--split-seed``; ``--seeds`` vary everything else (weights,
+batches, augmentation and generator noise). The balanced wrappers generate a synthetic item the
+first time a batch draws it (``BalancedDKGMDataset.__getitems__``, one generator call per batch)
+and keep it: with per-item noise seeds this gives the same images as ``precompute()`` and
+uniform sampling, but only the items the run draws are made. ``--generator`` defaults to the
+shipped model for ``--data``, which was trained on the *full* training split and so has seen
+tail-class images the classifiers have not; the report prints each generator's training data.
+Rows are appended to ``runs.csv`` as each run ends (``--resume`` skips the done ones), and the
+report is rebuilt from every row of that file with the same settings.
 
 Digits are 8x8: they are upsampled (bilinear) to ``--size`` (default 32) inside the loop, after
 all augmentation, because a ResNet's stride-32 downsampling would otherwise collapse them.
 """
 import argparse
 import csv
+import io
 import math
 import os
 import platform
@@ -39,8 +54,10 @@ from tqdm import tqdm
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
 from dkgm_aug.data import digits, fashion_mnist, long_tailed_indices
 
-METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment")
-GENERATORS = {"digits": "digits-tiny", "fashion-mnist": "fashion-mnist-tiny"}
+METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment", "evae_balanced",
+           "kss_balanced")
+BALANCED = ("dkgm_balanced", "evae_balanced", "kss_balanced")
+SHIPPED = {"digits": "digits-tiny", "fashion-mnist": "fashion-mnist-tiny"}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -109,12 +126,56 @@ def to_input(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return (x - 0.5) / 0.5
 
 
-def build_pool(method: str, lt, generator: str, seed: int, log: dict):
-    """The images and labels to draw batches from, and per-item sampling weights (None = uniform)."""
+class Pool:
+    """What a method draws its batches from: uint8 images and labels, optional per-item
+    sampling weights (None = uniform), or a balanced wrapper that generates on first draw."""
+
+    def __init__(self, images, targets, weights=None, balanced=None):
+        self.images, self.targets, self.weights, self.balanced = images, targets, weights, balanced
+        self.draw_s = 0.0
+
+    def __len__(self):
+        return len(self.balanced) if self.balanced is not None else len(self.images)
+
+    def draw(self, n: int, g: torch.Generator):
+        idx = (torch.multinomial(self.weights, n, replacement=True, generator=g) if self.weights is not None
+               else torch.randint(len(self), (n,), generator=g))
+        if self.balanced is None:
+            return self.images[idx], self.targets[idx]
+        start = time.perf_counter()
+        items = self.balanced.__getitems__(idx.tolist())   # one generator call for the batch's new items
+        self.draw_s += time.perf_counter() - start
+        # Items are float [0, 1] tensors on the 256-level grid (real ones /255, synthetic quantized).
+        return (torch.stack([(x * 255).round().to(torch.uint8) for x, _ in items]),
+                torch.as_tensor([int(y) for _, y in items]))
+
+    @property
+    def n_generated(self) -> int:
+        return 0 if self.balanced is None else len(self.balanced._cache)
+
+
+def generator_for(method: str, args, lt, seed: int):
+    """The generator behind a balanced method: a checkpoint name/path, or a model built here."""
+    if method in ("dkgm_balanced", "dkgm_augment"):
+        return args.generator or SHIPPED[args.data]
+    if method == "kss_balanced":
+        from dkgm_aug.kss import KernelSmoothedScore
+        return KernelSmoothedScore.from_dataset(lt, h=args.kss_h, steps=args.kss_steps)
+    if args.evae:
+        return args.evae
+    from dkgm_aug.vae import EVAE, fit
+    torch.manual_seed(seed)
+    model = EVAE(channels=lt.images.shape[1], image_size=lt.images.shape[-1], d_z=args.evae_dz)
+    fit(model, lt.images, epochs=args.evae_epochs, seed=seed, progress=False,
+        max_batches=2 if args.quick else None)
+    return model
+
+
+def build_pool(method: str, args, lt, seed: int) -> Pool:
     images, targets = lt.images, lt.targets
     counts = torch.bincount(targets, minlength=10)
     if method == "ros":
-        return images, targets, 1.0 / counts[targets].double()
+        return Pool(images, targets, 1.0 / counts[targets].double())
     if method == "smote":
         from imblearn.over_sampling import SMOTE
         # SMOTE needs 2+ items per class; at rho=100 on digits the rarest class has one, so
@@ -125,17 +186,12 @@ def build_pool(method: str, lt, generator: str, seed: int, log: dict):
         k = min(5, int(np.bincount(y)[np.bincount(y) > 0].min()) - 1)
         X, y = SMOTE(k_neighbors=k, random_state=seed).fit_resample(X, y)
         X = np.clip(np.round(X), 0, 255).astype(np.uint8).reshape(-1, *images.shape[1:])
-        return torch.from_numpy(X), torch.from_numpy(y.astype(np.int64)), None
-    if method == "dkgm_balanced":
-        start = time.perf_counter()
-        ds = BalancedDKGMDataset(lt, generator=generator, sampling_strategy="auto", seed=seed,
-                                 cache="memory", progress=False).precompute(batch_size=256, progress=False)
-        log["precompute_s"] = time.perf_counter() - start
-        # Synthetic items come back as float [0, 1] tensors quantized to 256 levels: exact in uint8.
-        synth = torch.stack([(ds[i][0] * 255).round().to(torch.uint8) for i in range(ds.n_real, len(ds))])
-        labels = torch.as_tensor([int(t) for t in ds.targets[ds.n_real:]])
-        return torch.cat([images, synth]), torch.cat([targets, labels]), None
-    return images, targets, None
+        return Pool(torch.from_numpy(X), torch.from_numpy(y.astype(np.int64)))
+    if method in BALANCED:
+        return Pool(images, targets, balanced=BalancedDKGMDataset(
+            lt, generator=generator_for(method, args, lt, seed), sampling_strategy="auto", seed=seed,
+            cache="memory", progress=False))
+    return Pool(images, targets)
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -144,11 +200,11 @@ def run(method: str, args, seed: int) -> dict:
     from torchvision.transforms import v2
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    lt, test = load(args.data, args.rho, seed)
+    lt, test = load(args.data, args.rho, args.split_seed)
     counts = torch.bincount(lt.targets, minlength=10)
-    generator = GENERATORS[args.data]
-    log = {"precompute_s": 0.0}
-    images, targets, weights = build_pool(method, lt, generator, seed, log)
+    start = time.perf_counter()
+    pool = build_pool(method, args, lt, seed)
+    setup_s = time.perf_counter() - start
     size = args.size if args.data == "digits" else None
 
     model = timm.create_model(args.model, num_classes=10, in_chans=1, pretrained=False)
@@ -156,44 +212,87 @@ def run(method: str, args, seed: int) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     loss_w = class_balanced_weights(counts) if method == "cb_loss" else None
     randaug = v2.RandAugment() if method == "randaug" else None
-    dkgm = DKGMAugment(generator, p=0.5, seed=seed) if method == "dkgm_augment" else None
+    dkgm = DKGMAugment(generator_for(method, args, lt, seed), p=0.5, seed=seed) if method == "dkgm_augment" else None
     minority = counts < counts.max()   # "minority" = every class but the largest
 
-    start = time.perf_counter()
+    start, aug_s, n_changed = time.perf_counter(), 0.0, 0
     model.train()
     for _ in range(args.steps):
-        idx = (torch.multinomial(weights, args.batch, replacement=True, generator=g) if weights is not None
-               else torch.randint(len(images), (args.batch,), generator=g))
-        x, y = random_shift(images[idx], args.shift, g), targets[idx]
+        x, y = pool.draw(args.batch, g)
+        x = random_shift(x, args.shift, g)
         if randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
             x = torch.stack([randaug(im) for im in x])
         if dkgm is not None and minority[y].any():
-            m = minority[y]
-            x[m] = dkgm(x[m])     # uint8 in, uint8 out; each item replaced with probability 0.5
+            t, m = time.perf_counter(), minority[y]
+            before = x[m]
+            x[m] = dkgm(before)   # uint8 in, uint8 out; each item replaced with probability 0.5
+            aug_s += time.perf_counter() - t
+            n_changed += int((x[m] != before).flatten(1).any(1).sum())
         loss = F.cross_entropy(model(to_input(x, size)), y, weight=loss_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    train_s = time.perf_counter() - start
+    gen_s = pool.draw_s + aug_s
+    train_s = time.perf_counter() - start - gen_s
 
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(to_input(test.images[i:i + 512], size)).argmax(1)
                           for i in range(0, len(test), 512)])
     res = metrics(test.targets.numpy(), pred.numpy(), 10, tail_classes(counts.tolist()))
-    return dict(method=method, seed=seed, n_train=len(lt), n_pool=len(images), final_loss=round(loss.item(), 4),
-                train_s=round(train_s, 2), precompute_s=round(log["precompute_s"], 2), **res)
+    return dict(method=method, seed=seed, **config_of(args), n_train=len(lt), n_pool=len(pool),
+                n_generated=pool.n_generated + n_changed, final_loss=round(loss.item(), 4), train_s=round(train_s, 2),
+                setup_s=round(setup_s, 2), generate_s=round(gen_s, 2), **res)
+
+
+def config_of(args) -> dict:
+    """The settings a row depends on; the report only pools rows whose settings match."""
+    gen = args.generator or SHIPPED[args.data]
+    return dict(data=args.data, rho=args.rho, split_seed=args.split_seed, model=args.model, steps=args.steps,
+                batch=args.batch, generator=gen, evae=args.evae or f"fitted here ({args.evae_epochs} epochs)",
+                kss=f"h={args.kss_h}, steps={args.kss_steps}")
 
 
 # -- reporting -------------------------------------------------------------------------------------
+FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss",
+          "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
+          "macro_f1", "tail_recall"]
+NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One line per finished run, written in one call, so a crash loses at most the run in flight
+    and two processes can share the file."""
+    new = not path.exists()
+    line = io.StringIO()
+    w = csv.DictWriter(line, fieldnames=FIELDS)
+    if new:
+        w.writeheader()
+    w.writerow(row)
+    with open(path, "a", newline="") as f:
+        f.write(line.getvalue())
+
+
+def read_rows(path: Path, config: dict) -> list:
+    """The rows of ``path`` whose settings equal ``config``, numbers parsed."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if all(r[k] == str(v) for k, v in config.items())]
+    for r in rows:
+        r.update({k: float(r[k]) for k in NUMBERS}, seed=int(r["seed"]))
+    latest = {(r["method"], r["seed"]): r for r in rows}   # a rerun of a (method, seed) replaces it
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(latest.values(), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+
+
 def summarise(rows: list) -> dict:
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
-        out[m] = {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs])))
-                  for k in ("accuracy", "macro_f1", "tail_recall", "train_s", "precompute_s")}
-        out[m]["n"] = len(rs)
+        out[m] = {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in NUMBERS}
+        out[m]["seeds"] = sorted(r["seed"] for r in rs)
     return out
 
 
@@ -205,30 +304,41 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, CPU only"
 
 
-def write_outputs(rows: list, args, argv: list, wall_s: float, tail: list) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "runs.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def trained_on(spec: str) -> str:
+    """A checkpoint's own record of its training data."""
+    from dkgm_aug import load
+    try:
+        return load(spec).info.get("training", {}).get("data", "unknown")
+    except Exception as exc:   # the report must still be written
+        return f"unreadable ({exc})"
+
+
+def write_outputs(rows: list, args, out: Path) -> None:
     s = summarise(rows)
-    lines = ["# Long-tailed classification benchmark", "",
-             f"Command: `python benchmarks/imbalanced.py {' '.join(argv)}`", "",
-             f"- data: {args.data} (train long-tailed with rho={args.rho}; test balanced, so accuracy = "
-             f"balanced accuracy); tail classes (rarest third): {tail}",
-             f"- model: timm `{args.model}` from scratch, in_chans=1"
-             + (f", 8x8 inputs upsampled to {args.size}x{args.size}" if args.data == "digits" else ""),
-             f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}, base aug: random shift "
-             f"<= {args.shift} px; seeds {args.seeds}",
-             f"- threads: {torch.get_num_threads()}; hardware: {hardware()}",
-             f"- wall time: {wall_s:.0f} s", "",
-             "| method | accuracy | macro-F1 | tail recall | train s | DKGM precompute s | runs |",
-             "|---|---|---|---|---|---|---|"]
+    cfg = config_of(args)
+    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
+    lines = ["# Long-tailed classification benchmark", "", "Commands (each appended rows to `runs.csv`):", ""]
+    lines += [f"    {c}" for c in commands] + [
+        "",
+        f"- data: {args.data}, train split long-tailed with rho={args.rho} (split seed {args.split_seed}, "
+        f"class counts {torch.bincount(load(args.data, args.rho, args.split_seed)[0].targets, minlength=10).tolist()}); "
+        f"test balanced, so accuracy = balanced accuracy; tail classes (rarest third): {args.tail}",
+        f"- model: timm `{args.model}` from scratch, in_chans=1"
+        + (f", 8x8 inputs upsampled to {args.size}x{args.size}" if args.data == "digits" else ""),
+        f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}, base aug: random shift "
+        f"<= {args.shift} px, the same for every method",
+        f"- DKGM generator: `{cfg['generator']}`, trained on: {trained_on(cfg['generator'])}",
+        f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split",
+        f"- threads per run: {args.threads}; hardware: {hardware()}",
+        f"- mean ± std over the seeds listed; `generate s` is time spent making synthetic images, "
+        f"`train s` the rest of the training loop; `images generated`: synthetic images made "
+        f"(dkgm_augment: images its transform changed)", "",
+        "| method | accuracy | macro-F1 | tail recall | train s | generate s | images generated | seeds |",
+        "|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
         f = lambda k, d=3: f"{v[k][0]:.{d}f} ± {v[k][1]:.{d}f}"
-        lines.append(f"| {m} | {f('accuracy')} | {f('macro_f1')} | {f('tail_recall')} | {v['train_s'][0]:.1f} "
-                     f"| {v['precompute_s'][0]:.2f} | {v['n']} |")
+        lines.append(f"| {m} | {f('accuracy')} | {f('macro_f1')} | {f('tail_recall')} | {v['train_s'][0]:.0f} "
+                     f"| {v['generate_s'][0]:.0f} | {v['n_generated'][0]:.0f} | {v['seeds']} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -241,7 +351,8 @@ def write_outputs(rows: list, args, argv: list, wall_s: float, tail: list) -> No
                capsize=3, label=label)
     ax.set_xticks(xs, names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{args.data}, rho={args.rho}, {args.model}, {args.steps} steps, {len(args.seeds)} seed(s)")
+    n_seeds = max(len(v["seeds"]) for v in s.values())
+    ax.set_title(f"{args.data}, rho={args.rho:g}, {args.model}, {args.steps} steps, up to {n_seeds} seed(s)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
@@ -251,8 +362,9 @@ def write_outputs(rows: list, args, argv: list, wall_s: float, tail: list) -> No
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=sorted(GENERATORS), default="digits")
+    p.add_argument("--data", choices=sorted(SHIPPED), default="digits")
     p.add_argument("--rho", type=float, default=100)
+    p.add_argument("--split-seed", type=int, default=0, help="fixes the long-tailed split (and digits' test split)")
     p.add_argument("--model", default="resnet10t")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=64)
@@ -262,25 +374,43 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32, help="digits are upsampled to this size")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--generator", help="DKGM checkpoint for the dkgm_* methods (default: the shipped one)")
+    p.add_argument("--evae", help="EVAE checkpoint for evae_balanced (default: fit one on the split per seed)")
+    p.add_argument("--evae-epochs", type=int, default=4)
+    p.add_argument("--evae-dz", type=int, default=32)
+    p.add_argument("--kss-h", type=float, default=1.0, help="kernel-smoothed score bandwidth")
+    p.add_argument("--kss-steps", type=int, default=10, help="kernel-smoothed score reverse steps")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="digits, rho 10, 20 steps, batch 32, seed 0 (smoke test)")
+    p.add_argument("--resume", action="store_true", help="skip (method, seed) pairs already in runs.csv")
+    p.add_argument("--export-split", metavar="NPZ", help="write the long-tailed train split and exit")
+    p.add_argument("--quick", action="store_true", help="digits, rho 10, 10 steps, batch 16, seed 0 (smoke test)")
     p.add_argument("--out", default="benchmarks/results/imbalanced")
     args = p.parse_args(argv)
     if args.quick:
-        args.data, args.rho, args.steps, args.batch, args.seeds = "digits", 10, 20, 32, [0]
+        args.data, args.rho, args.steps, args.batch, args.seeds = "digits", 10, 10, 16, [0]
+        args.kss_steps, args.evae_epochs = 2, 1
+    if args.export_split:
+        export_split(args.data, args.rho, args.split_seed, args.export_split)
+        print(f"wrote {args.export_split}")
+        return 0
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "commands.txt", "a") as f:
+        f.write(f"python benchmarks/imbalanced.py {' '.join(argv)}\n")
+    lt, _ = load(args.data, args.rho, args.split_seed)
+    args.tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
 
-    start, rows = time.perf_counter(), []
-    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    done = {(r["method"], r["seed"]) for r in read_rows(out / "runs.csv", config_of(args))} if args.resume else set()
+    jobs = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
     for m, s in (bar := tqdm(jobs, desc="runs")):
         bar.set_postfix(method=m, seed=s)
-        rows.append(run(m, args, s))
-        tqdm.write(f"{m:>14} seed {s}: acc {rows[-1]['accuracy']:.3f}  tail recall {rows[-1]['tail_recall']:.3f}  "
-                   f"({rows[-1]['train_s']:.1f} s)")
-    lt, _ = load(args.data, args.rho, args.seeds[0])
-    tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
-    write_outputs(rows, args, argv, time.perf_counter() - start, tail)
-    print((Path(args.out) / "results.md").read_text())
+        row = run(m, args, s)
+        append_row(out / "runs.csv", row)
+        tqdm.write(f"{m:>14} seed {s}: acc {row['accuracy']:.3f}  tail recall {row['tail_recall']:.3f}  "
+                   f"(train {row['train_s']:.0f} s, generate {row['generate_s']:.0f} s)")
+    write_outputs(read_rows(out / "runs.csv", config_of(args)), args, out)
+    print((out / "results.md").read_text())
     return 0
 
 

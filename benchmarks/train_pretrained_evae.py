@@ -2,6 +2,9 @@
 
     python benchmarks/train_pretrained_evae.py --epochs 1 --out dkgm_aug/pretrained/fashion-mnist-evae.safetensors
 
+``--data`` takes anything ``dkgm-aug train --data`` takes (e.g. the long-tailed split that
+``benchmarks/imbalanced.py --export-split`` writes).
+
 The command, data, epochs, wall time and hardware are stored in the checkpoint
 (``dkgm-aug info fashion-mnist-evae``).
 """
@@ -12,12 +15,13 @@ import time
 
 import torch
 
-from dkgm_aug.data import fashion_mnist
+from dkgm_aug.data import load_dataset
 from dkgm_aug.vae import EVAE, fit
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--d-z", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -26,8 +30,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train = fashion_mnist(split="train")
-    model = EVAE(channels=1, image_size=28, d_z=args.d_z)
+    train = load_dataset(args.data, split="train")
+    model = EVAE(channels=train.images.shape[1], image_size=train.images.shape[-1], d_z=args.d_z)
     start = time.time()
     fit(model, train.images, epochs=args.epochs, seed=args.seed, progress=True)
     wall = time.time() - start

@@ -57,8 +57,38 @@ def test_quick_run_writes_csv_table_and_plot(imb, tmp_path):
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["tail_recall"]) <= 1.0
     by_method = {r["method"]: r for r in rows}
-    assert int(by_method["dkgm_balanced"]["n_pool"]) > int(by_method["ce"]["n_pool"])   # synthetic items added
+    for m in imb.BALANCED:
+        assert int(by_method[m]["n_pool"]) > int(by_method["ce"]["n_pool"])   # synthetic items added
+        assert 0 < int(by_method[m]["n_generated"]) <= int(by_method[m]["n_pool"]) - int(by_method[m]["n_train"])
     assert int(by_method["smote"]["n_pool"]) == int(by_method["dkgm_balanced"]["n_pool"])  # both balance to max
+    assert int(by_method["dkgm_augment"]["n_generated"]) > 0                                # the transform ran
     text = (tmp_path / "results.md").read_text()
-    assert "--quick" in text and "| dkgm_augment |" in text and "threads: 1" in text
+    assert "--quick" in text and "| dkgm_augment |" in text and "| kss_balanced |" in text
+    assert "threads per run: 1" in text and "trained on: sklearn digits" in text
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_rows_accumulate_and_settings_do_not_mix(imb, tmp_path):
+    """Rows are appended as runs end; a rerun of a (method, seed) replaces the old row, and
+    rows made with other settings are left out of the table."""
+    args = imb.argparse.Namespace(data="digits", rho=10.0, split_seed=0, model="m", steps=5, batch=4, generator=None,
+                                  evae=None, evae_epochs=1, kss_h=1.0, kss_steps=2)
+    cfg = imb.config_of(args)
+    base = dict.fromkeys(imb.FIELDS, 0) | cfg
+    path = tmp_path / "runs.csv"
+    imb.append_row(path, base | dict(method="ce", seed=0, accuracy=0.5))
+    imb.append_row(path, base | dict(method="ros", seed=0, accuracy=0.6))
+    imb.append_row(path, base | dict(method="ce", seed=0, accuracy=0.7))            # rerun replaces
+    imb.append_row(path, base | dict(method="ce", seed=1, accuracy=0.9, steps=99))  # other settings
+    rows = imb.read_rows(path, cfg)
+    assert [(r["method"], r["seed"], r["accuracy"]) for r in rows] == [("ce", 0, 0.7), ("ros", 0, 0.6)]
+    assert path.read_text().count("\n") == 5   # header + 4 rows: nothing rewritten
+
+
+def test_export_split_round_trips_through_the_npz_loader(imb, tmp_path):
+    from dkgm_aug.data import load_dataset
+    path = tmp_path / "lt.npz"
+    assert imb.main(["--data", "digits", "--rho", "10", "--split-seed", "3", "--export-split", str(path)]) == 0
+    lt, _ = imb.load("digits", 10, 3)
+    back = load_dataset(path)
+    assert torch.equal(back.images, lt.images) and torch.equal(back.targets, lt.targets)
