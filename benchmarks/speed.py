@@ -1,31 +1,408 @@
-"""Generation speed of the augmentation API, and the memory of wrapping a large dataset.
+"""Generation speed of the augmentation API against its alternatives, and the memory of wrapping a large dataset.
 
-    python benchmarks/speed.py --generator fashion-mnist-tiny --out benchmarks/results/speed.md [--quick]
+    python benchmarks/speed.py --generator fashion-mnist-tiny --threads 1 --out benchmarks/results/speed_cpu1.md [--quick]
 
-Measures, side by side in one run: synthetic images/s of ``DKGMAugment`` one image at a
-time (what a CPU DataLoader worker does) and on collated batches (the batched path),
-and the resident memory added by wrapping a 1,000,000-item dataset in
-``BalancedDKGMDataset`` (labels only: no image is loaded).
+Measured side by side in one run; every number is the median of a few timed calls after
+one warm-up call, and the variants of one comparison take turns (round robin) so that a
+change in machine load hits them alike:
+
+1. ``DKGMAugment`` one image at a time (what a CPU DataLoader worker does) and on collated
+   batches, next to torchvision's ``RandAugment`` on the same uint8 images.
+2. What DKGM avoids: a DDPM-style ancestral sampler that calls the same stage-2 U-Net 50
+   and 1000 times (its weights are not a trained diffusion model: only the cost counts).
+3. One training epoch of a small timm classifier through the same DataLoader without
+   augmentation, with DKGM per item, with DKGM on the collated batch, and with RandAugment.
+4. How the cost grows with batch size and image size (a PNG plot next to ``--out``).
+5. Speed-ups tried on CPU (inference_mode, channels-last, bf16 autocast, cache-sized
+   chunks, torch.compile) and, when a GPU is present, on GPU (fp16/bf16 autocast,
+   channels-last, torch.compile).
+6. The resident memory added by wrapping a 1,000,000-item dataset in
+   ``BalancedDKGMDataset`` (labels only: no image is loaded).
 """
 import argparse
+import copy
+import json
+import math
+import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
+import traceback
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
 
-from dkgm_aug import BalancedDKGMDataset, DKGMAugment, load
+from dkgm_aug import DKGM, BalancedDKGMDataset, DKGMAugment, augment, load
+from dkgm_aug.errors import DataError
+
+# -- timing ----------------------------------------------------------------------------------
 
 
-def rate(fn, n_images: int, repeats: int) -> float:
-    fn()                                       # warm-up (lazy load, allocator)
-    t = time.perf_counter()
+def race(fns: dict, repeats: int, sync=lambda: None, warmup: bool = True) -> dict:
+    """Median seconds per call of each ``fns[name]()``: one warm-up call each, then
+    ``repeats`` rounds in which every variant runs once, in turn."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+            sync()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        fn()
-    return n_images * repeats / (time.perf_counter() - t)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def ratio(r: float) -> str:
+    return f"x{r:.3g}" if r >= 0.01 else f"x{r:.2e}"
+
+
+def fmt(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def repeated(fn, k: int):
+    """``fn`` called ``k`` times: one timed call long enough for the clock."""
+    def run():
+        for _ in range(k):
+            fn()
+    return run
+
+
+# -- the alternatives --------------------------------------------------------------------------
+
+
+def rand_augment():
+    return v2.RandAugment()
+
+
+@torch.inference_mode()
+def ddpm_sample(unet, shape, steps: int, generator=None) -> torch.Tensor:
+    """DDPM ancestral sampling over ``steps`` of the 1000 linear-beta time steps (evenly
+    respaced): one call of ``unet(x, t)`` per step, the cost of a diffusion sampler
+    built on the same network."""
+    abar_all = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    ts = torch.linspace(999, 0, steps).round().long()
+    abar = abar_all[ts]
+    abar_prev = torch.cat([abar[1:], torch.ones(1)])
+    x = torch.randn(shape, generator=generator)
+    for i, t in enumerate(ts.tolist()):
+        eps = unet(x, t)
+        beta = 1 - abar[i] / abar_prev[i]
+        x = (x - beta / (1 - abar[i]).sqrt() * eps) / (1 - beta).sqrt()
+        if i < steps - 1:
+            x = x + ((1 - abar_prev[i]) / (1 - abar[i]) * beta).sqrt() * torch.randn(shape, generator=generator)
+    return x.clamp(-1, 1)
+
+
+def generation(model, x: torch.Tensor, eps: torch.Tensor, ctx=torch.inference_mode):
+    """Stage 1 then stage 2 on ``[-1, 1]`` images with given noise, under ``ctx`` (the
+    library's path without its ``inference_mode`` decorators)."""
+    def run():
+        with ctx():
+            return model.debias(model.kde(x, eps=eps)).clamp(-1, 1)
+    return run
+
+
+@contextmanager
+def inference_autocast(device_type: str, dtype: torch.dtype):
+    with torch.inference_mode(), torch.autocast(device_type, dtype=dtype):
+        yield
+
+
+def unet_calls(model) -> int:
+    return 1 + model.steps + 1      # stage 1, then u(x, 0) and t = 1..steps
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def section_throughput(gen_name, model, batch_sizes, reps, quick):
+    """Images/s of DKGMAugment and RandAugment per image and per batch; rows for the plot."""
+    c, (h, w) = model.channels, model.image_size
+    aug, ra = DKGMAugment(gen_name, seed=0), rand_augment()
+    single = torch.randint(0, 256, (c, h, w), dtype=torch.uint8)
+    k_dkgm, k_ra = (2, 50) if quick else (8, 400)
+    t = race({"dkgm": repeated(lambda: aug(single), k_dkgm), "ra": repeated(lambda: ra(single), k_ra)}, reps)
+    per_image = (k_dkgm / t["dkgm"], k_ra / t["ra"])
+    rows = []
+    for bs in batch_sizes:
+        batch = torch.randint(0, 256, (bs, c, h, w), dtype=torch.uint8)
+        k = max(1, 16 // bs) if not quick else 1
+        t = race({"dkgm": repeated(lambda: aug(batch), k), "ra": repeated(lambda: ra(batch), 20 * k)},
+                 reps if bs < 256 else max(2, reps // 2))
+        rows.append((bs, bs * k / t["dkgm"], 20 * bs * k / t["ra"]))
+        print(f"  batch {bs}: DKGM {rows[-1][1]:.1f} img/s, RandAugment {rows[-1][2]:.0f} img/s", flush=True)
+    existing = ["| path | batch | synthetic images/s |", "|---|---|---|",
+                f"| DKGMAugment per image (uint8 CHW) | 1 | {per_image[0]:.1f} |"]
+    existing += [f"| DKGMAugment batched (uint8 BCHW) | {bs} | {d:.1f} |" for bs, d, _ in rows]
+    table = ["### DKGMAugment vs torchvision RandAugment, and cost vs batch size", "",
+             f"{h}x{w} uint8 images, `{gen_name}` with its default alpha and steps "
+             f"({unet_calls(model)} U-Net calls per image), `v2.RandAugment()` defaults "
+             "(on a batch it draws one op for the whole batch). Per image = CHW input, one call per image.", "",
+             "| input | batch | DKGMAugment images/s | RandAugment images/s | DKGM / RandAugment |",
+             "|---|---|---|---|---|",
+             f"| per image (CHW) | 1 | {fmt(per_image[0])} | {fmt(per_image[1])} | {ratio(per_image[0] / per_image[1])} |"]
+    table += [f"| batched (BCHW) | {bs} | {fmt(d)} | {fmt(r)} | {ratio(d / r)} |" for bs, d, r in rows]
+    return existing, table, per_image, rows
+
+
+def section_ddpm(model, gen_name, steps_list, batches, reps, quick):
+    c, (h, w) = model.channels, model.image_size
+    aug = DKGMAugment(gen_name, seed=0)
+    lines = ["### DKGM vs a DDPM-style sampler on the same stage-2 U-Net", "",
+             f"The DDPM-style sampler calls `{gen_name}`'s stage-2 U-Net `stage2(x, t)` once per step "
+             "(ancestral update, linear betas respaced from 1000 steps). Those weights were not "
+             "trained as a diffusion model: the images are meaningless, only the cost is measured. "
+             f"DKGM makes a neighbour with {unet_calls(model)} U-Net calls (stage 1, then stage 2 "
+             f"at t = 0..{model.steps}). Both are timed side by side at the same batch size; every "
+             "step is run (nothing extrapolated).", "",
+             "| sampler | U-Net calls per image | batch | timed runs | images/s | time per image vs DKGM |",
+             "|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
+    for steps, bs in zip(steps_list, batches):
+        batch = torch.randint(0, 256, (bs, c, h, w), dtype=torch.uint8)
+        dkgm = lambda: aug(batch)                                           # noqa: E731
+        ddpm = lambda: ddpm_sample(model.stage2, (bs, c, h, w), steps, g)   # noqa: E731
+        if steps > 100:     # one run is long already: warm up on 3 steps, time one full run
+            ddpm_sample(model.stage2, (bs, c, h, w), 3, g)
+            n, t = 1, {**race({"dkgm": dkgm}, reps), **race({"ddpm": ddpm}, 1, warmup=False)}
+        else:
+            n, t = reps, race({"dkgm": dkgm, "ddpm": ddpm}, reps)
+        lines.append(f"| DKGM (KDE + debiasing) | {unet_calls(model)} | {bs} | {reps} | {fmt(bs / t['dkgm'])} | x1 |")
+        lines.append(f"| DDPM-style, {steps} steps | {steps} | {bs} | {n} | {fmt(bs / t['ddpm'])} | "
+                     f"{ratio(t['ddpm'] / t['dkgm'])} |")
+        print("  " + lines[-1], flush=True)
+    return lines
+
+
+def epoch_data(model, n_images, quick):
+    """A fixed subset of the data the generator was made for, or ``None`` and why not."""
+    from dkgm_aug.data import digits, fashion_mnist
+    if model.image_size == (8, 8) and model.channels == 1:
+        ds, name = digits(), "sklearn digits"
+    elif model.image_size == (28, 28) and model.channels == 1:
+        try:
+            ds, name = fashion_mnist(split="train"), "Fashion-MNIST train"
+        except DataError as e:
+            return None, f"skipped: {e}"
+    else:
+        return None, f"skipped: no bundled dataset of {model.image_size} images with {model.channels} channel(s)"
+    return ds.subset(range(min(n_images, len(ds)))), name
+
+
+def section_epoch(gen_name, model, n_images, reps, quick):
+    import timm
+    ds, name = epoch_data(model, n_images, quick)
+    lines = ["### One training epoch with and without augmentation", ""]
+    if ds is None:
+        return lines + [f"Epoch benchmark {name}"], None
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", num_classes=10, in_chans=model.channels, pretrained=False)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(0))
+    per_item, batched = DKGMAugment(gen_name, p=0.5, seed=0), DKGMAugment(gen_name, p=0.5, seed=1)
+    ra = v2.Compose([v2.ToDtype(torch.uint8, scale=True), rand_augment(), v2.ToDtype(torch.float32, scale=True)])
+    variants = {"(a) no augmentation": (None, None),
+                "(b) DKGMAugment(p=0.5) per item, in the dataset transform": (per_item, None),
+                "(c) DKGMAugment(p=0.5) on the collated batch": (None, batched),
+                "(d) RandAugment per item, in the dataset transform": (ra, None)}
+
+    def epoch(item_tf, batch_tf, max_batches=None):
+        def run():
+            ds.transform = item_tf
+            net.train()
+            for i, (x, y) in enumerate(loader):
+                if i == max_batches:
+                    break
+                if batch_tf is not None:
+                    x = batch_tf(x)
+                loss = loss_fn(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return run
+    for v in variants.values():         # warm-up: one batch each (loads the generator, allocator)
+        epoch(*v, max_batches=1)()
+    t = race({k: epoch(*v) for k, v in variants.items()}, reps, warmup=False)
+    ds.transform = None
+    base = t["(a) no augmentation"]
+    lines += [f"`timm.create_model('resnet10t', in_chans={model.channels}, num_classes=10)` (random init), "
+              f"forward + backward + Adam step over the first {len(ds)} images of {name} "
+              f"({model.image_size[0]}x{model.image_size[1]}), one DataLoader (batch 64, shuffled, "
+              f"num_workers=0) for all variants; median of {reps} epoch(s) after a one-batch warm-up each.", "",
+              "| variant | seconds per epoch | slowdown vs (a) |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {ratio(v / base)} |" for k, v in t.items()]
+    for line in lines[-4:]:
+        print("  " + line, flush=True)
+    return lines, t
+
+
+def section_image_size(sizes, bs, reps, channels=1):
+    lines = ["### Cost vs image size", "",
+             f"`DKGM.from_preset('tiny', image_size=s)` with random weights (the cost does not depend on "
+             f"the weights), batch {bs}, the library path `augment.generate` (stage 1 + 4 stage-2 steps), "
+             "next to `RandAugment` on the same uint8 batch.", "",
+             "| image size | pixels | DKGM images/s | DKGM ms per image | DKGM us per pixel | "
+             "RandAugment images/s | DKGM / RandAugment |", "|---|---|---|---|---|---|---|"]
+    ra, rows = rand_augment(), []
+    for s in sizes:
+        torch.manual_seed(0)
+        m = DKGM.from_preset("tiny", image_size=s, channels=channels).eval()
+        x = torch.rand(bs, channels, s, s)
+        xu = (x * 255).to(torch.uint8)
+        seeds = list(range(bs))
+        t = race({"dkgm": lambda: augment.generate(m, x, seeds), "ra": repeated(lambda: ra(xu), 20)}, reps)
+        d, r = bs / t["dkgm"], 20 * bs / t["ra"]
+        rows.append((s, d, r))
+        lines.append(f"| {s}x{s} | {s * s} | {fmt(d)} | {1e3 / d:.3g} | {1e6 / d / (s * s):.3g} | {fmt(r)} | {ratio(d / r)} |")
+        print("  " + lines[-1], flush=True)
+    return lines, rows
+
+
+def section_cpu_opts(gen_name, model, bs, chunk_batch, reps, compile_timeout, threads, quick):
+    c, (h, w) = model.channels, model.image_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(bs, c, h, w, generator=g) * 2 - 1
+    eps = torch.randn(bs, c, h, w, generator=g)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    cl_x, cl_eps = (v.contiguous(memory_format=torch.channels_last) for v in (x, eps))
+
+    def bf16():
+        return inference_autocast("cpu", torch.bfloat16)
+    variants = {"autograd on (no context)": generation(model, x, eps, nullcontext),
+                "torch.no_grad()": generation(model, x, eps, torch.no_grad),
+                "torch.inference_mode() (library)": generation(model, x, eps),
+                "channels_last model and input": generation(cl_model, cl_x, cl_eps),
+                "bf16 autocast": generation(model, x, eps, bf16)}
+    t = race(variants, reps)
+    base = t["torch.inference_mode() (library)"]
+    lines = ["### Speed-ups tried on CPU", "",
+             f"`{gen_name}`, stage 1 + stage 2 on a batch of {bs}, {threads} thread(s). "
+             "Speed-up = images/s over the library's path (inference_mode, fp32, contiguous); "
+             "above x1 is faster.", "",
+             "| variant | images/s | speed-up | kept in the library |", "|---|---|---|---|"]
+    kept = {"torch.inference_mode() (library)": "yes (already)", "torch.no_grad()": "no (inference_mode is the stricter context)",
+            "autograd on (no context)": "no", "channels_last model and input": "no", "bf16 autocast": "no"}
+    lines += [f"| {k} | {fmt(bs / v)} | {ratio(base / v)} | {kept[k]} |" for k, v in t.items()]
+    for line in lines[-len(t):]:
+        print("  " + line, flush=True)
+
+    # One call on a big batch vs the library's cache-sized chunks (same images, same seeds).
+    chunk = augment.cpu_chunk(h, w)
+    if chunk_batch > chunk:
+        xb = torch.rand(chunk_batch, c, h, w, generator=g)
+        seeds = list(range(chunk_batch))
+        t = race({"one": lambda: model.neighbours_from_seeds(xb * 2 - 1, seeds),
+                  "chunks": lambda: augment.generate(model, xb, seeds)}, max(2, reps // 2))
+        lines.append(f"| batch {chunk_batch} in one U-Net batch | {fmt(chunk_batch / t['one'])} | x1 (reference) | no |")
+        lines.append(f"| batch {chunk_batch} in chunks of {chunk} (`augment.generate`) | "
+                     f"{fmt(chunk_batch / t['chunks'])} | {ratio(t['one'] / t['chunks'])} | yes (CPU only) |")
+    else:
+        why = f"batch {chunk_batch} fits one chunk" if chunk_batch else "--quick or --chunk-batch 0"
+        lines.append(f"| chunks of {chunk} images vs one batch | - | skipped ({why}) | yes (CPU only) |")
+    print("  " + lines[-1], flush=True)
+
+    if quick or compile_timeout <= 0:
+        lines.append("| torch.compile (inductor) | - | skipped (--quick or --compile-timeout 0) | no |")
+    else:
+        cmd = [sys.executable, __file__, "--_compile", str(bs), "--generator", gen_name, "--threads", str(threads),
+               "--repeats", str(reps)]
+        try:
+            child = subprocess.run(cmd, capture_output=True, text=True, timeout=compile_timeout)
+            res = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else None
+        except subprocess.TimeoutExpired:
+            child, res = None, None
+        if res is not None:
+            lines.append(f"| torch.compile (inductor), eager {fmt(res['eager'])} images/s in the same process | "
+                         f"{fmt(res['compiled'])} | {ratio(res['compiled'] / res['eager'])} | "
+                         f"no: first call took {res['compile_s']:.0f} s (once per process/worker) |")
+        elif child is None:
+            lines.append(f"| torch.compile (inductor) | - | failed: not compiled within {compile_timeout} s | no |")
+        else:
+            err = (child.stderr.strip().splitlines() or ["?"])[-1][:150].replace("|", "/")
+            lines.append(f"| torch.compile (inductor) | - | failed: {err} | no |")
+    print("  " + lines[-1], flush=True)
+    return lines
+
+
+def compile_child(gen_name, bs, reps) -> dict:
+    model = load(gen_name).eval()
+    c, (h, w) = model.channels, model.image_size
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.rand(bs, c, h, w, generator=g) * 2 - 1, torch.randn(bs, c, h, w, generator=g)
+    compiled = copy.deepcopy(model)
+    compiled.stage1, compiled.stage2 = torch.compile(compiled.stage1), torch.compile(compiled.stage2)
+    t0 = time.perf_counter()
+    generation(compiled, x, eps)()
+    compile_s = time.perf_counter() - t0
+    t = race({"eager": generation(model, x, eps), "compiled": generation(compiled, x, eps)}, reps)
+    return dict(compile_s=compile_s, eager=bs / t["eager"], compiled=bs / t["compiled"])
+
+
+def section_gpu(gen_name, reps, quick):
+    lines = ["### GPU", ""]
+    if not torch.cuda.is_available():
+        return lines + ["no GPU here (`torch.cuda.is_available()` is False): GPU rows skipped."]
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    model = load(gen_name, device=dev).eval()
+    c, (h, w) = model.channels, model.image_size
+    aug = DKGMAugment(gen_name, seed=0, device=dev)
+    lines += [f"{torch.cuda.get_device_name()}, `{gen_name}`.", "",
+              "| path | batch | synthetic images/s |", "|---|---|---|"]
+    for bs in ([64] if quick else [64, 256, 1024, 4096]):
+        batch = torch.randint(0, 256, (bs, c, h, w), dtype=torch.uint8, device=dev)
+        t = race({"a": lambda: aug(batch)}, reps, sync)["a"]
+        lines.append(f"| DKGMAugment batched (uint8 BCHW, on the GPU) | {bs} | {fmt(bs / t)} |")
+        print("  " + lines[-1], flush=True)
+    bs = 64 if quick else 1024
+    x = torch.rand(bs, c, h, w, device=dev) * 2 - 1
+    eps = torch.randn(bs, c, h, w, device=dev)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    cl_x, cl_eps = (v.contiguous(memory_format=torch.channels_last) for v in (x, eps))
+
+    def amp(dtype):
+        return lambda: inference_autocast("cuda", dtype)
+
+    variants = {"fp32 (library)": generation(model, x, eps),
+                "fp16 autocast": generation(model, x, eps, amp(torch.float16)),
+                "bf16 autocast": generation(model, x, eps, amp(torch.bfloat16)),
+                "channels_last": generation(cl_model, cl_x, cl_eps),
+                "channels_last + fp16 autocast": generation(cl_model, cl_x, cl_eps, amp(torch.float16))}
+    if not quick:
+        compiled = copy.deepcopy(model)
+        compiled.stage1, compiled.stage2 = torch.compile(compiled.stage1), torch.compile(compiled.stage2)
+        try:
+            t0 = time.perf_counter()
+            generation(compiled, x, eps)()
+            sync()
+            lines_note = f"torch.compile first call {time.perf_counter() - t0:.0f} s"
+            variants["torch.compile"] = generation(compiled, x, eps)
+        except Exception as e:          # report, do not die: compile support varies by install
+            lines_note = f"torch.compile failed: {type(e).__name__}: {str(e)[:120]}"
+    else:
+        lines_note = "torch.compile skipped (--quick)"
+    t = race(variants, reps, sync)
+    base = t["fp32 (library)"]
+    lines += ["", f"Stage 1 + stage 2 on a batch of {bs} on the GPU; speed-up over fp32 ({lines_note}).", "",
+              "| variant | images/s | speed-up |", "|---|---|---|"]
+    lines += [f"| {k} | {fmt(bs / v)} | {ratio(base / v)} |" for k, v in t.items()]
+    for line in lines[-len(t):]:
+        print("  " + line, flush=True)
+    return lines
+
+
+# -- memory of wrapping ------------------------------------------------------------------------
 
 
 class LabelsOnly(torch.utils.data.Dataset):
@@ -60,44 +437,123 @@ def wrap_memory(n: int, generator: str) -> str:
             f"{secs:.2f} s to build the index plan")
 
 
+# -- report ------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def plot(path, batch_rows, size_rows, gen_name, threads):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, rows, xlabel, title in ((axes[0], batch_rows, "batch size", f"{gen_name}: images/s vs batch size"),
+                                    (axes[1], size_rows, "image side (pixels)", "tiny preset, random weights: vs image size")):
+        xs = [r[0] for r in rows]
+        ax.plot(xs, [r[1] for r in rows], "o-", label="DKGM")
+        ax.plot(xs, [r[2] for r in rows], "s--", label="RandAugment")
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="images/s", title=title)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"CPU, {threads} thread(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--generator", default="fashion-mnist-tiny")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    p.add_argument("--image-sizes", type=int, nargs="+", default=[8, 16, 28, 64])
+    p.add_argument("--size-batch", type=int, default=16, help="batch of the image-size sweep")
+    p.add_argument("--opt-batch", type=int, default=16, help="batch of the CPU speed-up comparison")
+    p.add_argument("--ddpm-steps", type=int, nargs="+", default=[50, 1000])
+    p.add_argument("--ddpm-batches", type=int, nargs="+", default=[16, 4], help="one batch size per --ddpm-steps")
+    p.add_argument("--chunk-batch", type=int, default=256, help="batch of the chunked-vs-one-call comparison")
+    p.add_argument("--epoch-images", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile-timeout", type=int, default=150, help="seconds; 0 skips torch.compile on CPU")
     p.add_argument("--wrap-items", type=int, default=1_000_000)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--_wrap", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--_compile", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args._wrap:                              # child process: a clean RSS baseline
         print(wrap_memory(args._wrap, args.generator))
         return 0
+    if args._compile:                           # child process: torch.compile under a time limit
+        print(json.dumps(compile_child(args.generator, args._compile, args.repeats)))
+        return 0
     if args.quick:
-        args.batch_sizes, args.wrap_items = [8], 20_000
-    torch.set_num_threads(args.threads)
-    model = load(args.generator)
-    c, (h, w) = model.channels, model.image_size
-    aug = DKGMAugment(args.generator, seed=0)
-    single = torch.randint(0, 256, (c, h, w), dtype=torch.uint8)
-    lines = [f"Generator `{args.generator}` ({h}x{w}, steps {model.steps}), {platform.machine()} CPU, "
-             f"{args.threads} torch thread(s), torch {torch.__version__}.", "",
-             "| path | batch | synthetic images/s |", "|---|---|---|"]
-    reps = 2 if args.quick else 10
-    lines.append(f"| DKGMAugment per image (uint8 CHW) | 1 | {rate(lambda: aug(single), 1, reps * 4):.1f} |")
-    print(lines[-1], flush=True)
-    for bs in args.batch_sizes:
-        batch = torch.randint(0, 256, (bs, c, h, w), dtype=torch.uint8)
-        lines.append(f"| DKGMAugment batched (uint8 BCHW) | {bs} | {rate(lambda: aug(batch), bs, reps):.1f} |")
-        print(lines[-1], flush=True)
-    child = subprocess.run([sys.executable, __file__, "--_wrap", str(args.wrap_items), "--generator", args.generator],
-                           capture_output=True, text=True, check=True)
-    lines += ["", "Memory of `BalancedDKGMDataset(sampling_strategy='auto')` over a labels-only dataset: "
-              + child.stdout.strip()]
-    print(lines[-1])
+        args.batch_sizes, args.image_sizes, args.size_batch, args.opt_batch = [1, 4, 16], [8, 16], 4, 4
+        args.ddpm_steps, args.ddpm_batches, args.epoch_images, args.repeats, args.chunk_batch = [5, 10], [4, 4], 64, 2, 0
+        args.wrap_items = 20_000
+    if len(args.ddpm_batches) != len(args.ddpm_steps):
+        p.error("give one --ddpm-batches value per --ddpm-steps value")
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    model = load(args.generator).eval()
+    h, w = model.image_size
+    import timm
+    import torchvision
+    head = [f"Generator `{args.generator}` ({h}x{w}, steps {model.steps}), {platform.machine()} CPU, "
+            f"{args.threads} torch thread(s), torch {torch.__version__}.", "",
+            f"Command: `python benchmarks/speed.py {' '.join(argv)}`", "",
+            f"Hardware: {cpu_name()}, {os.cpu_count()} logical CPUs; torchvision {torchvision.__version__}, "
+            f"timm {timm.__version__}, Python {platform.python_version()}. "
+            f"Load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in load_before)}."]
+
+    print("throughput:", flush=True)
+    existing, vs_ra, _, batch_rows = section_throughput(args.generator, model, args.batch_sizes, args.repeats, args.quick)
+    print("DDPM-style:", flush=True)
+    ddpm = section_ddpm(model, args.generator, args.ddpm_steps, args.ddpm_batches, args.repeats, args.quick)
+    print("epoch:", flush=True)
+    epoch, _ = section_epoch(args.generator, model, args.epoch_images, 1 if args.quick else 3, args.quick)
+    print("image size:", flush=True)
+    sizes, size_rows = section_image_size(args.image_sizes, args.size_batch, args.repeats)
+    print("CPU speed-ups:", flush=True)
+    opts = section_cpu_opts(args.generator, model, args.opt_batch, args.chunk_batch, args.repeats,
+                            args.compile_timeout, args.threads, args.quick)
+    print("GPU:", flush=True)
+    try:
+        gpu = section_gpu(args.generator, args.repeats, args.quick)
+    except Exception as e:      # keep the CPU results of a long run; the GPU rows say what broke
+        traceback.print_exc()
+        gpu = ["### GPU", "", f"GPU section failed: {type(e).__name__}: {str(e)[:300]}"]
+    print(gpu[-1], flush=True)
+
+    child = subprocess.run([sys.executable, __file__, "--_wrap", str(args.wrap_items), "--generator", args.generator,
+                            "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+    memory = ("Memory of `BalancedDKGMDataset(sampling_strategy='auto')` over a labels-only dataset: "
+              + child.stdout.strip())
+    print(memory)
+    load_after = os.getloadavg()
+    wall = time.perf_counter() - t_start
+    head[-1] += (f" At the end: {', '.join(f'{v:.2f}' for v in load_after)}. Whole run {wall:.0f} s. "
+                 "Other jobs shared the machine: compare numbers within a table, not across runs.")
+    lines = head + [""] + existing + ["", memory, ""]
+    for part in (vs_ra, ddpm, epoch, sizes, opts, gpu):
+        lines += part + [""]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        png = out.with_suffix(".png")
+        plot(png, batch_rows, size_rows, args.generator, args.threads)
+        lines += [f"Plot: `{png.name}` (images/s vs batch size and vs image size, log scales)."]
+        out.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -17,6 +17,15 @@ from .images import from_model, to_model
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
+# On CPU a U-Net batch much larger than ~64 28x28 images is slower per image (its
+# activations leave the caches: benchmarks/speed.py); GPUs take the whole batch.
+CPU_CHUNK_PIXELS = 64 * 28 * 28
+
+
+def cpu_chunk(height: int, width: int) -> int:
+    """Images per generator call on CPU: about ``CPU_CHUNK_PIXELS`` pixels per channel."""
+    return max(1, CPU_CHUNK_PIXELS // (height * width))
+
 
 def load_generator(spec, device=None):
     """A generator from a shipped name, a checkpoint path, or a model object (returned as is)."""
@@ -58,7 +67,8 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
              labels=None) -> torch.Tensor:
     """Debiased KDE neighbours of ``x01`` (``[B, C, H, W]`` floats in [0, 1]), one per image,
     on the model's device; returns ``[B, C, H, W]`` floats in [0, 1] on ``x01``'s device with
-    ``x01``'s channel count."""
+    ``x01``'s channel count. On CPU a large batch runs in chunks of :func:`cpu_chunk` images
+    (the same result: each image's noise comes from its own seed)."""
     if x01.ndim != 4:
         raise DataError(f"expected a [B, C, H, W] batch, got shape {tuple(x01.shape)}")
     if not bool(torch.isfinite(x01).all()):
@@ -66,6 +76,9 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
     if len(seeds) != len(x01):
         raise DKGMError(f"{len(seeds)} seeds for {len(x01)} images")
     device = model_device(model)
-    x = match_channels(x01.to(device, torch.float32), model.channels, convert_channels)
-    out = from_model(model.neighbours_from_seeds(to_model(x), seeds, labels=labels, alpha=alpha, steps=steps))
+    x = to_model(match_channels(x01.to(device, torch.float32), model.channels, convert_channels))
+    n = cpu_chunk(*x.shape[-2:]) if device.type == "cpu" else len(x)
+    parts = [model.neighbours_from_seeds(x[i:i + n], seeds[i:i + n], labels=None if labels is None else labels[i:i + n],
+                                         alpha=alpha, steps=steps) for i in range(0, len(x), n)]
+    out = from_model(parts[0] if len(parts) == 1 else torch.cat(parts))
     return match_channels(out, x01.shape[1], True).to(x01.device)

@@ -30,9 +30,19 @@ def test_model_cards_quick(tmp_path):
 
 
 def test_speed_quick(tmp_path):
+    import re
     load_benchmark("speed").main(["--quick", "--generator", "digits-tiny", "--threads", "1", "--out", str(tmp_path / "s.md")])
     text = (tmp_path / "s.md").read_text()
     assert "per image" in text and "batched" in text and "RSS +" in text
+    for section in ("RandAugment", "DDPM-style", "epoch", "batch size", "image size", "Speed-ups tried on CPU",
+                    "### GPU", "Load average", "Command: `python benchmarks/speed.py --quick"):
+        assert section in text, section
+    for row in ("| DDPM-style, 10 steps | 10 | 4 |", "| (c) DKGMAugment(p=0.5) on the collated batch |",
+                "| 16x16 | 256 |", "| bf16 autocast |", "| batched (BCHW) | 16 |"):
+        assert row in text, row
+    ratios = re.findall(r"\| x([^ |]+)", text)     # every ratio cell: "x1.23", "x4.5e-03", "x1 (reference)"
+    assert len(ratios) >= 15 and all(0 < float(r) < float("inf") for r in ratios), ratios
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_throughput_quick(tmp_path):
