@@ -247,6 +247,45 @@ def section_epoch(gen_name, model, n_images, reps, quick):
     return lines, t
 
 
+class ItemByItem(torch.utils.data.Dataset):
+    """``ds`` without ``__getitems__``: the DataLoader then fetches a batch one item at a time."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def section_on_demand(gen_name, model, n_items, reps):
+    """A DataLoader over an on-demand ``BalancedDKGMDataset`` (cache=None: every synthetic item
+    is generated when drawn): item by item vs one generator call per batch (``__getitems__``)."""
+    ds, name = epoch_data(model, 4 * n_items, False)
+    lines = ["### On-demand BalancedDKGMDataset in a DataLoader: item by item vs per batch", ""]
+    if ds is None:
+        return lines + [f"On-demand benchmark {name}"]
+    ds.targets[: len(ds) // 2] = 0      # imbalanced: half the items in class 0, so there is something to add
+    b = BalancedDKGMDataset(ds, gen_name, cache=None, progress=False)
+    synthetic = list(range(b.n_real, b.n_real + min(n_items, b.n_synthetic)))
+
+    def loader_run(dataset):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=synthetic, num_workers=0)
+        return lambda: [None for _ in loader]
+    t = race({"item by item (`__getitem__`)": loader_run(ItemByItem(b)),
+              "per batch (`__getitems__`, library)": loader_run(b)}, reps)
+    lines += [f"{len(synthetic)} synthetic items of a wrap of the first {len(ds)} images of {name}, batch 64, "
+              f"num_workers=0, `cache=None`; median of {reps} passes.", "",
+              "| DataLoader fetch | synthetic images/s | speed-up |", "|---|---|---|"]
+    base = t["item by item (`__getitem__`)"]
+    lines += [f"| {k} | {fmt(len(synthetic) / v)} | {ratio(base / v)} |" for k, v in t.items()]
+    for line in lines[-3:]:
+        print("  " + line, flush=True)
+    return lines
+
+
 def section_image_size(sizes, bs, reps, channels=1):
     lines = ["### Cost vs image size", "",
              f"`DKGM.from_preset('tiny', image_size=s)` with random weights (the cost does not depend on "
@@ -522,6 +561,8 @@ def main(argv=None):
     ddpm = section_ddpm(model, args.generator, args.ddpm_steps, args.ddpm_batches, args.repeats, args.quick)
     print("epoch:", flush=True)
     epoch, _ = section_epoch(args.generator, model, args.epoch_images, 1 if args.quick else 3, args.quick)
+    print("on demand:", flush=True)
+    on_demand = section_on_demand(args.generator, model, 32 if args.quick else 256, 1 if args.quick else 3)
     print("image size:", flush=True)
     sizes, size_rows = section_image_size(args.image_sizes, args.size_batch, args.repeats)
     print("CPU speed-ups:", flush=True)
@@ -545,7 +586,7 @@ def main(argv=None):
     head[-1] += (f" At the end: {', '.join(f'{v:.2f}' for v in load_after)}. Whole run {wall:.0f} s. "
                  "Other jobs shared the machine: compare numbers within a table, not across runs.")
     lines = head + [""] + existing + ["", memory, ""]
-    for part in (vs_ra, ddpm, epoch, sizes, opts, gpu):
+    for part in (vs_ra, ddpm, epoch, on_demand, sizes, opts, gpu):
         lines += part + [""]
     if args.out:
         out = Path(args.out)

@@ -38,7 +38,8 @@ def test_speed_quick(tmp_path):
                     "### GPU", "Load average", "Command: `python benchmarks/speed.py --quick"):
         assert section in text, section
     for row in ("| DDPM-style, 10 steps | 10 | 4 |", "| (c) DKGMAugment(p=0.5) on the collated batch |",
-                "| 16x16 | 256 |", "| bf16 autocast |", "| batched (BCHW) | 16 |"):
+                "| 16x16 | 256 |", "| bf16 autocast |", "| batched (BCHW) | 16 |",
+                "| per batch (`__getitems__`, library) |"):
         assert row in text, row
     ratios = re.findall(r"\| x([^ |]+)", text)     # every ratio cell: "x1.23", "x4.5e-03", "x1 (reference)"
     assert len(ratios) >= 15 and all(0 < float(r) < float("inf") for r in ratios), ratios
