@@ -24,7 +24,6 @@ sharpness .0161 / .0267.
 """
 import argparse
 import csv
-import os
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from dkgm_aug.data import fashion_mnist
 from dkgm_aug.features import accuracy, features, load_feature_net, save_feature_net, train_feature_net
 from dkgm_aug.metrics import frechet_distance, sharpness
 from dkgm_aug.vae import EVAE, VAE, fit
+from common import cpu_name
 
 PAPER = {8: (41.47, .0157, 36.18, .0176), 16: (38.85, .0159, 26.71, .0216),
          32: (38.74, .0163, 18.47, .0251), 64: (39.31, .0161, 12.02, .0267)}   # Table 3, FMNIST
@@ -68,14 +68,6 @@ def parse(argv):
         args.d_z = [8, 64] if args.d_z == [8, 16, 32, 64] else args.d_z
         args.feature_epochs = 1
     return args
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 @torch.inference_mode()

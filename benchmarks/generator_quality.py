@@ -31,7 +31,6 @@ section 1), and debiases the same stage-1 outputs (alpha 0.5).
 import argparse
 import csv
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from dkgm_aug.features import accuracy, features, load_feature_net, save_feature
 from dkgm_aug.images import from_model, to_model  # noqa: E402
 from dkgm_aug.kss import memorisation, nearest_neighbour_distances  # noqa: E402
 from dkgm_aug.metrics import frechet_distance, sharpness  # noqa: E402
+from common import cpu_name
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALPHAS = (0.25, 0.5, 1.0)
@@ -227,15 +227,6 @@ def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
-def hardware() -> str:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} CPU, torch {torch.__version__}"
-
-
 def write(args, argv, datasets, records, wall):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +243,7 @@ def write(args, argv, datasets, records, wall):
              f"Seeds: `--seed {args.seed}` draws the sources, the reference and the held-out images; "
              f"neighbour noise uses seed {args.seed + 1}; the sweep's stage-2 initialisation and batch order use "
              f"seed {args.seed}. n = {args.n} requested per setting (capped at half the test set).", "",
-             f"Machine: {hardware()}, {args.threads} torch thread(s); wall time {wall:.0f} s.", ""]
+             f"Machine: {cpu_name()} CPU, torch {torch.__version__}, {args.threads} torch thread(s); wall time {wall:.0f} s.", ""]
     for d in datasets.values():
         info = d.net.info.get("training", {})
         lines.append(f"Classifier for {d.data}: `{d.net_path.relative_to(ROOT)}`, trained on all "

@@ -21,6 +21,7 @@ from dkgm_aug.data import load_dataset
 from dkgm_aug.features import features, load_feature_net, save_feature_net, train_feature_net
 from dkgm_aug.images import from_model, to_model
 from dkgm_aug.metrics import frechet_distance, sharpness
+from common import write_lines
 
 ALPHAS = (0.25, 0.5, 1.0)
 
@@ -80,8 +81,7 @@ def main(argv=None):
             print(lines[-1], flush=True)
     lines += ["", f"Wall time {time.time() - start:.0f} s."]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        write_lines(args.out, lines)
     return 0
 
 

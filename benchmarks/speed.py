@@ -22,7 +22,6 @@ change in machine load hits them alike:
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import resource
@@ -39,6 +38,7 @@ from torchvision.transforms import v2
 
 from dkgm_aug import DKGM, BalancedDKGMDataset, DKGMAugment, augment, load
 from dkgm_aug.errors import DataError
+from common import cpu_name
 
 # -- timing ----------------------------------------------------------------------------------
 
@@ -477,14 +477,6 @@ def wrap_memory(n: int, generator: str) -> str:
 
 
 # -- report ------------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def plot(path, batch_rows, size_rows, gen_name, threads):

@@ -25,6 +25,7 @@ from dkgm_aug.images import from_model, to_model
 from dkgm_aug.kss import KernelSmoothedScore
 from dkgm_aug.metrics import frechet_distance, sharpness
 from dkgm_aug.vae import EVAE, VAE, fit
+from common import write_lines
 
 
 def main(argv=None):
@@ -97,8 +98,7 @@ def main(argv=None):
         print(lines[-1], flush=True)
     lines += ["", f"Wall time {time.time() - start:.0f} s (VAE/EVAE training included)."]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        write_lines(args.out, lines)
     return 0
 
 

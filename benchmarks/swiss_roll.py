@@ -30,7 +30,6 @@ import argparse
 import csv
 import math
 import os
-import platform
 import sys
 import time
 
@@ -41,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from common import cpu_name
 
 A = 4 * math.pi / 3
 
@@ -136,14 +136,6 @@ def train(net, x_in, x, k, steps, lr, progress=True):
         sched.step()
         bar.set_postfix(loss=f"{losses.min().item():.4f}", refresh=False)
     return net
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def run(ks, steps, seed, points, lr, out, restarts=1, cmd="", progress=True):

@@ -5,7 +5,7 @@
 inputs are padded (replicate) up to a multiple of the down-sampling factor and
 the output is cropped back.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

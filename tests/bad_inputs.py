@@ -25,7 +25,6 @@ class Items(torch.utils.data.Dataset):
 
 def rows(ckpt, model, tmp):
     aug = DKGMAugment(ckpt, seed=0)
-    img = torch.rand(1, 8, 8)
     return [
         ("NaN pixels (transform)", lambda: aug(torch.full((1, 8, 8), float("nan"))), (DataError, "NaN")),
         ("inf pixels (model)", lambda: model.sample(torch.full((1, 1, 8, 8), float("inf"))), (DataError, "NaN or inf")),

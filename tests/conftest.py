@@ -1,4 +1,5 @@
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,10 @@ def micro():
 
 def load_benchmark(name: str):
     """A script from benchmarks/ as a module (benchmarks is not a package)."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(folder) not in sys.path:           # as when run as `python benchmarks/<name>.py`
+        sys.path.insert(0, str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
