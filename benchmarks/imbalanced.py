@@ -39,9 +39,7 @@ all augmentation, because a ResNet's stride-32 downsampling would otherwise coll
 import argparse
 import csv
 import io
-import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -53,6 +51,7 @@ from tqdm import tqdm
 
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
 from dkgm_aug.data import digits, fashion_mnist, long_tailed_indices
+from common import cpu_name
 
 METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment", "evae_balanced",
            "kss_balanced")
@@ -297,11 +296,7 @@ def summarise(rows: list) -> dict:
 
 
 def hardware() -> str:
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, CPU only"
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, CPU only"
 
 
 def trained_on(spec: str) -> str:
@@ -330,9 +325,9 @@ def write_outputs(rows: list, args, out: Path) -> None:
         f"- DKGM generator: `{cfg['generator']}`, trained on: {trained_on(cfg['generator'])}",
         f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split",
         f"- threads per run: {args.threads}; hardware: {hardware()}",
-        f"- mean ± std over the seeds listed; `generate s` is time spent making synthetic images, "
-        f"`train s` the rest of the training loop; `images generated`: synthetic images made "
-        f"(dkgm_augment: images its transform changed)", "",
+        "- mean ± std over the seeds listed; `generate s` is time spent making synthetic images, "
+        "`train s` the rest of the training loop; `images generated`: synthetic images made "
+        "(dkgm_augment: images its transform changed)", "",
         "| method | accuracy | macro-F1 | tail recall | train s | generate s | images generated | seeds |",
         "|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
