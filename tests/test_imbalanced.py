@@ -92,3 +92,14 @@ def test_export_split_round_trips_through_the_npz_loader(imb, tmp_path):
     lt, _ = imb.load("digits", 10, 3)
     back = load_dataset(path)
     assert torch.equal(back.images, lt.images) and torch.equal(back.targets, lt.targets)
+
+
+def test_tail_memorisation_quick(tmp_path):
+    """The tail-class novelty check runs, and its rows are shares in [0, 1] and distances >= 0."""
+    load_benchmark("tail_memorisation").main(["--quick", "--out", str(tmp_path / "t.md")])
+    rows = [r.split("|")[1:-1] for r in (tmp_path / "t.md").read_text().splitlines() if r.startswith("| ")][1:]
+    rows = [r for r in rows if not r[0].startswith("---")]
+    assert {r[0].strip().split()[0] for r in rows} == {"DKGM", "kernel-smoothed", "real"}
+    assert len(rows) == 3 * 3     # 3 sources x 3 tail classes
+    for r in rows:
+        assert 0.0 <= float(r[3]) <= 1.0 and float(r[4]) >= 0.0
