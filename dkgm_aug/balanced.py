@@ -235,8 +235,9 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         batched too; each image still gets its own noise seed, so it does not depend on which
         other items share its batch."""
         idx = [self._index(i) for i in indices]
-        todo = list(dict.fromkeys(i - self.n_real for i in idx if i >= self.n_real and i - self.n_real not in self._cache))
-        made = dict(zip(todo, self._make(todo, self._generator()))) if todo else {}
+        sources = {i - self.n_real: self.ds[int(self._sources[i - self.n_real])][:2] for i in idx if i >= self.n_real}
+        todo = [j for j in sources if j not in self._cache]
+        made = dict(zip(todo, self._make(todo, [sources[j][0] for j in todo], self._generator()))) if todo else {}
         if self.cache is not None:
             self._cache.update(made)
         items = []
@@ -244,16 +245,16 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             if i < self.n_real:
                 item = self.ds[i]
             else:
-                j = i - self.n_real
-                image, label = self.ds[int(self._sources[j])][:2]
-                q = made[j] if j in made else self._cache[j]
-                item = (_like(q, image), label)
+                image, label = sources[i - self.n_real]
+                q = made.get(i - self.n_real)
+                item = (_like(self._cache[i - self.n_real] if q is None else q, image), label)
             items.append(item if self.transform is None else (self.transform(item[0]), *item[1:]))
         return items
 
-    def _make(self, js: list, model) -> list:
-        """Synthetic images ``js`` as uint8 CHW tensors, generated in one batch per image size."""
-        images = [to_unit_float(_readable(self.ds[int(self._sources[j])][0])) for j in js]
+    def _make(self, js: list, sources: list, model) -> list:
+        """Synthetic images ``js`` (from source images ``sources``) as uint8 CHW tensors,
+        generated in one batch per image size."""
+        images = [to_unit_float(_readable(image)) for image in sources]
         out = [None] * len(js)
         for shape in dict.fromkeys(tuple(x.shape) for x in images):
             ks = [k for k, x in enumerate(images) if tuple(x.shape) == shape]
@@ -281,7 +282,8 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         with tqdm(total=len(todo), desc="generating", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 js = todo[start:start + batch_size]
-                self._cache.update(zip(js, self._make(js, model)))
+                sources = [self.ds[int(self._sources[j])][0] for j in js]
+                self._cache.update(zip(js, self._make(js, sources, model)))
                 bar.update(len(js))
         if isinstance(self.cache, Path) and (todo or not self._cache_file_ok):
             self.save_cache(self.cache)

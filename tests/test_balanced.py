@@ -240,6 +240,15 @@ def test_dataloader_batches_generation_through_getitems(gen, monkeypatch):
     assert not b._cache
 
 
+def test_getitems_reads_each_source_once(gen):
+    ds = Images()
+    b = BalancedDKGMDataset(ds, gen, progress=False, cache=None)
+    synthetic = list(range(b.n_real, len(b)))
+    ds.calls = 0
+    b.__getitems__(synthetic)
+    assert ds.calls == len(synthetic)   # one read per item: generation and the returned item share it
+
+
 def test_getitems_mixed_sizes(gen):
     """Sources of different sizes are generated in one batch per size."""
     class Sized(torch.utils.data.Dataset):
