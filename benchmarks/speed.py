@@ -14,8 +14,7 @@ change in machine load hits them alike:
    augmentation, with DKGM per item, with DKGM on the collated batch, and with RandAugment.
 4. How the cost grows with batch size and image size (a PNG plot next to ``--out``).
 5. Speed-ups tried on CPU (inference_mode, channels-last, bf16 autocast, cache-sized
-   chunks, torch.compile) and, when a GPU is present, on GPU (fp16/bf16 autocast,
-   channels-last, torch.compile).
+   chunks, torch.compile); the GPU's are in ``speed_gpu.py``.
 6. The resident memory added by wrapping a 1,000,000-item dataset in
    ``BalancedDKGMDataset`` (labels only: no image is loaded).
 """
@@ -29,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -92,13 +90,14 @@ def ddpm_sample(unet, shape, steps: int, generator=None) -> torch.Tensor:
     ts = torch.linspace(999, 0, steps).round().long()
     abar = abar_all[ts]
     abar_prev = torch.cat([abar[1:], torch.ones(1)])
-    x = torch.randn(shape, generator=generator)
+    device = generator.device if generator is not None else next(unet.parameters()).device
+    x = torch.randn(shape, generator=generator, device=device)
     for i, t in enumerate(ts.tolist()):
         eps = unet(x, t)
         beta = 1 - abar[i] / abar_prev[i]
         x = (x - beta / (1 - abar[i]).sqrt() * eps) / (1 - beta).sqrt()
         if i < steps - 1:
-            x = x + ((1 - abar_prev[i]) / (1 - abar[i]) * beta).sqrt() * torch.randn(shape, generator=generator)
+            x = x + ((1 - abar_prev[i]) / (1 - abar[i]) * beta).sqrt() * torch.randn(shape, generator=generator, device=device)
     return x.clamp(-1, 1)
 
 
@@ -388,59 +387,6 @@ def compile_child(gen_name, bs, reps) -> dict:
     return dict(compile_s=compile_s, eager=bs / t["eager"], compiled=bs / t["compiled"])
 
 
-def section_gpu(gen_name, reps, quick):
-    lines = ["### GPU", ""]
-    if not torch.cuda.is_available():
-        return lines + ["no GPU here (`torch.cuda.is_available()` is False): GPU rows skipped."]
-    dev = torch.device("cuda")
-    sync = torch.cuda.synchronize
-    model = load(gen_name, device=dev).eval()
-    c, (h, w) = model.channels, model.image_size
-    aug = DKGMAugment(gen_name, seed=0, device=dev)
-    lines += [f"{torch.cuda.get_device_name()}, `{gen_name}`.", "",
-              "| path | batch | synthetic images/s |", "|---|---|---|"]
-    for bs in ([64] if quick else [64, 256, 1024, 4096]):
-        batch = torch.randint(0, 256, (bs, c, h, w), dtype=torch.uint8, device=dev)
-        t = race({"a": lambda: aug(batch)}, reps, sync)["a"]
-        lines.append(f"| DKGMAugment batched (uint8 BCHW, on the GPU) | {bs} | {fmt(bs / t)} |")
-        print("  " + lines[-1], flush=True)
-    bs = 64 if quick else 1024
-    x = torch.rand(bs, c, h, w, device=dev) * 2 - 1
-    eps = torch.randn(bs, c, h, w, device=dev)
-    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    cl_x, cl_eps = (v.contiguous(memory_format=torch.channels_last) for v in (x, eps))
-
-    def amp(dtype):
-        return lambda: inference_autocast("cuda", dtype)
-
-    variants = {"fp32 (library)": generation(model, x, eps),
-                "fp16 autocast": generation(model, x, eps, amp(torch.float16)),
-                "bf16 autocast": generation(model, x, eps, amp(torch.bfloat16)),
-                "channels_last": generation(cl_model, cl_x, cl_eps),
-                "channels_last + fp16 autocast": generation(cl_model, cl_x, cl_eps, amp(torch.float16))}
-    if not quick:
-        compiled = copy.deepcopy(model)
-        compiled.stage1, compiled.stage2 = torch.compile(compiled.stage1), torch.compile(compiled.stage2)
-        try:
-            t0 = time.perf_counter()
-            generation(compiled, x, eps)()
-            sync()
-            lines_note = f"torch.compile first call {time.perf_counter() - t0:.0f} s"
-            variants["torch.compile"] = generation(compiled, x, eps)
-        except Exception as e:          # report, do not die: compile support varies by install
-            lines_note = f"torch.compile failed: {type(e).__name__}: {str(e)[:120]}"
-    else:
-        lines_note = "torch.compile skipped (--quick)"
-    t = race(variants, reps, sync)
-    base = t["fp32 (library)"]
-    lines += ["", f"Stage 1 + stage 2 on a batch of {bs} on the GPU; speed-up over fp32 ({lines_note}).", "",
-              "| variant | images/s | speed-up |", "|---|---|---|"]
-    lines += [f"| {k} | {fmt(bs / v)} | {ratio(base / v)} |" for k, v in t.items()]
-    for line in lines[-len(t):]:
-        print("  " + line, flush=True)
-    return lines
-
-
 # -- memory of wrapping ------------------------------------------------------------------------
 
 
@@ -479,22 +425,23 @@ def wrap_memory(n: int, generator: str) -> str:
 # -- report ------------------------------------------------------------------------------------
 
 
-def plot(path, batch_rows, size_rows, gen_name, threads):
+def plot(path, batch_rows, size_rows, gen_name, title, labels=("DKGM", "RandAugment")):
+    """Two log-log panels: images/s vs batch size and vs image side, two series each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, rows, xlabel, title in ((axes[0], batch_rows, "batch size", f"{gen_name}: images/s vs batch size"),
+    for ax, rows, xlabel, panel in ((axes[0], batch_rows, "batch size", f"{gen_name}: images/s vs batch size"),
                                     (axes[1], size_rows, "image side (pixels)", "tiny preset, random weights: vs image size")):
         xs = [r[0] for r in rows]
-        ax.plot(xs, [r[1] for r in rows], "o-", label="DKGM")
-        ax.plot(xs, [r[2] for r in rows], "s--", label="RandAugment")
-        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="images/s", title=title)
+        ax.plot(xs, [r[1] for r in rows], "o-", label=labels[0])
+        ax.plot(xs, [r[2] for r in rows], "s--", label=labels[1])
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="images/s", title=panel)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"CPU, {threads} thread(s)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -560,13 +507,8 @@ def main(argv=None):
     print("CPU speed-ups:", flush=True)
     opts = section_cpu_opts(args.generator, model, args.opt_batch, args.chunk_batch, args.repeats,
                             args.compile_timeout, args.threads, args.quick)
-    print("GPU:", flush=True)
-    try:
-        gpu = section_gpu(args.generator, args.repeats, args.quick)
-    except Exception as e:      # keep the CPU results of a long run; the GPU rows say what broke
-        traceback.print_exc()
-        gpu = ["### GPU", "", f"GPU section failed: {type(e).__name__}: {str(e)[:300]}"]
-    print(gpu[-1], flush=True)
+    gpu = ["### GPU", "", "The GPU rows come from `benchmarks/speed_gpu.py`, run on a GPU machine "
+           "(its report: `speed_gpu.md`, next to this one)."]
 
     child = subprocess.run([sys.executable, __file__, "--_wrap", str(args.wrap_items), "--generator", args.generator,
                             "--threads", str(args.threads)], capture_output=True, text=True, check=True)
@@ -584,7 +526,7 @@ def main(argv=None):
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         png = out.with_suffix(".png")
-        plot(png, batch_rows, size_rows, args.generator, args.threads)
+        plot(png, batch_rows, size_rows, args.generator, f"CPU, {args.threads} thread(s)")
         lines += [f"Plot: `{png.name}` (images/s vs batch size and vs image size, log scales)."]
         out.write_text("\n".join(lines) + "\n")
     return 0

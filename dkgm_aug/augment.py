@@ -49,6 +49,16 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model) -> torch.dtype:
+    """The floating dtype a generator computes in: that of its first floating parameter
+    (or buffer); ``float32`` when it has none. ``model.half()`` on a GPU is the library's
+    way to generate in fp16 (benchmarks/RESULTS.md, section 3)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def match_channels(x: torch.Tensor, channels: int, convert: bool) -> torch.Tensor:
     if x.shape[1] == channels:
         return x
@@ -67,7 +77,7 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
              labels=None) -> torch.Tensor:
     """Debiased KDE neighbours of ``x01`` (``[B, C, H, W]`` floats in [0, 1]), one per image,
     on the model's device; returns ``[B, C, H, W]`` floats in [0, 1] on ``x01``'s device with
-    ``x01``'s channel count. On CPU a large batch runs in chunks of :func:`cpu_chunk` images
+    ``x01``'s channel count, in float32 whatever dtype the model computes in. On CPU a large batch runs in chunks of :func:`cpu_chunk` images
     (the same result: each image's noise comes from its own seed)."""
     if x01.ndim != 4:
         raise DataError(f"expected a [B, C, H, W] batch, got shape {tuple(x01.shape)}")
@@ -76,9 +86,9 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
     if len(seeds) != len(x01):
         raise DKGMError(f"{len(seeds)} seeds for {len(x01)} images")
     device = model_device(model)
-    x = to_model(match_channels(x01.to(device, torch.float32), model.channels, convert_channels))
+    x = to_model(match_channels(x01.to(device, torch.float32), model.channels, convert_channels)).to(model_dtype(model))
     n = cpu_chunk(*x.shape[-2:]) if device.type == "cpu" else len(x)
     parts = [model.neighbours_from_seeds(x[i:i + n], seeds[i:i + n], labels=None if labels is None else labels[i:i + n],
                                          alpha=alpha, steps=steps) for i in range(0, len(x), n)]
-    out = from_model(parts[0] if len(parts) == 1 else torch.cat(parts))
+    out = from_model((parts[0] if len(parts) == 1 else torch.cat(parts)).float())
     return match_channels(out, x01.shape[1], True).to(x01.device)

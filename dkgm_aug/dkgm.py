@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .blur import random_blur
 from .errors import DataError, DKGMError
-from .kernels import KERNELS, noise
+from .kernels import KERNELS, noise, noise_from_seeds
 from .unet import UNet, UNetConfig, preset_config
 
 
@@ -172,8 +172,7 @@ class DKGM(nn.Module):
         result does not depend on the batch it was made in."""
         if len(seeds) != len(x):
             raise DKGMError(f"{len(seeds)} seeds for {len(x)} images")
-        eps = torch.stack([noise(x.shape[1:], self.kernel, torch.Generator().manual_seed(int(s)))
-                           for s in seeds]).to(x.device, x.dtype)
+        eps = noise_from_seeds(seeds, x.shape[1:], self.kernel, x.device, x.dtype)
         return self.sample(x, alpha, steps, eps=eps)
 
     @torch.inference_mode()

@@ -27,6 +27,23 @@ def rand(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tenso
     return _draw(torch.rand, tuple(shape), generator, device, dtype)
 
 
+def noise_from_seeds(seeds, shape, kernel: str = "gaussian", device=None, dtype=torch.float32) -> torch.Tensor:
+    """One unit-variance draw of ``shape`` per seed, stacked into ``[len(seeds), *shape]``.
+
+    Draw ``i`` equals ``noise(shape, kernel, torch.Generator().manual_seed(seeds[i]))``, so an
+    image's noise does not depend on the batch it is in. All draws come from one CPU generator,
+    re-seeded per image, into one buffer (pinned when bound for a GPU) that is copied to
+    ``device`` in one go."""
+    target = torch.device(device or "cpu")
+    pin = target.type == "cuda" and torch.cuda.is_available()
+    out = torch.empty((len(seeds), *shape), pin_memory=pin)
+    g = torch.Generator()
+    for i, s in enumerate(seeds):
+        g.manual_seed(int(s))
+        out[i] = noise(shape, kernel, g)
+    return out.to(target, dtype, non_blocking=pin)
+
+
 def standard_epanechnikov(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
     """Standard Epanechnikov on ``[-1, 1]`` (density ``3/4 (1 - k^2)``): the median of
     three ``U[-1, 1]`` draws (EVAE, section 3). Mean 0, variance 1/5."""

@@ -76,8 +76,10 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)
-        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        # contiguous [B, 1, HW, C]: strided inputs send the GPU to the kernel that stores the
+        # whole HW x HW matrix (out of memory at 256x256, benchmarks/speed_gpu.py)
+        q, k, v = (t[:, None].contiguous() for t in self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 

@@ -129,7 +129,7 @@ class UNet(nn.Module):
             if t is None:
                 raise DKGMError("this U-Net takes a time step: call it as net(x, t)")
             t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-            temb = self.time_mlp(timestep_embedding(t, c.base_channels))
+            temb = self.time_mlp(timestep_embedding(t, c.base_channels).to(x.dtype))
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.factor, -width % self.factor
         if pad_h or pad_w:

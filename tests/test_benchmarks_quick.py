@@ -46,6 +46,16 @@ def test_speed_quick(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_speed_gpu_dry_run_on_cpu(tmp_path):
+    load_benchmark("speed_gpu").main(["--quick", "--device", "cpu", "--generator", "digits-tiny",
+                                      "--out", str(tmp_path / "g.md")])
+    text = (tmp_path / "g.md").read_text()
+    assert "a dry run: these are not GPU numbers" in text and "failed" not in text
+    for row in ("| batched (BCHW) | 4 |", "| DDPM-style, 5 steps | 5 |", "| 16x16 |", "| fp16 weights (`model.half()`) | 4 |",
+                "| (b) DKGMAugment(p=0.5) on the batch, fp32 |"):
+        assert row in text, row
+
+
 def test_throughput_quick(tmp_path):
     load_benchmark("throughput").main(["--sizes", "8", "--iters", "1", "--batch-size", "4", "--out", str(tmp_path / "t.md")])
     assert "| tiny | 8x8 | 2 |" in (tmp_path / "t.md").read_text()

@@ -21,7 +21,7 @@ def saved(tmp_path):
     trainer.fit(2)
     path = tmp_path / "gen.safetensors"
     model.save(path, classes=["a", "b"])
-    return model, path
+    return model.cpu(), path     # the trainer may have moved it to a GPU
 
 
 def test_train_save_load_sample_identical(saved):

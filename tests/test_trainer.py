@@ -9,7 +9,7 @@ from conftest import micro_model, shapes_batch
 
 
 def weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def test_outputs_and_data_kinds(tmp_path):
@@ -21,7 +21,7 @@ def test_outputs_and_data_kinds(tmp_path):
         before = weights(model)
         out = tmp_path / f"run{i}"
         Trainer(model, data, out_dir=out, batch_size=5, max_steps=3, save_every=2, progress=False).fit(1)
-        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert any(not torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
         rows = list(csv.DictReader(open(out / "log_stage1.csv")))
         assert rows and float(rows[-1]["loss"]) > 0 and int(rows[-1]["step"]) == 3
         assert (out / "samples_stage1_step2.png").exists() and (out / "model.safetensors").exists()

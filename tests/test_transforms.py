@@ -111,6 +111,18 @@ def test_loaded_model_object(ckpt):
     assert torch.equal(DKGMAugment(model, seed=0)(x), DKGMAugment(ckpt, seed=0)(x))
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2 / 255), (torch.bfloat16, 12 / 255)])
+def test_half_precision_model_follows_its_dtype(dtype, tol):
+    import dkgm_aug                               # a trained generator: measured 0.54 and 4.8 / 255
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = DKGMAugment("digits-tiny", seed=0)(x)
+    model = dkgm_aug.load("digits-tiny").to(dtype)   # the library's way to generate in fp16 on a GPU
+    out = DKGMAugment(model, seed=0)(x)
+    assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert 0 < (out - ref).abs().max() < tol      # rounded differently, not a different image
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
 @pytest.mark.parametrize("kwargs, err, match", [
     (dict(p=1.5), DKGMError, "p "), (dict(p=-0.1), DKGMError, "p "), (dict(alpha=-1), DKGMError, "alpha"),
     (dict(steps=-2), DKGMError, "steps"), (dict(seed="x"), DKGMError, "seed")])
