@@ -20,6 +20,7 @@ shift of up to ``--shift`` px by reflect-pad + random crop); only what the metho
   randaug        torchvision RandAugment on each uint8 image, on top of the base shift
   dkgm_balanced  BalancedDKGMDataset(generator=--generator, sampling_strategy="auto"), batches drawn uniformly
   dkgm_augment   DKGMAugment(--generator, p=0.5) on the minority-class items (all but the largest class) of each batch
+  ros_dkgm       ros, then dkgm_augment's transform: copies and neighbours mixed, half of each
   evae_balanced  the same wrapper around an EVAE: --evae, or one fitted here on the long-tailed split
   kss_balanced   the same wrapper around the kernel-smoothed-score sampler built from the long-tailed split
 
@@ -53,7 +54,7 @@ from dkgm_aug import BalancedDKGMDataset, DKGMAugment
 from dkgm_aug.data import digits, fashion_mnist, long_tailed_indices
 from common import cpu_name
 
-METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment", "evae_balanced",
+METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment", "ros_dkgm", "evae_balanced",
            "kss_balanced")
 BALANCED = ("dkgm_balanced", "evae_balanced", "kss_balanced")
 SHIPPED = {"digits": "digits-tiny", "fashion-mnist": "fashion-mnist-tiny"}
@@ -79,7 +80,8 @@ def metrics(y_true, y_pred, n_classes: int, tail: list) -> dict:
     return dict(accuracy=float(np.mean(np.asarray(y_true) == np.asarray(y_pred))),
                 macro_f1=float(f1_score(y_true, y_pred, labels=list(range(n_classes)), average="macro",
                                         zero_division=0)),
-                tail_recall=float(np.nanmean(recall[tail])))
+                tail_recall=float(np.nanmean(recall[tail])),
+                class_recall=";".join(f"{r:.4f}" for r in recall))
 
 
 def class_balanced_weights(counts, beta: float = 0.999) -> torch.Tensor:
@@ -155,7 +157,7 @@ class Pool:
 
 def generator_for(method: str, args, lt, seed: int):
     """The generator behind a balanced method: a checkpoint name/path, or a model built here."""
-    if method in ("dkgm_balanced", "dkgm_augment"):
+    if method in ("dkgm_balanced", "dkgm_augment", "ros_dkgm"):
         return args.generator or SHIPPED[args.data]
     if method == "kss_balanced":
         from dkgm_aug.kss import KernelSmoothedScore
@@ -173,7 +175,7 @@ def generator_for(method: str, args, lt, seed: int):
 def build_pool(method: str, args, lt, seed: int) -> Pool:
     images, targets = lt.images, lt.targets
     counts = torch.bincount(targets, minlength=10)
-    if method == "ros":
+    if method in ("ros", "ros_dkgm"):
         return Pool(images, targets, 1.0 / counts[targets].double())
     if method == "smote":
         from imblearn.over_sampling import SMOTE
@@ -211,7 +213,8 @@ def run(method: str, args, seed: int) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     loss_w = class_balanced_weights(counts) if method == "cb_loss" else None
     randaug = v2.RandAugment() if method == "randaug" else None
-    dkgm = DKGMAugment(generator_for(method, args, lt, seed), p=0.5, seed=seed) if method == "dkgm_augment" else None
+    dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=0.5, seed=seed)
+            if method in ("dkgm_augment", "ros_dkgm") else None)
     minority = counts < counts.max()   # "minority" = every class but the largest
 
     start, aug_s, n_changed = time.perf_counter(), 0.0, 0
@@ -256,7 +259,7 @@ def config_of(args) -> dict:
 # -- reporting -------------------------------------------------------------------------------------
 FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss",
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
-          "macro_f1", "tail_recall"]
+          "macro_f1", "tail_recall", "class_recall"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
 
 
@@ -264,6 +267,18 @@ def append_row(path: Path, row: dict) -> None:
     """One line per finished run, written in one call, so a crash loses at most the run in flight
     and two processes can share the file."""
     new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:        # written by an older version: rewrite once with the new columns
+            with open(path, newline="") as f:
+                old = list(csv.DictReader(f))
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, path)
     line = io.StringIO()
     w = csv.DictWriter(line, fieldnames=FIELDS)
     if new:
@@ -308,6 +323,20 @@ def trained_on(spec: str) -> str:
         return f"unreadable ({exc})"
 
 
+def class_recall_table(rows: list, summary: dict, train_targets) -> list:
+    """Mean recall of each class over the seeds, for the methods whose rows all logged it."""
+    counts = torch.bincount(torch.as_tensor(train_targets), minlength=10).tolist()
+    lines = ["", "Recall per class (mean over the seeds; training images per class in the header):", "",
+             "| method | " + " | ".join(f"{c} ({n})" for c, n in enumerate(counts)) + " |",
+             "|---|" + "---|" * len(counts)]
+    for m in summary:
+        logged = [r["class_recall"] for r in rows if r["method"] == m]
+        if logged and all(logged):
+            mean = np.mean([[float(v) for v in c.split(";")] for c in logged], axis=0)
+            lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
+    return lines if len(lines) > 5 else []
+
+
 def write_outputs(rows: list, args, out: Path) -> None:
     s = summarise(rows)
     cfg = config_of(args)
@@ -327,13 +356,14 @@ def write_outputs(rows: list, args, out: Path) -> None:
         f"- threads per run: {args.threads}; hardware: {hardware()}",
         "- mean ± std over the seeds listed; `generate s` is time spent making synthetic images, "
         "`train s` the rest of the training loop; `images generated`: synthetic images made "
-        "(dkgm_augment: images its transform changed)", "",
+        "(dkgm_augment, ros_dkgm: images the transform changed)", "",
         "| method | accuracy | macro-F1 | tail recall | train s | generate s | images generated | seeds |",
         "|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
         f = lambda k, d=3: f"{v[k][0]:.{d}f} ± {v[k][1]:.{d}f}"
         lines.append(f"| {m} | {f('accuracy')} | {f('macro_f1')} | {f('tail_recall')} | {v['train_s'][0]:.0f} "
                      f"| {v['generate_s'][0]:.0f} | {v['n_generated'][0]:.0f} | {v['seeds']} |")
+    lines += class_recall_table(rows, s, load(args.data, args.rho, args.split_seed)[0].targets)
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

@@ -234,16 +234,20 @@ def section_epoch(gen_name, model, n_images, reps, quick):
         epoch(*v, max_batches=1)()
     t = race({k: epoch(*v) for k, v in variants.items()}, reps, warmup=False)
     ds.transform = None
-    base = t["(a) no augmentation"]
     lines += [f"`timm.create_model('resnet10t', in_chans={model.channels}, num_classes=10)` (random init), "
               f"forward + backward + Adam step over the first {len(ds)} images of {name} "
               f"({model.image_size[0]}x{model.image_size[1]}), one DataLoader (batch 64, shuffled, "
-              f"num_workers=0) for all variants; median of {reps} epoch(s) after a one-batch warm-up each.", "",
-              "| variant | seconds per epoch | slowdown vs (a) |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.2f} | {ratio(v / base)} |" for k, v in t.items()]
-    for line in lines[-4:]:
+              f"num_workers=0) for all variants; median of {reps} epoch(s) after a one-batch warm-up each.", ""]
+    return lines + slowdown_table(t, 2), t
+
+
+def slowdown_table(t: dict, digits: int) -> list:
+    """Seconds per epoch of each variant and its slowdown against ``(a) no augmentation``; printed too."""
+    base = t["(a) no augmentation"]
+    rows = [f"| {k} | {v:.{digits}f} | {ratio(v / base)} |" for k, v in t.items()]
+    for line in rows:
         print("  " + line, flush=True)
-    return lines, t
+    return ["| variant | seconds per epoch | slowdown vs (a) |", "|---|---|---|"] + rows
 
 
 class ItemByItem(torch.utils.data.Dataset):

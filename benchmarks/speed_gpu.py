@@ -31,7 +31,8 @@ import torch
 
 from dkgm_aug import DKGM, DKGMAugment, augment, load
 from dkgm_aug.kernels import noise
-from speed import ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio, unet_calls
+from speed import (ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio, slowdown_table,
+                   unet_calls)
 from common import cpu_name
 
 
@@ -220,16 +221,10 @@ def section_epoch(gen_name, model, n_images, bs, reps, dev, sync):
     for tf in variants.values():
         epoch(tf, 1)()
     t = race({k: epoch(v) for k, v in variants.items()}, reps, sync, warmup=False)
-    base = t["(a) no augmentation"]
-    lines = ["### One training epoch on the GPU with and without augmentation", "",
-             f"`timm` resnet10t (random init, fp32), forward + backward + Adam over {n_images} random uint8 "
-             f"{h}x{w} images already on the GPU (the cost does not depend on their content), batch {bs}; "
-             f"median of {reps} epochs.", "",
-             "| variant | seconds per epoch | slowdown vs (a) |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {ratio(v / base)} |" for k, v in t.items()]
-    for line in lines[-4:]:
-        print("  " + line, flush=True)
-    return lines
+    return ["### One training epoch on the GPU with and without augmentation", "",
+            f"`timm` resnet10t (random init, fp32), forward + backward + Adam over {n_images} random uint8 "
+            f"{h}x{w} images already on the GPU (the cost does not depend on their content), batch {bs}; "
+            f"median of {reps} epochs.", ""] + slowdown_table(t, 3)
 
 
 def plot_report(md: Path) -> Path:

@@ -32,6 +32,18 @@ def test_metrics_on_a_known_confusion(imb):
     # F1 per class: 0: p=4/7, r=1 -> 8/11; 1: p=3/4, r=3/4 -> 3/4; 2: p=1, r=1/4 -> 2/5
     assert m["macro_f1"] == pytest.approx((8 / 11 + 3 / 4 + 2 / 5) / 3)
     assert imb.metrics(y_true, y_pred, 3, tail=[1, 2])["tail_recall"] == pytest.approx(0.5)
+    assert m["class_recall"] == "1.0000;0.7500;0.2500"
+
+
+def test_csv_from_an_older_version_gains_the_new_columns(imb, tmp_path):
+    path = tmp_path / "runs.csv"
+    old_fields = [f for f in imb.FIELDS if f != "class_recall"]
+    path.write_text(",".join(old_fields) + "\n" + ",".join("ce" if f == "method" else "0" for f in old_fields) + "\n")
+    imb.append_row(path, dict.fromkeys(imb.FIELDS, 1) | dict(method="ros", class_recall="0.5;0.5"))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == imb.FIELDS
+    assert [(r["method"], r["class_recall"]) for r in rows] == [("ce", ""), ("ros", "0.5;0.5")]
 
 
 def test_class_balanced_weights_favour_rare_classes(imb):
@@ -62,9 +74,11 @@ def test_quick_run_writes_csv_table_and_plot(imb, tmp_path):
         assert 0 < int(by_method[m]["n_generated"]) <= int(by_method[m]["n_pool"]) - int(by_method[m]["n_train"])
     assert int(by_method["smote"]["n_pool"]) == int(by_method["dkgm_balanced"]["n_pool"])  # both balance to max
     assert int(by_method["dkgm_augment"]["n_generated"]) > 0                                # the transform ran
+    assert int(by_method["ros_dkgm"]["n_generated"]) > 0 and by_method["ros_dkgm"]["n_pool"] == by_method["ros"]["n_pool"]
     text = (tmp_path / "results.md").read_text()
     assert "--quick" in text and "| dkgm_augment |" in text and "| kss_balanced |" in text
     assert "threads per run: 1" in text and "trained on: sklearn digits" in text
+    assert "Recall per class" in text and text.count("| dkgm_balanced |") == 2    # summary and per class
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
