@@ -19,7 +19,7 @@ shift of up to ``--shift`` px by reflect-pad + random crop); only what the metho
   smote          imblearn SMOTE on flattened pixels, k_neighbors=min(5, n_min-1), then uniform
   randaug        torchvision RandAugment on each uint8 image, on top of the base shift
   dkgm_balanced  BalancedDKGMDataset(generator=--generator, sampling_strategy="auto"), batches drawn uniformly
-  dkgm_augment   DKGMAugment(--generator, p=0.5) on the minority-class items (all but the largest class) of each batch
+  dkgm_augment   DKGMAugment(--generator, p=--dkgm-p) on the minority-class items (all but the largest class) of each batch
   ros_dkgm       ros, then dkgm_augment's transform: copies and neighbours mixed, half of each
   evae_balanced  the same wrapper around an EVAE: --evae, or one fitted here on the long-tailed split
   kss_balanced   the same wrapper around the kernel-smoothed-score sampler built from the long-tailed split
@@ -213,7 +213,7 @@ def run(method: str, args, seed: int) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     loss_w = class_balanced_weights(counts) if method == "cb_loss" else None
     randaug = v2.RandAugment() if method == "randaug" else None
-    dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=0.5, seed=seed)
+    dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed)
             if method in ("dkgm_augment", "ros_dkgm") else None)
     minority = counts < counts.max()   # "minority" = every class but the largest
 
@@ -253,11 +253,11 @@ def config_of(args) -> dict:
     gen = args.generator or SHIPPED[args.data]
     return dict(data=args.data, rho=args.rho, split_seed=args.split_seed, model=args.model, steps=args.steps,
                 batch=args.batch, generator=gen, evae=args.evae or f"fitted here ({args.evae_epochs} epochs)",
-                kss=f"h={args.kss_h}, steps={args.kss_steps}")
+                kss=f"h={args.kss_h}, steps={args.kss_steps}", dkgm_p=args.dkgm_p)
 
 
 # -- reporting -------------------------------------------------------------------------------------
-FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss",
+FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss", "dkgm_p",
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
           "macro_f1", "tail_recall", "class_recall"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
@@ -293,7 +293,10 @@ def read_rows(path: Path, config: dict) -> list:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if all(r[k] == str(v) for k, v in config.items())]
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["dkgm_p"] = r.get("dkgm_p") or "0.5"      # rows from before --dkgm-p existed used 0.5
+    rows = [r for r in rows if all(r[k] == str(v) for k, v in config.items())]
     for r in rows:
         r.update({k: float(r[k]) for k in NUMBERS}, seed=int(r["seed"]))
     latest = {(r["method"], r["seed"]): r for r in rows}   # a rerun of a (method, seed) replaces it
@@ -352,7 +355,8 @@ def write_outputs(rows: list, args, out: Path) -> None:
         f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}, base aug: random shift "
         f"<= {args.shift} px, the same for every method",
         f"- DKGM generator: `{cfg['generator']}`, trained on: {trained_on(cfg['generator'])}",
-        f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split",
+        f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split; "
+        f"DKGMAugment p (dkgm_augment, ros_dkgm): {args.dkgm_p}",
         f"- threads per run: {args.threads}; hardware: {hardware()}",
         "- mean ± std over the seeds listed; `generate s` is time spent making synthetic images, "
         "`train s` the rest of the training loop; `images generated`: synthetic images made "
@@ -403,6 +407,7 @@ def main(argv=None) -> int:
     p.add_argument("--evae", help="EVAE checkpoint for evae_balanced (default: fit one on the split per seed)")
     p.add_argument("--evae-epochs", type=int, default=4)
     p.add_argument("--evae-dz", type=int, default=32)
+    p.add_argument("--dkgm-p", type=float, default=0.5, help="DKGMAugment's p in dkgm_augment and ros_dkgm")
     p.add_argument("--kss-h", type=float, default=1.0, help="kernel-smoothed score bandwidth")
     p.add_argument("--kss-steps", type=int, default=10, help="kernel-smoothed score reverse steps")
     p.add_argument("--threads", type=int, default=1)

@@ -76,9 +76,9 @@ def match_channels(x: torch.Tensor, channels: int, convert: bool) -> torch.Tenso
 def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_channels: bool = False,
              labels=None) -> torch.Tensor:
     """Debiased KDE neighbours of ``x01`` (``[B, C, H, W]`` floats in [0, 1]), one per image,
-    on the model's device; returns ``[B, C, H, W]`` floats in [0, 1] on ``x01``'s device with
-    ``x01``'s channel count, in float32 whatever dtype the model computes in. On CPU a large batch runs in chunks of :func:`cpu_chunk` images
-    (the same result: each image's noise comes from its own seed)."""
+    on the model's device in the model's dtype; returns ``[B, C, H, W]`` float32 in [0, 1] on
+    ``x01``'s device with ``x01``'s channel count. On CPU a large batch runs in chunks of
+    :func:`cpu_chunk` images (the same result: each image's noise comes from its own seed)."""
     if x01.ndim != 4:
         raise DataError(f"expected a [B, C, H, W] batch, got shape {tuple(x01.shape)}")
     if not bool(torch.isfinite(x01).all()):

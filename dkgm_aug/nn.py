@@ -78,7 +78,8 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         # contiguous [B, 1, HW, C]: strided inputs send the GPU to the kernel that stores the
         # whole HW x HW matrix (out of memory at 256x256, benchmarks/speed_gpu.py)
-        q, k, v = (t[:, None].contiguous() for t in self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1))
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2)
+        q, k, v = (t[:, None].contiguous() for t in qkv.unbind(1))
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 

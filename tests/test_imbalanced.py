@@ -37,13 +37,17 @@ def test_metrics_on_a_known_confusion(imb):
 
 def test_csv_from_an_older_version_gains_the_new_columns(imb, tmp_path):
     path = tmp_path / "runs.csv"
-    old_fields = [f for f in imb.FIELDS if f != "class_recall"]
+    old_fields = [f for f in imb.FIELDS if f not in ("class_recall", "dkgm_p")]   # as the previous version wrote
     path.write_text(",".join(old_fields) + "\n" + ",".join("ce" if f == "method" else "0" for f in old_fields) + "\n")
     imb.append_row(path, dict.fromkeys(imb.FIELDS, 1) | dict(method="ros", class_recall="0.5;0.5"))
     with open(path) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == imb.FIELDS
     assert [(r["method"], r["class_recall"]) for r in rows] == [("ce", ""), ("ros", "0.5;0.5")]
+    # the old row, made before --dkgm-p existed (p was 0.5), matches p=0.5 and not p=0.25
+    cfg = dict(data="0", model="0")
+    assert [r["method"] for r in imb.read_rows(path, cfg | dict(dkgm_p=0.5))] == ["ce"]
+    assert imb.read_rows(path, cfg | dict(dkgm_p=0.25)) == []
 
 
 def test_class_balanced_weights_favour_rare_classes(imb):
@@ -86,7 +90,7 @@ def test_rows_accumulate_and_settings_do_not_mix(imb, tmp_path):
     """Rows are appended as runs end; a rerun of a (method, seed) replaces the old row, and
     rows made with other settings are left out of the table."""
     args = imb.argparse.Namespace(data="digits", rho=10.0, split_seed=0, model="m", steps=5, batch=4, generator=None,
-                                  evae=None, evae_epochs=1, kss_h=1.0, kss_steps=2)
+                                  evae=None, evae_epochs=1, kss_h=1.0, kss_steps=2, dkgm_p=0.5)
     cfg = imb.config_of(args)
     base = dict.fromkeys(imb.FIELDS, 0) | cfg
     path = tmp_path / "runs.csv"
