@@ -57,6 +57,7 @@ from common import cpu_name
 METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment", "ros_dkgm", "evae_balanced",
            "kss_balanced")
 BALANCED = ("dkgm_balanced", "evae_balanced", "kss_balanced")
+AUGMENTED = ("dkgm_augment", "ros_dkgm")     # DKGMAugment(p=--dkgm-p) on each batch's minority items
 SHIPPED = {"digits": "digits-tiny", "fashion-mnist": "fashion-mnist-tiny"}
 
 
@@ -157,7 +158,7 @@ class Pool:
 
 def generator_for(method: str, args, lt, seed: int):
     """The generator behind a balanced method: a checkpoint name/path, or a model built here."""
-    if method in ("dkgm_balanced", "dkgm_augment", "ros_dkgm"):
+    if method in ("dkgm_balanced", *AUGMENTED):
         return args.generator or SHIPPED[args.data]
     if method == "kss_balanced":
         from dkgm_aug.kss import KernelSmoothedScore
@@ -214,7 +215,7 @@ def run(method: str, args, seed: int) -> dict:
     loss_w = class_balanced_weights(counts) if method == "cb_loss" else None
     randaug = v2.RandAugment() if method == "randaug" else None
     dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed)
-            if method in ("dkgm_augment", "ros_dkgm") else None)
+            if method in AUGMENTED else None)
     minority = counts < counts.max()   # "minority" = every class but the largest
 
     start, aug_s, n_changed = time.perf_counter(), 0.0, 0
@@ -269,10 +270,9 @@ def append_row(path: Path, row: dict) -> None:
     new = not path.exists()
     if not new:
         with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != FIELDS:        # written by an older version: rewrite once with the new columns
-            with open(path, newline="") as f:
-                old = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            old = list(reader)
+        if reader.fieldnames != FIELDS:     # written by an older version: rewrite once with the new columns
             tmp = path.with_suffix(".tmp")
             with open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
@@ -326,9 +326,8 @@ def trained_on(spec: str) -> str:
         return f"unreadable ({exc})"
 
 
-def class_recall_table(rows: list, summary: dict, train_targets) -> list:
+def class_recall_table(rows: list, summary: dict, counts: list) -> list:
     """Mean recall of each class over the seeds, for the methods whose rows all logged it."""
-    counts = torch.bincount(torch.as_tensor(train_targets), minlength=10).tolist()
     lines = ["", "Recall per class (mean over the seeds; training images per class in the header):", "",
              "| method | " + " | ".join(f"{c} ({n})" for c, n in enumerate(counts)) + " |",
              "|---|" + "---|" * len(counts)]
@@ -343,12 +342,13 @@ def class_recall_table(rows: list, summary: dict, train_targets) -> list:
 def write_outputs(rows: list, args, out: Path) -> None:
     s = summarise(rows)
     cfg = config_of(args)
+    counts = torch.bincount(load(args.data, args.rho, args.split_seed)[0].targets, minlength=10).tolist()
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
     lines = ["# Long-tailed classification benchmark", "", "Commands (each appended rows to `runs.csv`):", ""]
     lines += [f"    {c}" for c in commands] + [
         "",
         f"- data: {args.data}, train split long-tailed with rho={args.rho} (split seed {args.split_seed}, "
-        f"class counts {torch.bincount(load(args.data, args.rho, args.split_seed)[0].targets, minlength=10).tolist()}); "
+        f"class counts {counts}); "
         f"test balanced, so accuracy = balanced accuracy; tail classes (rarest third): {args.tail}",
         f"- model: timm `{args.model}` from scratch, in_chans=1"
         + (f", 8x8 inputs upsampled to {args.size}x{args.size}" if args.data == "digits" else ""),
@@ -367,7 +367,7 @@ def write_outputs(rows: list, args, out: Path) -> None:
         f = lambda k, d=3: f"{v[k][0]:.{d}f} ± {v[k][1]:.{d}f}"
         lines.append(f"| {m} | {f('accuracy')} | {f('macro_f1')} | {f('tail_recall')} | {v['train_s'][0]:.0f} "
                      f"| {v['generate_s'][0]:.0f} | {v['n_generated'][0]:.0f} | {v['seeds']} |")
-    lines += class_recall_table(rows, s, load(args.data, args.rho, args.split_seed)[0].targets)
+    lines += class_recall_table(rows, s, counts)
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

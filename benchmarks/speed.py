@@ -437,6 +437,9 @@ def plot(path, batch_rows, size_rows, gen_name, title, labels=("DKGM", "RandAugm
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, rows, xlabel, panel in ((axes[0], batch_rows, "batch size", f"{gen_name}: images/s vs batch size"),
                                     (axes[1], size_rows, "image side (pixels)", "tiny preset, random weights: vs image size")):
+        if not rows:                # a table that was not run (speed_gpu.py --sections)
+            ax.set_visible(False)
+            continue
         xs = [r[0] for r in rows]
         ax.plot(xs, [r[1] for r in rows], "o-", label=labels[0])
         ax.plot(xs, [r[2] for r in rows], "s--", label=labels[1])

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dkgm_aug import DKGM, DKGMAugment, augment, load
-from dkgm_aug.kernels import noise
+from dkgm_aug.kernels import noise_from_seeds
 from speed import (ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio, slowdown_table,
                    unet_calls)
 from common import cpu_name
@@ -63,8 +63,7 @@ def section_batches(gen_name, model, batches, reps, dev, sync):
     for bs in batches:
         batch = torch.randint(0, 256, (bs, c, h, w), dtype=torch.uint8, device=dev)
         seeds = list(range(bs))
-        draw = lambda: torch.stack([noise((c, h, w), model.kernel, torch.Generator().manual_seed(s))  # noqa: E731
-                                    for s in seeds]).to(dev)
+        draw = lambda: noise_from_seeds(seeds, (c, h, w), model.kernel, dev)  # noqa: E731  the library's draw
         t = race({"fp32": lambda: aug(batch), "fp16": lambda: half(batch), "noise": draw,
                   "ra": lambda: ra(batch)}, reps, sync)
         rows.append((bs, bs / t["fp32"], bs / t["fp16"]))
@@ -246,6 +245,9 @@ def plot_report(md: Path) -> Path:
     return png
 
 
+SECTIONS = ("batches", "DDPM-style", "image size", "epoch", "precision")
+
+
 def run_part(name, fn):
     """One section; a failure becomes a line in the report instead of losing the others."""
     print(f"{name}:", flush=True)
@@ -275,6 +277,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="tiny batches, no compile (a dry run, e.g. --device cpu)")
     p.add_argument("--plot-only", metavar="MD", help="redraw the PNG of a saved report and exit")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="which tables to run")
     args = p.parse_args(argv)
     if args.plot_only:
         print(f"wrote {plot_report(Path(args.plot_only))}")
@@ -305,7 +308,7 @@ def main(argv=None):
         "precision": lambda: section_precision(model, args.precision_batches, args.repeats, dev, sync,
                                                args.compile_modes, args.compile_batch)}
     lines = []
-    for name, fn in sections.items():
+    for name, fn in ((k, v) for k, v in sections.items() if k in args.sections):
         lines += run_part(name, fn) + [""]
         text = "\n".join([head[0] + f" Run time so far {time.perf_counter() - t_start:.0f} s.", *head[1:], "",
                           *lines])
