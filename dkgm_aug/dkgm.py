@@ -19,6 +19,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ._validate import ALPHA_MAX, STEPS_MAX, check_float, check_int
 from .blur import random_blur
 from .errors import DataError, DKGMError
 from .kernels import KERNELS, noise, noise_from_seeds
@@ -71,8 +72,6 @@ class DKGM(nn.Module):
             raise DKGMError(f"b_range must satisfy 0 < b_min <= b_max, got {tuple(b_range)}")
         if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 1 <= m <= 64:
             raise DKGMError(f"m (noisy copies per image) must be an integer in [1, 64], got {m!r}")
-        if steps > 1000:
-            raise DKGMError(f"steps must be at most 1000, got {steps}")
         size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
         if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                      and 1 <= v <= 8192 for v in size):
@@ -190,14 +189,11 @@ GENERATORS = (DKGM,)
 
 
 def check_knobs(alpha=None, steps=None):
-    """Validate the user-facing knobs; returns the one given (for inline use), or both as a tuple."""
-    if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
-                              or not (0 <= alpha < float("inf"))):
-        raise DKGMError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0):
-        raise DKGMError(f"steps must be an integer >= 0, got {steps!r}")
-    alpha = None if alpha is None else float(alpha)
-    steps = None if steps is None else int(steps)
+    """Validate the user-facing knobs; returns the one given (for inline use), or both as a tuple.
+    ``alpha`` is a noise level in ``[0, 10]`` (images live in ``[-1, 1]``), ``steps`` an integer in
+    ``[0, 1000]``."""
+    alpha = None if alpha is None else check_float("alpha", alpha, 0.0, ALPHA_MAX)
+    steps = None if steps is None else check_int("steps", steps, 0, STEPS_MAX)
     if alpha is not None and steps is not None:
         return alpha, steps
     return alpha if alpha is not None else steps

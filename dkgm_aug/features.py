@@ -85,38 +85,64 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+def _shift_flip(x: torch.Tensor, g: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
+    """A random translation by up to ``shift`` pixels (zero padded) per image, and a random
+    horizontal flip when ``flip``: the standard light augmentation for small-image classifiers."""
+    if shift:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (shift, shift, shift, shift))
+        dy, dx = torch.randint(0, 2 * shift + 1, (2, len(x)), generator=g).tolist()
+        x = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    if flip:
+        mirror = torch.rand(len(x), generator=g) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    return x
+
+
 def train_feature_net(dataset, epochs: int = 2, seed: int = 0, batch_size: int = 128, lr: float = 1e-3,
                       width: int = 32, feature_dim: int = 128, device=None, progress: bool = True,
-                      max_batches: int | None = None) -> FeatureNet:
-    """Train a :class:`FeatureNet` (Adam, cross-entropy) on ``dataset`` (an ImageDataset or any
-    ``(image, label)`` dataset with integer labels). Initialisation and batch order come from
-    ``seed``. Returns the net in eval mode, its run in ``net.info["training"]``."""
+                      max_batches: int | None = None, weight_decay: float = 0.0, cosine: bool = False,
+                      shift: int = 0, flip: bool = False, on_epoch=None) -> FeatureNet:
+    """Train a :class:`FeatureNet` (AdamW, cross-entropy) on ``dataset`` (an ImageDataset or any
+    ``(image, label)`` dataset with integer labels). Initialisation, batch order and augmentation
+    come from ``seed``. ``cosine`` anneals the learning rate to 0 over the run; ``shift``/``flip``
+    augment each batch (:func:`_shift_flip`). ``on_epoch(epoch, net)`` is called after each epoch
+    (in eval mode), e.g. to log a validation accuracy. Returns the net in eval mode, its run in
+    ``net.info["training"]``."""
     images, labels = _images_and_labels(dataset)
     if labels.min() < 0:
         raise DataError("labels must be class indices >= 0")
     torch.manual_seed(seed)
     net = FeatureNet(images.shape[1], int(labels.max()) + 1, width, feature_dim).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     n_batches = math.ceil(len(images) / batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * n_batches) if cosine else None
     start, net_device = time.perf_counter(), next(net.parameters()).device
-    net.train()
     with tqdm(total=epochs * n_batches, desc="FeatureNet", disable=not progress) as bar:
         for epoch in range(epochs):
+            net.train()
             perm = torch.randperm(len(images), generator=g)
             for b in range(n_batches):
                 idx = perm[b * batch_size:(b + 1) * batch_size]
-                loss = F.cross_entropy(net(_unit(images[idx]).to(net_device)), labels[idx].to(net_device))
+                x = _shift_flip(_unit(images[idx]), g, shift, flip)
+                loss = F.cross_entropy(net(x.to(net_device)), labels[idx].to(net_device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+            net.eval()
+            if on_epoch is not None:
+                on_epoch(epoch + 1, net)
     net.eval()
     net.info["training"] = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, n_images=len(images),
-                                batches_per_epoch=n_batches, wall_time_s=round(time.perf_counter() - start, 3))
+                                batches_per_epoch=n_batches, weight_decay=weight_decay, cosine=cosine,
+                                shift=shift, flip=flip, wall_time_s=round(time.perf_counter() - start, 3))
     return net
 
 
@@ -176,3 +202,15 @@ def load_feature_net(path, device=None) -> FeatureNet:
     except Exception as exc:   # safetensors / json / shape mismatches
         raise CheckpointError(f"{path}: not a valid FeatureNet file ({type(exc).__name__}: {exc})") from None
     return net.to(device).eval() if device is not None else net.eval()
+
+
+@torch.inference_mode()
+def neighbour_quality(net: FeatureNet, images01: torch.Tensor, labels: torch.Tensor, ref_features) -> dict:
+    """The yardstick's scores of images ``[N, C, H, W]`` in [0, 1] made from sources with
+    ``labels``: sharpness, Frechet distance to ``ref_features`` (real images' features from the
+    same ``net``), and label preservation (share that ``net`` assigns to their source's class)."""
+    from .metrics import frechet_distance, sharpness
+    f = features(net, images01)
+    kept = (net.head(f).argmax(1) == torch.as_tensor(labels)).double().mean()
+    return dict(sharpness=sharpness(images01), frechet_distance=frechet_distance(f, ref_features),
+                label_preservation=float(kept))

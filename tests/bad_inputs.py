@@ -23,7 +23,23 @@ class Items(torch.utils.data.Dataset):
         return torch.full((1, self.size, self.size), 0.5), self.labels_[i]
 
 
+# Each area adds its rows in tests/bad_inputs_<area>.py (a ``rows(ckpt, model, tmp)`` there).
+AREAS = ("transforms", "balanced", "trainer", "checkpoint")
+
+
 def rows(ckpt, model, tmp):
+    import importlib
+    table = core_rows(ckpt, model, tmp)
+    for area in AREAS:
+        try:
+            module = importlib.import_module(f"bad_inputs_{area}")
+        except ModuleNotFoundError:
+            continue
+        table += module.rows(ckpt, model, tmp)
+    return table
+
+
+def core_rows(ckpt, model, tmp):
     aug = DKGMAugment(ckpt, seed=0)
     return [
         ("NaN pixels (transform)", lambda: aug(torch.full((1, 8, 8), float("nan"))), (DataError, "NaN")),
