@@ -1,0 +1,267 @@
+"""Replay issue 12's silent-wrong-result cases: each must raise a clear library error or give
+the right result, and none may run for more than 10 s.
+
+    python benchmarks/silent_cases.py                       # prints a table, exit 1 if a case fails
+    python benchmarks/silent_cases.py --out benchmarks/results/silent_cases.md
+
+Each case builds what a user would (small images, a micro generator saved to a file) and
+checks the outcome, not the message wording: a ``DKGMError`` whose message names the
+problem, or a result equal to the right one.
+"""
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+import dkgm_aug
+from dkgm_aug import DKGM, BalancedDKGMDataset, DKGMAugment, DKGMError, UNetConfig
+from dkgm_aug.cli import main as cli
+from dkgm_aug.data import ImageDataset
+
+LIMIT_S = 10
+
+
+def micro_generator(path: Path, size: int = 8) -> Path:
+    torch.manual_seed(0)
+    cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    DKGM(UNetConfig(**cfg, time_input=False), UNetConfig(**cfg, time_input=True), image_size=size).save(path)
+    return path
+
+
+def raises(call, *fragments) -> str:
+    """'error: ...' when ``call`` raises a DKGMError naming every fragment; else an AssertionError."""
+    try:
+        result = call()
+    except DKGMError as exc:
+        missing = [f for f in fragments if f.lower() not in str(exc).lower()]
+        assert not missing, f"error does not mention {missing}: {exc}"
+        return f"`{type(exc).__name__}`: {exc}"
+    raise AssertionError(f"no error; returned {type(result).__name__}")
+
+
+def small_set(n_per_class=(12, 4), size=8, seed=0, invert=False) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+    images = torch.randint(0, 256, (len(labels), 1, size, size), generator=g, dtype=torch.uint8)
+    return ImageDataset(255 - images if invert else images, labels)
+
+
+def case_cache_pixels(tmp: Path, gen: Path) -> str:
+    cache = tmp / "cache.safetensors"
+    BalancedDKGMDataset(small_set(), gen, cache=cache, progress=False).precompute(progress=False)
+    other = small_set(invert=True)                        # same labels, other pixels
+
+    def items():
+        ds = BalancedDKGMDataset(other, gen, cache=cache, progress=False)
+        fresh = BalancedDKGMDataset(other, gen, cache=None, progress=False)
+        synthetic = range(ds.n_real, len(ds))
+        same = all(torch.equal(ds[i][0], fresh[i][0]) for i in synthetic)
+        assert same, "the cache served another dataset's synthetic images"
+        return "regenerated: the synthetic items equal those made from the new images"
+    try:
+        return items()
+    except DKGMError as exc:
+        return f"`{type(exc).__name__}`: {exc}"
+
+
+def write_npz(path: Path, invert: bool) -> Path:
+    ds = small_set(n_per_class=(16, 16), invert=invert)
+    np.savez(path, images=ds.images[:, 0].numpy(), labels=ds.targets.numpy())
+    return path
+
+
+def train_args(data: Path, out: Path, *extra) -> list:
+    return ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--stage1-steps", "2",
+            "--stage2-steps", "1", "--batch-size", "8", "--quiet", *extra]
+
+
+@contextlib.contextmanager
+def cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def case_default_work_dir(tmp: Path, gen: Path) -> str:
+    a, b = write_npz(tmp / "a.npz", False), write_npz(tmp / "b.npz", True)
+    with cwd(tmp), contextlib.redirect_stderr(sys.stdout):
+        rc_a = cli(train_args(a, tmp / "a.safetensors"))
+        rc_b = cli(train_args(b, tmp / "b.safetensors"))
+    assert rc_a == 0, f"training on A failed (rc {rc_a})"
+    if rc_b != 0:
+        return f"training on B refused (rc {rc_b})"
+    wa, wb = dkgm_aug.load(tmp / "a.safetensors").state_dict(), dkgm_aug.load(tmp / "b.safetensors").state_dict()
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa), "b's weights are a copy of a's"
+    return "b trained on B (its weights differ from a's)"
+
+
+def case_resume_lr(tmp: Path, gen: Path) -> str:
+    data = write_npz(tmp / "r.npz", False)
+    work = ["--work-dir", str(tmp / "work")]
+    with contextlib.redirect_stderr(sys.stdout):
+        assert cli(train_args(data, tmp / "r1.safetensors", *work)) == 0
+        err = tempfile.TemporaryFile("w+")
+        with contextlib.redirect_stderr(err):
+            rc = cli(train_args(data, tmp / "r2.safetensors", *work, "--lr", "1e-2"))
+        err.seek(0)
+        text = err.read().strip()
+    assert rc != 0, "resumed with another --lr and returned 0"
+    assert "lr" in text, f"the refusal does not name --lr: {text}"
+    return f"refused (rc {rc}): {text.splitlines()[-1]}"
+
+
+def case_mask(tmp: Path, gen: Path) -> str:
+    image = tv_tensors.Image(torch.rand(1, 8, 8))
+    mask = tv_tensors.Mask((torch.rand(1, 8, 8) > 0.5).to(torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[1, 1, 5, 5]]), format="XYXY", canvas_size=(8, 8))
+    aug = v2.Compose([DKGMAugment(str(gen), seed=0)])
+    out_image, out_mask = aug(image, mask)
+    assert torch.equal(out_mask, mask) and not torch.equal(out_image, image), "the mask was changed"
+    sample = aug({"image": image, "boxes": boxes, "mask": mask})
+    assert torch.equal(sample["boxes"], boxes) and torch.equal(sample["mask"], mask)
+    return "the image is augmented; Mask and BoundingBoxes pass through unchanged"
+
+
+def case_float_255(tmp: Path, gen: Path) -> str:
+    return raises(lambda: DKGMAugment(str(gen), seed=0)(torch.rand(1, 8, 8) * 255), "255")
+
+
+def case_nan_p0(tmp: Path, gen: Path) -> str:
+    batch = torch.rand(4, 1, 8, 8)
+    batch[2] = float("nan")
+    for seed in range(8):                                # whichever images p picks
+        raises(lambda: DKGMAugment(str(gen), p=0.5, seed=seed)(batch), "nan")
+    return raises(lambda: DKGMAugment(str(gen), p=0.0, seed=0)(batch[2]), "nan")
+
+
+def case_nan_label(tmp: Path, gen: Path) -> str:
+    class Items(torch.utils.data.Dataset):
+        labels = [0.0] * 5 + [1.0] * 5 + [float("nan")] * 5
+
+        def __len__(self):
+            return 15
+
+        def __getitem__(self, i):
+            return torch.rand(1, 8, 8), self.labels[i]
+    return raises(lambda: BalancedDKGMDataset(Items(), gen, progress=False), "nan")
+
+
+def case_local_name(tmp: Path, gen: Path) -> str:
+    name = dkgm_aug.list_pretrained()[0]
+    local = micro_generator(tmp / name)                     # a file in the working folder, no suffix
+    with cwd(tmp), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        by_str, by_path = dkgm_aug.load(name), dkgm_aug.load(Path(name))
+    want = dkgm_aug.load(local).state_dict()
+    for model in (by_str, by_path):
+        got = model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), \
+            "the shipped generator was loaded, not the local file"
+    assert caught, "no warning says which file was taken"
+    return f"the local file is taken; warning: {caught[0].message}"
+
+
+def case_fifo(tmp: Path, gen: Path) -> str:
+    fifo = tmp / "fifo.safetensors"
+    os.mkfifo(fifo)
+    return raises(lambda: BalancedDKGMDataset(small_set(), gen, cache=fifo, progress=False), "regular")
+
+
+def case_huge_image(tmp: Path, gen: Path) -> str:
+    return raises(lambda: DKGMAugment(str(gen), seed=0)(torch.rand(1, 2048, 2048)), "resize")
+
+
+def case_steps(tmp: Path, gen: Path) -> str:
+    return raises(lambda: DKGMAugment(str(gen), steps=10 ** 6), "steps")
+
+
+def case_huge_config(tmp: Path, gen: Path) -> str:
+    """A sparse file: a valid header for 384 base channels (GBs of weights), holes for the data."""
+    meta = dkgm_aug.checkpoint.read_metadata(gen)
+    for stage in ("stage1", "stage2"):
+        meta["config"][stage].update(base_channels=384, channel_mult=[1, 2, 2, 2], num_res_blocks=2)
+    with torch.device("meta"):
+        skeleton = DKGM.from_config(meta["config"])
+    header, offset = {"__metadata__": {"dkgm_aug": json.dumps(meta)}}, 0
+    for name, t in skeleton.state_dict().items():
+        header[name] = dict(dtype="F32", shape=list(t.shape), data_offsets=[offset, offset + 4 * t.numel()])
+        offset += 4 * t.numel()
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return raises(lambda: dkgm_aug.load(path), "max_bytes")
+
+
+CASES = [
+    ("1. cache file made from another dataset's pixels", case_cache_pixels),
+    ("2. train A then B with the default work folder", case_default_work_dir),
+    ("3. resume with another --lr", case_resume_lr),
+    ("4. Mask and BoundingBoxes beside the image", case_mask),
+    ("5. float image in [0, 255]", case_float_255),
+    ("6. NaN image under p=0 / in a p=0.5 batch", case_nan_p0),
+    ("7. NaN label", case_nan_label),
+    ("8. local file named like a shipped generator", case_local_name),
+    ("hang: FIFO as the cache path", case_fifo),
+    ("hang: 2048x2048 image into an 8x8 generator", case_huge_image),
+    ("hang: steps=10**6", case_steps),
+    ("memory: sparse checkpoint whose config asks for 384 base channels (GiBs)", case_huge_config),
+]
+
+
+def timeout(signum, frame):
+    raise TimeoutError(f"ran for more than {LIMIT_S} s")
+
+
+def run(case, tmp: Path, gen: Path):
+    """(passed, seconds, what happened)."""
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(LIMIT_S)
+    start = time.perf_counter()
+    try:
+        return True, time.perf_counter() - start, case(tmp, gen)
+    except Exception as exc:            # a failed check, a foreign error or the timeout
+        return False, time.perf_counter() - start, f"FAIL ({type(exc).__name__}): {exc}"
+    finally:
+        signal.alarm(0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    lines = ["| case | passed | seconds | what happened |", "|---|---|---|---|"]
+    failed = 0
+    for what, case in CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            ok, secs, text = run(case, tmp, micro_generator(tmp / "gen.safetensors"))
+            text = text.replace(str(tmp), "<tmp>")
+        failed += not ok
+        lines.append(f"| {what} | {'yes' if ok else 'NO'} | {secs:.1f} | {text.replace('|', '/')} |")
+        print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("`python benchmarks/silent_cases.py`\n\n" + "\n".join(lines) + "\n")
+    print(f"{len(CASES) - failed} of {len(CASES)} cases pass")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
