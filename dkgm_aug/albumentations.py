@@ -7,6 +7,8 @@
 
 Seeding follows albumentations: ``A.Compose(..., seed=...)`` or ``t.set_random_seed(seed)``;
 the noise seed is drawn from the transform's own ``random_generator`` in ``get_params``.
+``A.to_dict``/``A.from_dict`` round-trip a transform built from a checkpoint name or path;
+one built from a model object cannot be serialised (``to_dict`` raises).
 """
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ from albumentations.core.transforms_interface import ImageOnlyTransform
 
 from .augment import generate
 from .dkgm import check_knobs
-from .errors import DataError
+from .errors import DataError, DKGMError
+from .images import check_unit_range
 from .transforms import GeneratorHandle, check_p
 
 
@@ -28,24 +31,50 @@ class DKGMAugment(ImageOnlyTransform):
         self.convert_channels = bool(convert_channels)
         self.handle = GeneratorHandle(ckpt)
 
+    def __call__(self, *args, force_apply: bool = False, **data):
+        # albumentations calls apply() only when p fires: check the values of every image first
+        # (dtype, NaN/inf, range), so that a bad image fails at any p and seed
+        for key, value in data.items():
+            if key in self._key2func and value is not None:
+                for img in (value if isinstance(value, (list, tuple)) else [value]):
+                    to_unit_hwc(img)
+        return super().__call__(*args, force_apply=force_apply, **data)
+
     def get_params(self) -> dict:
         return {"noise_seed": int(self.random_generator.integers(0, 2 ** 62))}
 
     def apply(self, img: np.ndarray, noise_seed: int = 0, **params) -> np.ndarray:
-        if not isinstance(img, np.ndarray) or img.ndim not in (2, 3) or img.size == 0:
-            raise DataError(f"expected a non-empty numpy HxW or HxWxC image, got "
-                            f"{getattr(img, 'shape', type(img).__name__)}")
-        if img.dtype == np.uint8:
-            x01 = torch.from_numpy(img.astype(np.float32) / 255.0)
-        elif img.dtype == np.float32:
-            x01 = torch.from_numpy(img.copy())
-        else:
-            raise DataError(f"images must be uint8 or float32 in [0, 1], got {img.dtype}")
+        x01 = to_unit_hwc(img)
+        if img.ndim not in (2, 3):
+            raise DataError(f"expected a numpy HxW or HxWxC image, got shape {img.shape}")
         x01 = (x01[..., None] if img.ndim == 2 else x01).permute(2, 0, 1)[None]
         out = generate(self.handle.get(), x01, [noise_seed], self.alpha, self.steps, self.convert_channels)
         out = out[0].permute(1, 2, 0).numpy()
         out = out[..., 0] if img.ndim == 2 else out
         return (out * 255).round().astype(np.uint8) if img.dtype == np.uint8 else out.astype(np.float32)
 
+    @property
+    def ckpt(self):
+        spec = self.handle.spec
+        return type(spec).__name__ if isinstance(spec, torch.nn.Module) else str(spec)
+
     def get_transform_init_args_names(self) -> tuple:
-        return ("alpha", "steps", "convert_channels")
+        return ("ckpt", "alpha", "steps", "convert_channels")
+
+    def to_dict_private(self) -> dict:
+        if isinstance(self.handle.spec, torch.nn.Module):
+            raise DKGMError("a DKGMAugment built from a model object cannot be serialised; build it from a "
+                            "checkpoint path or shipped name (save the model with model.save(path))")
+        return super().to_dict_private()
+
+
+def to_unit_hwc(img) -> torch.Tensor:
+    """A numpy image or batch (uint8, or float32 in [0, 1]) as float32 in [0, 1], same layout."""
+    if not isinstance(img, np.ndarray) or img.size == 0:
+        got = getattr(img, "shape", type(img).__name__)
+        raise DataError(f"expected a non-empty numpy HxW or HxWxC image, got {got}")
+    if img.dtype == np.uint8:
+        return torch.from_numpy(img.astype(np.float32) / 255.0)
+    if img.dtype != np.float32:
+        raise DataError(f"images must be uint8 or float32 in [0, 1], got {img.dtype}")
+    return check_unit_range(torch.from_numpy(img.copy()))

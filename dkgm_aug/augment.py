@@ -9,11 +9,13 @@ A generator is any ``nn.Module`` with ``channels`` and
 ``neighbours_from_seeds(x, seeds, *, labels=None, alpha=None, steps=None)`` taking and
 returning ``[-1, 1]`` images (:class:`dkgm_aug.DKGM` is one).
 """
+import warnings
+
 import torch
 
 from .checkpoint import load
 from .errors import DataError, DKGMError
-from .images import from_model, to_model
+from .images import check_unit_range, from_model, to_model
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -25,6 +27,32 @@ CPU_CHUNK_PIXELS = 64 * 28 * 28
 def cpu_chunk(height: int, width: int) -> int:
     """Images per generator call on CPU: about ``CPU_CHUNK_PIXELS`` pixels per channel."""
     return max(1, CPU_CHUNK_PIXELS // (height * width))
+
+
+# Generation time against image side, fashion-mnist-tiny (trained at 28x28), batch 1, one CPU
+# thread: 28 px 0.035 s, 56 px 0.093 s, 112 px 0.37 s, 224 px 3.1 s, 448 px 34 s -- the
+# self-attention grows with the square of the pixel count. So past 16x the training pixels
+# (4x the side) a call warns, and past 64x (8x the side, seconds per image) it is refused.
+WARN_PIXELS, MAX_PIXELS = 16, 64
+
+
+def check_image_size(model, height: int, width: int) -> None:
+    """Refuse images far larger than the generator's ``image_size`` (generators without one: no check)."""
+    size = getattr(model, "image_size", None)
+    if size is None:
+        return
+    h0, w0 = size if isinstance(size, (tuple, list)) else (size, size)
+    ratio = height * width / (h0 * w0)
+    if ratio > MAX_PIXELS:
+        raise DataError(
+            f"images of {height}x{width} have {ratio:.0f}x the pixels of the generator's {h0}x{w0} training size "
+            f"(at most {MAX_PIXELS}x is taken: time grows with the square of the pixel count, 34 s for one 448x448 "
+            f"image with a 28x28 generator on one CPU thread); resize first, e.g. v2.Resize(({h0}, {w0})) before "
+            f"DKGMAugment and v2.Resize(({height}, {width})) after it, or use a generator trained near this size")
+    if ratio > WARN_PIXELS:
+        warnings.warn(f"images of {height}x{width} have {ratio:.0f}x the pixels of the generator's {h0}x{w0} "
+                      "training size: generation is slow and the generator never saw images this large; "
+                      f"consider resizing to about {h0}x{w0}", stacklevel=3)
 
 
 def load_generator(spec, device=None):
@@ -81,10 +109,10 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
     :func:`cpu_chunk` images (the same result: each image's noise comes from its own seed)."""
     if x01.ndim != 4:
         raise DataError(f"expected a [B, C, H, W] batch, got shape {tuple(x01.shape)}")
-    if not bool(torch.isfinite(x01).all()):
-        raise DataError("images contain NaN or inf values")
+    x01 = check_unit_range(x01)
     if len(seeds) != len(x01):
         raise DKGMError(f"{len(seeds)} seeds for {len(x01)} images")
+    check_image_size(model, *x01.shape[-2:])
     device = model_device(model)
     x = to_model(match_channels(x01.to(device, torch.float32), model.channels, convert_channels)).to(model_dtype(model))
     n = cpu_chunk(*x.shape[-2:]) if device.type == "cpu" else len(x)

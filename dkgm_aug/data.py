@@ -162,35 +162,64 @@ def image_folder(root, size=None, channels: int | None = None, transform=None) -
                         [c for _, c in files], classes, transform, f"image folder {root}")
 
 
-def load_dataset(name_or_path, split: str = "train", **kwargs) -> ImageDataset:
-    """``"fashion-mnist"``, ``"digits"``, a ``.npz`` file or an image folder."""
+def load_dataset(name_or_path, split: str | None = None, **kwargs) -> ImageDataset:
+    """``"fashion-mnist"`` or ``"digits"`` (``split`` defaults to ``"train"``), a ``.npz`` file or an
+    image folder (each holds one split: give the file or folder of the split you want)."""
     text = os.fspath(name_or_path)
     if text == "fashion-mnist":
-        return fashion_mnist(split=split, **kwargs)
+        return fashion_mnist(split=split or "train", **kwargs)
     if text == "digits":
-        return digits(split=split, **kwargs)
+        return digits(split=split or "train", **kwargs)
     path = Path(text)
-    if path.suffix == ".npz" and path.is_file():
-        return npz(path, **kwargs)
-    if path.is_dir():
-        return image_folder(path, **kwargs)
-    raise DataError(f"unknown dataset {text!r}: use one of {DATASETS}, a .npz file or an image folder")
+    if not ((path.suffix == ".npz" and path.is_file()) or path.is_dir()):
+        raise DataError(f"unknown dataset {text!r}: use one of {DATASETS}, a .npz file or an image folder")
+    if split is not None:
+        raise DataError(f"{text} holds one split, so split={split!r} (--split) cannot select one; splits are for "
+                        f"{DATASETS}: give the .npz file or image folder of the split you want")
+    return npz(path, **kwargs) if path.is_file() else image_folder(path, **kwargs)
 
 
-def long_tailed_indices(targets, rho: float, seed: int = 0) -> torch.Tensor:
-    """Indices of a long-tailed subset (CIFAR-10-LT's exponential profile): class ``c``
-    keeps ``round(n_max * rho ** (-c / (C - 1)))`` images chosen by a seeded permutation,
-    where ``n_max`` is the size of the largest class."""
+PROFILES = ("exp", "step")
+
+
+def class_order(classes, order) -> list:
+    """Classes from head to tail: ``None``/``"natural"`` (sorted), ``"reversed"``, ``"perm:<seed>"``
+    (a seeded permutation), or an explicit list holding every class once."""
+    classes = sorted(classes)
+    if order is None or order == "natural":
+        return classes
+    if order == "reversed":
+        return classes[::-1]
+    if isinstance(order, str) and order.startswith("perm:") and order[5:].isdigit():
+        g = torch.Generator().manual_seed(int(order[5:]))
+        return [classes[i] for i in torch.randperm(len(classes), generator=g).tolist()]
+    if isinstance(order, (list, tuple)) and sorted(order) == classes:
+        return list(order)
+    raise DataError(f"class order must be 'natural', 'reversed', 'perm:<seed>' or a list of every class "
+                    f"{classes} once, got {order!r}")
+
+
+def long_tailed_indices(targets, rho: float, seed: int = 0, order=None, profile: str = "exp") -> torch.Tensor:
+    """Indices of a long-tailed subset. ``profile="exp"`` is CIFAR-10-LT's: the class of rank ``r``
+    in ``order`` (see :func:`class_order`; rank 0 is the head) keeps ``round(n_max * rho ** (-r / (C - 1)))``
+    images; ``"step"`` keeps ``n_max`` for the first half of the classes and ``round(n_max / rho)`` for
+    the rest. ``n_max`` is the size of the largest class; which images stay is a seeded permutation."""
     targets = torch.as_tensor(targets).flatten()
     if rho < 1:
         raise DataError(f"imbalance ratio rho must be >= 1, got {rho}")
-    classes = torch.unique(targets).tolist()
+    if profile not in PROFILES:
+        raise DataError(f"profile must be one of {PROFILES}, got {profile!r}")
+    classes = class_order(torch.unique(targets).tolist(), order)
     counts = torch.bincount(targets)
     n_max, n_cls = int(counts.max()), len(classes)
     g = torch.Generator().manual_seed(seed)
-    keep = []
-    for rank, c in enumerate(classes):
+    keep = {}
+    for c in sorted(classes):            # draw in label order, so the order changes counts, not draws
+        rank = classes.index(c)
+        if profile == "step":
+            n = n_max if rank < n_cls // 2 else round(n_max / rho)
+        else:
+            n = round(n_max * rho ** (-rank / (n_cls - 1))) if n_cls > 1 else n_max
         idx = torch.nonzero(targets == c).flatten()
-        n = round(n_max * rho ** (-rank / (n_cls - 1))) if n_cls > 1 else len(idx)
-        keep.append(idx[torch.randperm(len(idx), generator=g)[: min(n, len(idx))]])
-    return torch.cat(keep).sort().values
+        keep[c] = idx[torch.randperm(len(idx), generator=g)[: min(n, len(idx))]]
+    return torch.cat(list(keep.values())).sort().values

@@ -20,7 +20,13 @@ Two ways to use it:
 
 Inputs: PIL images (mode L or RGB), ``tv_tensors.Image``, plain CHW or BCHW tensors
 (uint8, or float in [0, 1]). The output has the input's type, dtype, shape, device
-and value range; the input is never modified.
+and value range; the input is never modified. Which inputs of a sample are images follows
+torchvision v2: PIL images and ``tv_tensors.Image``, and a plain tensor only when the sample
+has neither (the first one found). Masks, bounding boxes, keypoints, labels and other values
+pass through untouched; a ``tv_tensors.Video`` is refused (pass its frames as an Image).
+The whole input is checked before ``p`` is drawn: NaN/inf, floats outside [0, 1] (as after
+``Normalize`` or in [0, 255]; within 1e-3 of it is rounding and clamped), channels-last
+tensors and images over 64x the generator's training pixels raise a ``DataError``.
 
 Seeding: ``seed=None`` draws from torch's global RNG (DataLoader workers are seeded
 differently, so workers differ). With ``seed=int`` the transform owns a generator;
@@ -29,28 +35,32 @@ workers never repeat each other's noise, and a seeded DataLoader stays reproduci
 The generator checkpoint loads lazily, so the transform pickles small for workers.
 """
 import numbers
+import threading
 
 import numpy as np
 import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import is_pure_tensor
 
-from .augment import generate, load_generator, model_device
+from ._validate import check_device, check_seed
+from .augment import check_image_size, generate, load_generator, model_device
 from .dkgm import check_knobs
 from .errors import DataError, DKGMError
-from .images import to_unit_float
+from .images import check_chw, check_unit_range, to_unit_float
 
 _SEED_MAX = 2 ** 62
 
 
 class SeedSource:
-    """Where a transform's random numbers come from: torch's global RNG, or an owned,
-    worker-aware ``torch.Generator``. Shared by the torchvision and albumentations twins."""
+    """Where the torchvision transform's random numbers come from: torch's global RNG, or an
+    owned, worker-aware ``torch.Generator`` (the albumentations twin draws from albumentations'
+    own ``random_generator`` instead)."""
 
     def __init__(self, seed=None):
-        if seed is not None and not isinstance(seed, (numbers.Integral, torch.Generator)):
-            raise DKGMError(f"seed must be None, an int or a torch.Generator, got {type(seed).__name__}")
+        if seed is not None and not isinstance(seed, torch.Generator):
+            seed = check_seed(seed)
         self.seed = seed
         self.generator = seed if isinstance(seed, torch.Generator) else (
             torch.Generator().manual_seed(int(seed)) if seed is not None else None)
@@ -96,26 +106,34 @@ def check_p(p) -> float:
 
 
 class GeneratorHandle:
-    """A generator spec that loads once per process; pickles as the spec alone when it is a name/path."""
+    """A generator spec that loads once per process, also when threads share it; pickles as the
+    spec alone when it is a name/path."""
 
     def __init__(self, spec, device=None):
         if not isinstance(spec, torch.nn.Module):
             from .checkpoint import resolve
             resolve(spec)                       # fail now, not in a worker, if the file is missing
         self.spec, self.device, self._model = spec, device, None
+        self._lock = threading.Lock()
 
     def get(self, like: torch.Tensor | None = None):
-        if self._model is None:
-            self._model = load_generator(self.spec, self.device)
-        if self.device is None and like is not None and model_device(self._model) != like.device:
-            self._model = self._model.to(like.device)       # follow the input's device
-        return self._model
+        with self._lock:
+            if self._model is None:
+                self._model = load_generator(self.spec, self.device)
+            if self.device is None and like is not None and model_device(self._model) != like.device:
+                self._model = self._model.to(like.device)       # follow the input's device
+            return self._model
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        del state["_lock"]                      # locks do not pickle; each process makes its own
         if not isinstance(self.spec, torch.nn.Module):
             state["_model"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 class DKGMAugment(v2.Transform):
@@ -123,14 +141,21 @@ class DKGMAugment(v2.Transform):
 
     ``ckpt``: a shipped name (``dkgm_aug.list_pretrained()``), a checkpoint path, or a model.
     ``alpha``/``steps``: the generator's defaults when ``None``. ``device``: where the
-    generator runs (``None``: the input's device). ``convert_channels``: allow gray <-> RGB
-    conversion when the image and the generator differ.
+    generator runs (``None``: the input's device; a CUDA/MPS device this machine lacks is
+    refused here). ``seed``: an int in [0, 2**63) or a ``torch.Generator``.
+    ``convert_channels``: allow gray <-> RGB conversion when the image and the generator
+    differ. It does not keep colour: an RGB image through a gray generator goes in as its
+    luminance, and its neighbour comes back gray, replicated on the 3 channels (a gray image
+    through an RGB generator goes in replicated and comes back as the luminance of the result).
 
     >>> aug = DKGMAugment("fashion-mnist-tiny", p=1.0, seed=0)       # doctest: +SKIP
     >>> aug(pil_image)                                              # doctest: +SKIP
     """
 
-    _transformed_types = (torch.Tensor, PIL.Image.Image)
+    # torchvision v2 decides which inputs of a sample are images from these (with its rule that a
+    # plain tensor is an image only when the sample has no Image, Video or PIL image); masks,
+    # boxes, keypoints and other values pass through. Videos are taken only to be refused.
+    _transformed_types = (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image, is_pure_tensor)
 
     def __init__(self, ckpt, alpha=None, steps=None, p: float = 1.0, device=None, seed=None,
                  convert_channels: bool = False):
@@ -138,7 +163,7 @@ class DKGMAugment(v2.Transform):
         self.alpha = None if alpha is None else check_knobs(alpha=alpha)
         self.steps = None if steps is None else check_knobs(steps=steps)
         self.p = check_p(p)
-        self.device = None if device is None else torch.device(device)
+        self.device = check_device(device)
         self.convert_channels = bool(convert_channels)
         self.handle = GeneratorHandle(ckpt, self.device)
         self.rng = SeedSource(seed)
@@ -148,14 +173,16 @@ class DKGMAugment(v2.Transform):
         return dict(apply=self.rng.rand(n) < self.p, seeds=self.rng.seeds(n))
 
     def transform(self, inpt, params: dict):
+        # the whole input is checked before p is looked at, so a bad image fails at any p and seed
+        x01, restore = to_batch(inpt)
+        model = self.handle.get(like=x01 if self.device is None else None)
+        check_image_size(model, *x01.shape[-2:])
         apply = params["apply"]
-        x01, restore = to_batch(inpt)            # validates the input even when nothing is applied
         if not bool(apply.any()):
             return inpt
         if len(apply) != len(x01):
             raise DKGMError(f"params were drawn for {len(apply)} images, the input has {len(x01)}")
         idx = torch.nonzero(apply).flatten()
-        model = self.handle.get(like=x01 if self.device is None else None)
         out = x01.clone()
         out[idx] = generate(model, x01[idx], [params["seeds"][i] for i in idx.tolist()],
                             self.alpha, self.steps, self.convert_channels)
@@ -173,6 +200,9 @@ def batch_size(inpt) -> int:
 def to_batch(inpt):
     """``inpt`` as a float ``[B, C, H, W]`` batch in [0, 1], and a function that turns such a
     batch back into ``inpt``'s type, dtype, shape and range."""
+    if isinstance(inpt, tv_tensors.Video):
+        raise DataError("DKGMAugment does not augment a tv_tensors.Video; to give each frame its own "
+                        "neighbour, pass the frames as tv_tensors.Image(video.flatten(0, -4))")
     if isinstance(inpt, torch.Tensor):
         if inpt.ndim not in (3, 4):
             raise DataError(f"tensor images must be CHW or BCHW, got shape {tuple(inpt.shape)}")
@@ -180,8 +210,9 @@ def to_batch(inpt):
             raise DataError(f"tensor images must be uint8 or float in [0, 1], got {inpt.dtype}")
         if min(inpt.shape[-2:]) == 0 or (inpt.ndim == 4 and inpt.shape[0] == 0):
             raise DataError(f"empty image tensor of shape {tuple(inpt.shape)}")
+        check_chw(inpt)
         x = inpt if inpt.ndim == 4 else inpt[None]
-        x01 = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x01 = x.float() / 255.0 if x.dtype == torch.uint8 else check_unit_range(x.float())
 
         def restore(out):
             y = (out * 255).round().to(torch.uint8) if inpt.dtype == torch.uint8 else out.to(inpt.dtype)

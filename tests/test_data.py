@@ -101,3 +101,19 @@ def test_long_tailed_profile():
     assert not torch.equal(idx, long_tailed_indices(targets, rho=100, seed=1))
     with pytest.raises(DataError, match="rho"):
         long_tailed_indices(targets, rho=0.5)
+
+
+def test_long_tailed_class_order_and_step_profile():
+    targets = torch.arange(10).repeat_interleave(100)
+    natural = torch.bincount(targets[long_tailed_indices(targets, rho=10)], minlength=10)
+    rev = torch.bincount(targets[long_tailed_indices(targets, rho=10, order="reversed")], minlength=10)
+    assert natural[0] == 100 and natural[9] == 10 and torch.equal(rev, natural.flip(0))
+    perm = torch.bincount(targets[long_tailed_indices(targets, rho=10, order="perm:3")], minlength=10)
+    assert sorted(perm.tolist()) == sorted(natural.tolist()) and not torch.equal(perm, natural)
+    step = torch.bincount(targets[long_tailed_indices(targets, rho=10, profile="step")], minlength=10)
+    assert step.tolist() == [100] * 5 + [10] * 5
+    # the natural order is the default, and gives the same split as before orders existed
+    assert torch.equal(long_tailed_indices(targets, 10, 0), long_tailed_indices(targets, 10, 0, order="natural"))
+    for bad in (dict(order="sideways"), dict(order=[0, 1]), dict(profile="linear")):
+        with pytest.raises(DataError):
+            long_tailed_indices(targets, rho=10, **bad)
