@@ -1,9 +1,13 @@
-"""The ``dkgm-aug`` command line: ``train``, ``sample`` and ``info``.
+"""The ``dkgm-aug`` command line: ``train``, ``sample``, ``info`` and ``demo``.
 
     dkgm-aug train --data fashion-mnist --preset tiny --stage1-steps 2000 --stage2-steps 1000 --out gen.safetensors
-    dkgm-aug sample gen.safetensors --data fashion-mnist --n 16 --alpha 0.5 --out grid.png
+    dkgm-aug sample gen.safetensors --n 16 --alpha 0.5 --out grid.png
     dkgm-aug info gen.safetensors
+    dkgm-aug demo --rho 100 --out demo_out
 
+``train`` keeps its state in ``--work-dir`` (default ``runs/<name of --out>``) and resumes from
+it when run again with the same settings; ``--no-resume`` starts over. ``sample`` takes its
+images from the data the checkpoint was trained on unless ``--data`` says otherwise.
 ``train`` also runs on several processes: ``torchrun --nproc_per_node=8 -m dkgm_aug.cli train ...``
 (docs/distributed.md).
 """
@@ -12,19 +16,24 @@ import json
 import platform
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from . import __version__, demo
+from ._validate import check_int
 from .augment import model_device
 from .checkpoint import load, read_metadata, resolve
-from .data import load_dataset
-from .demo import main as demo_main
+from .data import DATASETS, ImageDataset, load_dataset
 from .dkgm import DKGM
-from .errors import DKGMError
+from .errors import DataError, DKGMError
 from .images import from_model, to_model
 from .trainer import Trainer, init_distributed
 from .unet import PRESETS
+
+LUMA = torch.tensor([0.299, 0.587, 0.114])   # PIL's convert("L") weights, as image folders get
 
 
 def hardware(device: torch.device, world_size: int = 1) -> str:
@@ -35,8 +44,39 @@ def hardware(device: torch.device, world_size: int = 1) -> str:
     return name if world_size == 1 else f"{world_size} processes x {name}"
 
 
+def convert_images(data: ImageDataset, size=None, channels: int | None = None) -> ImageDataset:
+    """``data`` with its images resized to ``size`` (H, W; antialiased bicubic) and converted to
+    ``channels`` (1 <-> 3: gray to RGB, or RGB to luma); ``data`` itself when nothing changes."""
+    x = data.images
+    if channels is not None and x.shape[1] != channels:
+        if {x.shape[1], channels} != {1, 3}:
+            raise DataError(f"cannot convert {x.shape[1]}-channel images to {channels} channels: --channels "
+                            "converts between 1 (gray) and 3 (RGB)")
+        x = x.expand(-1, 3, -1, -1) if channels == 3 else (x.float() * LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    if x is data.images:
+        return data
+    x = x.round().clamp(0, 255).to(torch.uint8) if x.is_floating_point() else x.contiguous()
+    desc = f"{data.description}, as {x.shape[2]}x{x.shape[3]} with {x.shape[1]} channel(s)"
+    return ImageDataset(x, data.targets, data.classes, data.transform, desc)
+
+
+def load_data(spec: dict) -> ImageDataset:
+    """The images a data spec names: ``data`` (a dataset name, .npz or image folder), ``split``,
+    ``limit`` (the first N images; 0 = all), ``size`` and ``channels``. Checkpoints that ``train``
+    writes keep theirs in ``info["training"]["data_spec"]``, so ``sample`` can load the same images."""
+    name, size, channels = spec["data"], spec.get("size"), spec.get("channels")
+    folder = name not in DATASETS and Path(name).is_dir()   # mixed image sizes need resizing as they load
+    data = load_dataset(name, split=spec.get("split"), **(dict(size=size, channels=channels) if folder else {}))
+    if spec.get("limit"):
+        data = data.subset(torch.arange(min(spec["limit"], len(data))))
+    return convert_images(data, size, channels)
+
+
 def cmd_train(args) -> None:
     """Under torchrun every process runs this; the trainer splits each batch over them."""
+    args.work_dir = args.work_dir or str(Path("runs") / Path(args.out).stem)
     owned = dist.is_available() and not dist.is_initialized()
     rank, world_size = init_distributed(args.device)
     try:
@@ -47,9 +87,10 @@ def cmd_train(args) -> None:
 
 
 def _train(args, rank: int, world_size: int) -> None:
-    data = load_dataset(args.data, split=args.split)
-    if args.limit:
-        data = data.subset(torch.arange(min(args.limit, len(data))))
+    name = args.data if args.data in DATASETS else str(Path(args.data).resolve())   # loadable from anywhere
+    spec = dict(data=name, split=args.split, limit=check_int("--limit", args.limit, 0),
+                size=list(args.size) if args.size else None, channels=args.channels)
+    data = load_data(spec)
     x0, _ = data[0]
     torch.manual_seed(args.seed)           # initial weights too: a rerun of the command is the same run
     model = DKGM.from_preset(args.preset, image_size=tuple(x0.shape[-2:]), channels=x0.shape[0],
@@ -61,14 +102,15 @@ def _train(args, rank: int, world_size: int) -> None:
     for stage in (1, 2):
         trainer = Trainer(model, data, out_dir=args.work_dir, batch_size=batch_sizes[stage],
                           max_steps=max_steps[stage], lr=args.lr, seed=args.seed, device=args.device,
-                          save_every=args.save_every, num_workers=args.num_workers, progress=not args.quiet)
+                          save_every=args.save_every, num_workers=args.num_workers, progress=not args.quiet,
+                          resume=not args.no_resume)
         trainer.fit(stage)
         elapsed[f"stage{stage}_s"] = round(trainer.elapsed.get(stage, 0.0), 1)   # summed over resumes
     if rank != 0:        # rank 0 holds the same weights and writes the checkpoint
         return
     model.save(args.out, training=dict(
         command="dkgm-aug " + " ".join(shlex.quote(str(a)) for a in args.argv),
-        data=data.description, n_images=len(data), stage1_steps=args.stage1_steps,
+        data=data.description, data_spec=spec, n_images=len(data), stage1_steps=args.stage1_steps,
         stage2_steps=args.stage2_steps, batch_size=batch_sizes, world_size=world_size, lr=args.lr, seed=args.seed,
         wall_time_s=round(sum(elapsed.values()), 1), hardware=hardware(trainer.device, world_size),
         torch_version=torch.__version__, **elapsed), classes=list(data.classes))
@@ -76,10 +118,28 @@ def _train(args, rank: int, world_size: int) -> None:
           f"{sum(elapsed.values()):.0f} s of training); samples and logs in {args.work_dir}/")
 
 
+def sample_spec(args, model) -> dict:
+    """The data ``sample`` takes its images from: ``--data`` (at the model's size and channels as
+    trained), else the data the checkpoint was trained on; ``--split`` overrides either's split."""
+    trained = model.info.get("training", {}).get("data_spec")
+    if args.data is not None:
+        spec = dict(data=args.data, size=(trained or {}).get("size"), channels=(trained or {}).get("channels"))
+    elif trained:
+        spec = dict(trained)
+    elif model.channels == 1 and model.image_size == (28, 28):   # checkpoints from before data_spec
+        spec = dict(data="fashion-mnist", split="test")
+    else:
+        raise DKGMError(f"{args.checkpoint} does not record the data it was trained on: pass --data "
+                        "(and --split if the data has splits)")
+    if args.split is not None:
+        spec["split"] = args.split
+    return spec
+
+
 def cmd_sample(args) -> None:
     from torchvision.utils import save_image
     model = load(args.checkpoint, device=args.device)
-    data = load_dataset(args.data, split=args.split)
+    data = load_data(sample_spec(args, model))
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
     real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(model_device(model))
@@ -87,7 +147,7 @@ def cmd_sample(args) -> None:
     # one row per source image: the real image, then its k neighbours
     grid = torch.cat([real[:, None], out], dim=1).flatten(0, 1)
     save_image(from_model(grid).cpu(), args.out, nrow=args.k + 1, padding=1)
-    print(f"wrote {args.out}: {args.n} real images (left column) and {args.k} neighbours each")
+    print(f"wrote {args.out}: {len(idx)} real images (left column) and {args.k} neighbours each")
 
 
 def cmd_info(args) -> None:
@@ -99,51 +159,77 @@ def cmd_info(args) -> None:
     print(json.dumps(meta, indent=2))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except for on/off flags and ``None`` (worked out at run time, as the help says)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.nargs == 0 else super()._get_help_string(action)
+
+
+def image_size(text: str) -> tuple:
+    """``--size``: ``28`` or ``32x28`` (height x width)."""
+    sides = text.lower().split("x")
+    if len(sides) > 2 or not all(s.isdigit() and 1 <= int(s) <= 8192 for s in sides):
+        raise argparse.ArgumentTypeError(f"expected N or HxW with sides in [1, 8192], got {text!r}")
+    return int(sides[0]), int(sides[-1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dkgm-aug", description="Train and sample DKGM generators.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train both stages and write a checkpoint")
+    t = sub.add_parser("train", help="train both stages and write a checkpoint", formatter_class=HelpFormatter)
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits, a .npz or an image folder")
-    t.add_argument("--split", default="train")
+    t.add_argument("--split", default=None,
+                   help="fashion-mnist: train or test; digits: train, test or all (default: train); "
+                        "a .npz or an image folder is one split")
     t.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
-    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    t.add_argument("--out", default="gen.safetensors")
-    t.add_argument("--work-dir", default="runs/dkgm", help="training state, logs and sample grids")
-    t.add_argument("--stage1-steps", type=int, default=2000)
-    t.add_argument("--stage2-steps", type=int, default=1000)
+    t.add_argument("--size", type=image_size, default=None, help="resize the images to N or HxW (default: as they are)")
+    t.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="convert the images to gray (1) or RGB (3) (default: as they are)")
+    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="U-Net size of both stages")
+    t.add_argument("--out", default="gen.safetensors", help="the checkpoint to write")
+    t.add_argument("--work-dir", default=None,
+                   help="training state, logs and sample grids (default: runs/<name of --out without suffix>)")
+    t.add_argument("--no-resume", action="store_true",
+                   help="start over, discarding the training state in --work-dir (by default a rerun resumes "
+                        "from it, and refuses when the settings differ)")
+    t.add_argument("--stage1-steps", type=int, default=2000, help="training steps of stage 1 (the denoiser)")
+    t.add_argument("--stage2-steps", type=int, default=1000, help="training steps of stage 2 (the debiaser)")
     t.add_argument("--batch-size", type=int, default=64, help="global batch, split over torchrun's processes")
     t.add_argument("--stage2-batch-size", type=int, default=0, help="stage-2 batch size (0 = --batch-size)")
-    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     t.add_argument("--alpha", type=float, default=0.5, help="noise level: stored default for sampling")
     t.add_argument("--steps", type=int, default=4, help="stage-2 iterations n")
-    t.add_argument("--b-min", type=float, default=0.5)
-    t.add_argument("--b-max", type=float, default=1.0)
-    t.add_argument("--kernel", default="gaussian", choices=["gaussian", "epanechnikov"])
+    t.add_argument("--b-min", type=float, default=0.5, help="smallest stage-2 training blur (pixels)")
+    t.add_argument("--b-max", type=float, default=1.0, help="largest stage-2 training blur (pixels)")
+    t.add_argument("--kernel", default="gaussian", choices=["gaussian", "epanechnikov"], help="noise kernel")
     t.add_argument("--m", type=int, default=1, help="noisy copies per image in the stage-1 loss")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=500)
-    t.add_argument("--num-workers", type=int, default=0)
-    t.add_argument("--device", default=None)
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--seed", type=int, default=0, help="initial weights, data order and noise")
+    t.add_argument("--save-every", type=int, default=500, help="steps between saves of the training state")
+    t.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
-    s = sub.add_parser("sample", help="write a grid of real images and their KDE neighbours")
+    s = sub.add_parser("sample", help="write a grid of real images and their KDE neighbours",
+                       formatter_class=HelpFormatter)
     s.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
-    s.add_argument("--data", default="fashion-mnist")
-    s.add_argument("--split", default="test")
-    s.add_argument("--n", type=int, default=8)
-    s.add_argument("--k", type=int, default=4)
-    s.add_argument("--alpha", type=float, default=None)
-    s.add_argument("--steps", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="samples.png")
-    s.add_argument("--device", default=None)
+    s.add_argument("--data", default=None, help="the source images (default: the data the checkpoint was trained on)")
+    s.add_argument("--split", default=None, help="the split of --data (default: as trained)")
+    s.add_argument("--n", type=int, default=8, help="real images (rows)")
+    s.add_argument("--k", type=int, default=4, help="neighbours per real image")
+    s.add_argument("--alpha", type=float, default=None, help="noise level (default: the checkpoint's)")
+    s.add_argument("--steps", type=int, default=None, help="stage-2 iterations (default: the checkpoint's)")
+    s.add_argument("--seed", type=int, default=0, help="picks the images and draws the noise")
+    s.add_argument("--out", default="samples.png", help="the PNG grid to write")
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     s.set_defaults(func=cmd_sample)
     d = sub.add_parser("demo", help="balance a long-tailed Fashion-MNIST split with a shipped generator",
-                       add_help=False)
-    d.add_argument("demo_args", nargs=argparse.REMAINDER)
-    d.set_defaults(func=lambda a: demo_main(a.demo_args))
-    i = sub.add_parser("info", help="print a checkpoint's config and metadata")
-    i.add_argument("checkpoint")
+                       description=demo.__doc__, formatter_class=HelpFormatter)
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run)
+    i = sub.add_parser("info", help="print a checkpoint's config and metadata", formatter_class=HelpFormatter)
+    i.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     i.set_defaults(func=cmd_info)
     return p
 

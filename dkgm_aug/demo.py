@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ._validate import check_int
 from .augment import generate, load_generator
 from .balanced import BalancedDKGMDataset
 from .data import fashion_mnist, long_tailed_indices
@@ -48,14 +49,18 @@ def neighbour_figure(model, ds, path, per_alpha: int = 3, seed: int = 0) -> None
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--generator", default="fashion-mnist-tiny")
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The demo's options, on ``p`` (this module's own parser, or ``dkgm-aug demo``)."""
+    p.add_argument("--generator", default="fashion-mnist-tiny", help="a shipped generator name or a checkpoint")
     p.add_argument("--rho", type=float, default=100.0, help="imbalance ratio of the long-tailed split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and the noise")
     p.add_argument("--timed", type=int, default=64, help="synthetic images to time")
-    p.add_argument("--out", default="demo_out")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="demo_out", help="folder for neighbours.png")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    check_int("--timed", args.timed, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -87,6 +92,11 @@ def main(argv=None) -> int:
     neighbour_figure(model, lt, out / "neighbours.png", seed=args.seed)
     print(f"wrote {out / 'neighbours.png'}: real images (left) and KDE neighbours at alpha {ALPHAS}")
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(p).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,17 @@ Dataset of images or ``(image, label)`` pairs, or a DataLoader. For tensors and
 Datasets the batch order is a seeded permutation per epoch, so a resumed run sees
 the same batches as an uninterrupted one; a DataLoader is iterated as given.
 
-Files in ``out_dir``: ``state_stage{1,2}.safetensors`` (weights, EMA, optimizer,
-step, RNG: written atomically every ``save_every`` steps and at the end; ``fit``
-resumes from it), ``model.safetensors`` (the model with EMA weights),
+Files in ``out_dir``: ``state_stage{1,2}.safetensors`` (the stage network's weights,
+EMA, optimizer, step, RNG and the run's settings: written atomically every ``save_every``
+steps and at the end), ``model.safetensors`` (the model with EMA weights),
 ``log_stage{s}.csv`` and ``samples_stage{s}_step{N}.png``.
+
+``fit`` resumes from the stage's state file when there is one (``resume=False`` starts
+over and deletes it). A resume never mixes two runs: it is refused when the state was
+saved with another model config, ``lr``, ``batch_size``, ``seed`` or data (a hash of the
+images), or at a later step than ``max_steps``; it restores only the trained stage's
+network (stage 2 learns from blurred real images, independently of stage 1), and drops
+the log rows past the resumed step.
 
 Under ``torchrun`` (or an initialised ``torch.distributed``) the trained stage runs
 in DistributedDataParallel, ``batch_size`` is the global batch split over the ranks,
@@ -25,9 +32,11 @@ and only rank 0 writes files: see docs/distributed.md.
 """
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -40,14 +49,42 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ._validate import check_device, check_float, check_int, check_seed
 from .checkpoint import atomic_write
-from .errors import DataError, DKGMError
+from .errors import CheckpointError, DataError, DKGMError
 from .images import collate_images, from_model, to_model
+
+
+LOG_HEADER = ["step", "loss", "images_per_s", "elapsed_s"]
+START_OVER = "start over with --no-resume (Python: resume=False) or another --work-dir (Python: out_dir=)"
 
 
 def _arch(config: dict) -> dict:
     """The part of a model config that must match to resume (JSON-normalised, without ``info``)."""
     return json.loads(json.dumps({k: v for k, v in config.items() if k != "info"}))
+
+
+def data_fingerprint(data) -> str:
+    """A cheap hash of the training data, kept in the training state so that a resume on other
+    data is refused: every byte of a tensor (or of a dataset's ``images`` tensor), else a fixed
+    sample of 32 items; nothing for an iterable dataset, or when the sample reads differently
+    twice (random transforms that do not use torch's RNG). The caller adds the length."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        data = data.dataset
+    images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
+    if isinstance(data, torch.utils.data.IterableDataset):
+        images = torch.empty(0)
+    elif not isinstance(images, torch.Tensor):
+        idx = torch.linspace(0, len(data) - 1, min(32, len(data))).round().long().unique().tolist()
+        reads = []
+        for _ in range(2):
+            with torch.random.fork_rng(devices=[]):   # torch-seeded transforms read the same twice
+                torch.manual_seed(0)
+                reads.append(collate_images([data[i] for i in idx]))
+        images = reads[0] if torch.equal(*reads) else torch.empty(0)
+    h = hashlib.sha256(f"{tuple(images.shape)} {images.dtype}".encode())
+    h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 def init_distributed(device=None) -> tuple[int, int]:
@@ -73,14 +110,25 @@ class Trainer:
                  device=None, num_workers: int = 0, progress: bool = True, resume: bool = True):
         if (max_steps is None) == (epochs is None):
             raise DKGMError("give exactly one of max_steps or epochs")
-        if batch_size < 1:
-            raise DKGMError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_int("batch_size", batch_size, 1)
+        lr, ema_decay = check_float("lr", lr), check_float("ema_decay", ema_decay)
+        if lr <= 0:
+            raise DKGMError(f"lr must be > 0, got {lr!r}")
+        if not 0 <= ema_decay < 1:
+            raise DKGMError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        if epochs is not None and check_float("epochs", epochs) <= 0:
+            raise DKGMError(f"epochs must be > 0, got {epochs!r}")
+        max_steps = None if max_steps is None else check_int("max_steps", max_steps, 1)
+        grad_clip = check_float("grad_clip", grad_clip, 0)
+        save_every, log_every = check_int("save_every", save_every, 1), check_int("log_every", log_every, 1)
+        num_workers, seed = check_int("num_workers", num_workers, 0), check_seed(seed)
+        device = check_device(device)
         self.rank, self.world_size = init_distributed(device)
         self.distributed = self.world_size > 1
         if batch_size < self.world_size:
             raise DKGMError(f"batch_size is the global batch, split over {self.world_size} processes: "
                             f"it must be >= {self.world_size}, got {batch_size}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.distributed and self.device.type == "cuda":   # one GPU per process
             if self.device.index is None:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
@@ -93,6 +141,7 @@ class Trainer:
         self.num_workers, self.progress, self.resume = num_workers, progress, resume
         self.data = data
         self.n_items = self._check_data()
+        self.data_id = f"{self.n_items} items, sha256 {data_fingerprint(data)}"
         # Every global batch has min(batch_size, n_items) items; each rank takes an equal slice.
         global_batch = min(batch_size, self.n_items)
         self.local_batch = global_batch // self.world_size
@@ -107,7 +156,7 @@ class Trainer:
             warnings.warn(f"a batch of {global_batch} does not split evenly over {self.world_size} processes: "
                           f"each takes {self.local_batch} and the other {global_batch % self.world_size} are skipped")
         self.steps_per_epoch = max(1, self.n_items // batch_size)
-        self.max_steps = int(max_steps) if max_steps is not None else math.ceil(epochs * self.steps_per_epoch)
+        self.max_steps = max_steps if max_steps is not None else math.ceil(epochs * self.steps_per_epoch)
         if self.max_steps < 1:
             raise DKGMError(f"training needs at least one step, got max_steps={self.max_steps}")
         self._preview = None
@@ -181,6 +230,14 @@ class Trainer:
     def _state_path(self, stage: int) -> Path:
         return self.out_dir / f"state_stage{stage}.safetensors"
 
+    def _settings(self, stage: int) -> dict:
+        """What a resumed run must share with the run that saved the state: ``{name: (value, where it is set)}``."""
+        batch_flag = "--batch-size" if stage == 1 else "--stage2-batch-size or --batch-size"
+        return {"lr": (self.lr, "--lr / lr="),
+                "batch_size": (self.batch_size, f"{batch_flag} / batch_size="),
+                "seed": (self.seed, "--seed / seed="),
+                "data": (self.data_id, "--data, --split, --limit, --size, --channels / data=")}
+
     def _save_state(self, stage, net, ema, opt, gen, step) -> None:
         """Collective: gathers every rank's RNG states; rank 0 writes the file."""
         mine = (gen.get_state(), torch.get_rng_state())
@@ -190,7 +247,7 @@ class Trainer:
             dist.all_gather_object(rngs, mine)
         if self.rank != 0:
             return
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors = {f"model.stage{stage}.{k}": v for k, v in net.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
         opt_state = opt.state_dict()
         for idx, st in opt_state["state"].items():
@@ -199,19 +256,57 @@ class Trainer:
         for r, (noise_state, torch_state) in enumerate(rngs):
             tensors[f"rng.noise.{r}"], tensors[f"rng.torch.{r}"] = noise_state, torch_state
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        meta = dict(stage=stage, step=step, max_steps=self.max_steps, seed=self.seed, world_size=self.world_size,
-                    elapsed_s=self.elapsed.get(stage, 0.0),
-                    param_groups=opt_state["param_groups"], model_config=self.model.config())
+        meta = dict(stage=stage, step=step, max_steps=self.max_steps, world_size=self.world_size,
+                    elapsed_s=self.elapsed.get(stage, 0.0), param_groups=opt_state["param_groups"],
+                    model_config=self.model.config(), **{k: v for k, (v, _) in self._settings(stage).items()})
         atomic_write(self._state_path(stage), lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
 
-    def _load_state(self, stage, net, ema, opt, gen) -> int:
-        path = self._state_path(stage)
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["state"])
-            t = {k: f.get_tensor(k) for k in f.keys()}
+    def _read_state(self, path: Path) -> tuple[dict, dict]:
+        """The metadata and tensors of a state file, refused when it is unreadable or not finite."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if not {"step", "model_config", "param_groups"} <= set(meta):
+                raise KeyError("step, model_config or param_groups")
+        except Exception as exc:   # safetensors raises its own error types on a cut-off file
+            raise CheckpointError(f"cannot read the training state {path} ({type(exc).__name__}: {exc}): it is "
+                                  f"truncated or corrupt; delete it, or {START_OVER}") from None
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"the training state {path} holds NaN or inf values ({', '.join(bad[:3])}), "
+                                  f"so training cannot go on from it; delete it, or {START_OVER}")
+        return meta, tensors
+
+    def _check_resume(self, path: Path, meta: dict, stage: int) -> int:
+        """The saved step, once the state is known to come from this same run."""
         if _arch(meta["model_config"]) != _arch(self.model.config()):
-            raise DKGMError(f"{path} was written for another model config; use a new out_dir or resume=False")
-        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+            raise DKGMError(f"{path} was saved for another model (--preset and the model flags / the model's "
+                            f"config); use the same model to resume, or {START_OVER}")
+        settings = self._settings(stage)
+        missing = [k for k in settings if k not in meta]
+        if missing and self.rank == 0:
+            warnings.warn(f"{path} was written by an older dkgm_aug that did not record {', '.join(missing)}: "
+                          f"resuming, but the settings could not be checked against this run's")
+        for key, (value, where) in settings.items():
+            if key in meta and meta[key] != value:
+                raise DKGMError(f"{path} was saved by a run with {key}={meta[key]!r}, this run has {key}={value!r} "
+                                f"({where}): resuming would mix the two runs. Use the saved setting to resume, "
+                                f"or {START_OVER}")
+        step = int(meta["step"])
+        if step > self.max_steps:
+            raise DKGMError(f"{path} is at step {step}, more than max_steps={self.max_steps} (--stage{stage}-steps / "
+                            f"max_steps=): give at least {step} steps to resume, or {START_OVER}")
+        return step
+
+    def _load_state(self, stage, net, ema, opt, gen) -> int:
+        """Restore the trained stage's network, EMA, optimizer and RNG; the other stage is left alone
+        (state files from older versions hold both stages' weights)."""
+        path = self._state_path(stage)
+        meta, t = self._read_state(path)
+        step = self._check_resume(path, meta, stage)
+        prefix = f"model.stage{stage}."
+        net.load_state_dict({k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
         ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
         state = {}
         for k, v in t.items():
@@ -226,7 +321,22 @@ class Trainer:
             if saved is not None:
                 set_state(saved)
         self.elapsed[stage] = float(meta.get("elapsed_s", 0.0))
-        return int(meta["step"])
+        return step
+
+    def _open_log(self, stage: int, step: int):
+        """The stage's CSV log, open for appending, holding only the rows up to ``step``: a run killed
+        after logging a step but before saving it logs that step again when resumed."""
+        path = self.out_dir / f"log_stage{stage}.csv"
+        rows = []
+        if step and path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= step]
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([LOG_HEADER, *rows])
+        atomic_write(path, write)
+        return open(path, "a", newline="")
 
     @contextmanager
     def _swapped(self, net, ema):
@@ -308,9 +418,7 @@ class Trainer:
         if stage not in (1, 2):
             raise DKGMError(f"stage must be 1 or 2, got {stage!r}")
         if max_steps is not None:
-            if max_steps < 1:
-                raise DKGMError(f"max_steps must be >= 1, got {max_steps}")
-            self.max_steps = int(max_steps)
+            self.max_steps = check_int("max_steps", max_steps, 1)
         main = self.rank == 0                      # only rank 0 writes files and shows progress
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,17 +430,18 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(seed)
         torch.manual_seed(seed)
         step = 0
+        if main and not self.resume:               # so that a run stopped before its first save resumes nothing
+            self._state_path(stage).unlink(missing_ok=True)
         if self._resumable(stage):
             step = self._load_state(stage, net, ema, opt, gen)
+            if main:
+                tqdm.write(f"resuming stage {stage} from step {step} of {self.max_steps} ({self._state_path(stage)})",
+                           file=sys.stderr)
         self.model.train()
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and self.device.type == "cuda"
                     else nullcontext())
-        log_path = self.out_dir / f"log_stage{stage}.csv"
-        new_log = not log_path.exists() or step == 0
-        with open(log_path, "w" if new_log else "a", newline="") if main else nullcontext() as log_file:
+        with self._open_log(stage, step) if main else nullcontext() as log_file:
             log = csv.writer(log_file) if main else None
-            if main and new_log:
-                log.writerow(["step", "loss", "images_per_s", "elapsed_s"])
             bar = tqdm(total=self.max_steps, initial=step, desc=f"stage {stage}",
                        disable=not (self.progress and main))
             start, seen, t0 = time.time() - self.elapsed.get(stage, 0.0), 0, time.time()

@@ -1,7 +1,14 @@
 import json
 
+import numpy as np
+import pytest
+import torch
+
 import dkgm_aug
+from dkgm_aug import DataError
 from dkgm_aug.cli import main
+from dkgm_aug.data import FASHION_MNIST_DIR, load_dataset
+from conftest import micro_model
 
 
 def test_train_info_sample(tmp_path, capsys):
@@ -28,3 +35,73 @@ def test_errors_exit_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope.safetensors")]) == 2
     assert "no checkpoint file" in capsys.readouterr().err
     assert main(["train", "--data", "nonexistent", "--out", str(tmp_path / "x")]) == 2
+
+
+TRAIN = ["train", "--data", "digits", "--limit", "64", "--preset", "tiny", "--stage1-steps", "2",
+         "--stage2-steps", "1", "--batch-size", "16", "--quiet"]
+
+
+def test_default_work_dir_follows_out_and_resume_checks_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(TRAIN + ["--out", "a.safetensors"]) == 0
+    assert main(TRAIN[:4] + ["32"] + TRAIN[5:] + ["--out", "b.safetensors"]) == 0
+    a, b = dkgm_aug.load("a.safetensors").state_dict(), dkgm_aug.load("b.safetensors").state_dict()
+    assert any(not torch.equal(v, b[k]) for k, v in a.items())      # b was trained, not copied from a
+    assert (tmp_path / "runs" / "a").is_dir() and (tmp_path / "runs" / "b").is_dir()
+    capsys.readouterr()
+    refusals = ((["--limit", "32"], "--data"), (["--lr", "0.001"], "--lr"), (["--stage1-steps", "1"], "--stage1-steps"))
+    for change, flag in refusals:
+        assert main(TRAIN + change + ["--out", "a.safetensors"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dkgm-aug: error: ") and flag in err and "--no-resume" in err, err
+    assert main(TRAIN + ["--lr", "0.001", "--no-resume", "--out", "a.safetensors"]) == 0
+    assert dkgm_aug.load("a.safetensors").info["training"]["lr"] == 0.001
+
+
+def test_help_shows_defaults_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())   # as argparse wraps it for the terminal
+    assert exit_.value.code == 0 and "(default: 2000)" in out and "--no-resume" in out and "--size" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"dkgm-aug {dkgm_aug.__version__}"
+
+
+def test_demo_is_a_real_subcommand(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and "--rho" in out and "--out" in out and "(default: 100.0)" in out
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        assert main(["demo", "--rho", "0.5", "--out", str(tmp_path / "d")]) == 2
+        assert "rho must be >= 1" in capsys.readouterr().err
+
+
+def test_size_channels_and_sample_on_the_training_data(tmp_path, capsys):
+    out = tmp_path / "gen.safetensors"
+    assert main(TRAIN + ["--size", "12x10", "--channels", "3", "--work-dir", str(tmp_path / "run"),
+                         "--out", str(out)]) == 0
+    model = dkgm_aug.load(out)
+    assert model.image_size == (12, 10) and model.channels == 3
+    assert model.info["training"]["data_spec"]["data"] == "digits"
+    assert main(["sample", str(out), "--n", "2", "--k", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(TRAIN + ["--size", "0"])
+
+
+def test_sample_without_recorded_data_asks_for_data(tmp_path, capsys):
+    micro_model(image_size=8).save(tmp_path / "g.safetensors")
+    assert main(["sample", str(tmp_path / "g.safetensors"), "--out", str(tmp_path / "s.png")]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_split_is_refused_for_npz_and_folders(tmp_path, capsys):
+    path = tmp_path / "x.npz"
+    np.savez(path, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
+    assert main(["train", "--data", str(path), "--split", "test", "--out", str(tmp_path / "g.safetensors")]) == 2
+    assert "split" in capsys.readouterr().err
+    with pytest.raises(DataError, match="split"):
+        load_dataset(path, split="train")
+    assert len(load_dataset(path)) == 4

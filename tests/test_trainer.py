@@ -49,8 +49,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     t.fit(1)
     rows = list(csv.DictReader(open(tmp_path / "part" / "log_stage1.csv")))
     assert [int(r["step"]) for r in rows][-1] == 8 and len(rows) == 2   # continued, not restarted
-    for k, v in full.state_dict().items():
-        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    for k, v in full.stage1.state_dict().items():   # a stage-1 state restores stage 1 only
+        assert torch.allclose(v, resumed.stage1.state_dict()[k], atol=1e-6), k
 
 
 @pytest.mark.parametrize("data, match", [
@@ -72,3 +72,23 @@ def test_nan_data_and_bad_args(tmp_path):
         Trainer(micro_model(), shapes_batch(4), out_dir=tmp_path)
     with pytest.raises(DKGMError, match="stage"):
         Trainer(micro_model(), shapes_batch(4), out_dir=tmp_path, max_steps=1).fit(3)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr=0), "lr"), (dict(lr=float("nan")), "lr"), (dict(ema_decay=1.0), "ema_decay"),
+    (dict(ema_decay=-0.1), "ema_decay"), (dict(save_every=0), "save_every"), (dict(log_every=0), "log_every"),
+    (dict(num_workers=-1), "num_workers"), (dict(grad_clip=-1.0), "grad_clip"), (dict(seed=-1), "seed"),
+    (dict(seed=2 ** 63), "seed"), (dict(seed=1.5), "seed"), (dict(batch_size=0), "batch_size"),
+    (dict(max_steps=2.5), "max_steps"), (dict(max_steps=None, epochs=0), "epochs"),
+    (dict(device="nonsense"), "device"),
+])
+def test_bad_arguments_fail_at_construction(tmp_path, kw, match):
+    kw = dict(out_dir=tmp_path, max_steps=1, progress=False) | kw
+    with pytest.raises(DKGMError, match=match):
+        Trainer(micro_model(image_size=8), shapes_batch(4, size=8), **kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_fails_at_construction(tmp_path):
+    with pytest.raises(DKGMError, match="CUDA is not available"):
+        Trainer(micro_model(image_size=8), shapes_batch(4, size=8), out_dir=tmp_path, max_steps=1, device="cuda")

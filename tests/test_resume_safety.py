@@ -1,0 +1,171 @@
+"""Resuming never mixes two runs (issue 12): every way a resume used to train on silently
+is now an error that says how to start over, or works correctly."""
+import csv
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dkgm_aug import CheckpointError, DKGMError, Trainer
+from conftest import micro_model, shapes_batch
+
+START_OVER = ("--no-resume", "resume=False")
+
+
+def trainer(out, data=None, model=None, **kw):
+    kw = dict(batch_size=4, max_steps=2, progress=False) | kw
+    data = shapes_batch(12, size=8) if data is None else data
+    return Trainer(model or micro_model(image_size=8), data, out_dir=out, **kw)
+
+
+def weights(net):
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+
+
+def log_steps(out, stage=1):
+    return [int(r["step"]) for r in csv.DictReader(open(out / f"log_stage{stage}.csv"))]
+
+
+def rewrite_state(path, edit):
+    """Apply ``edit(meta, tensors)`` to a saved training state."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata={"state": json.dumps(meta)})
+
+
+def test_stage2_resume_keeps_the_stage1_just_trained(tmp_path):
+    t = trainer(tmp_path)
+    t.fit(1)
+    t.fit(2)
+    t = trainer(tmp_path, max_steps=4)          # the same command again, with more steps
+    t.fit(1)
+    stage1 = weights(t.model.stage1)
+    t.fit(2)
+    for k, v in t.model.stage1.state_dict().items():
+        assert torch.equal(v.cpu(), stage1[k]), k   # stage 2's state holds no stage-1 weights to restore
+
+
+@pytest.mark.parametrize("change, flag", [
+    (dict(lr=1e-3), "--lr / lr="),
+    (dict(batch_size=2), "--batch-size"),
+    (dict(seed=1), "--seed / seed="),
+    (dict(data=shapes_batch(12, size=8, seed=1)), "--data"),
+    (dict(data=shapes_batch(10, size=8)), "--limit"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, change, flag):
+    trainer(tmp_path).fit(1)
+    with pytest.raises(DKGMError, match=flag) as err:
+        trainer(tmp_path, max_steps=4, **change).fit(1)
+    assert all(s in str(err.value) for s in START_OVER), err.value
+
+
+def test_resume_on_another_dataset_of_the_same_length_is_refused(tmp_path):
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, seed):
+            self.x = shapes_batch(12, size=8, seed=seed)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], 0
+    trainer(tmp_path, data=Items(0)).fit(1)
+    with pytest.raises(DKGMError, match="--data"):
+        trainer(tmp_path, data=Items(1), max_steps=4).fit(1)
+    trainer(tmp_path, data=Items(0), max_steps=4).fit(1)         # the same items resume
+
+
+def test_dataset_with_random_transform_still_resumes(tmp_path):
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.rand(1, 8, 8), 0
+    trainer(tmp_path, data=Noisy()).fit(1)
+    trainer(tmp_path, data=Noisy(), max_steps=4).fit(1)
+    assert log_steps(tmp_path)[-1] == 4
+
+
+def test_resume_with_fewer_steps_is_refused(tmp_path):
+    trainer(tmp_path, max_steps=4).fit(1)
+    with pytest.raises(DKGMError, match="step 4, more than max_steps=2") as err:
+        trainer(tmp_path, max_steps=2).fit(1)
+    assert "--stage1-steps" in str(err.value) and all(s in str(err.value) for s in START_OVER)
+    trainer(tmp_path, max_steps=4).fit(1)                        # done already: nothing to train
+
+
+def test_log_drops_rows_logged_after_the_last_save(tmp_path):
+    trainer(tmp_path, log_every=1).fit(1)
+    with open(tmp_path / "log_stage1.csv", "a", newline="") as f:   # a run killed after step 3
+        csv.writer(f).writerows([[3, 0.5, 1, 1], [4, 0.5, 1, 1]])
+    trainer(tmp_path, max_steps=4, log_every=1).fit(1)
+    assert log_steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_resume_says_so(tmp_path, capsys):
+    trainer(tmp_path).fit(1)
+    capsys.readouterr()
+    trainer(tmp_path, max_steps=4).fit(1)
+    assert "resuming stage 1 from step 2 of 4" in capsys.readouterr().err
+
+
+def test_state_from_older_code_resumes_with_a_warning(tmp_path):
+    trainer(tmp_path).fit(1)
+    model = micro_model(image_size=8)
+
+    def old_layout(meta, tensors):   # no recorded settings, and both stages' weights
+        for key in ("lr", "batch_size", "data"):
+            del meta[key]
+        tensors.update({f"model.stage2.{k}": v for k, v in model.stage2.state_dict().items()})
+    rewrite_state(tmp_path / "state_stage1.safetensors", old_layout)
+    with pytest.warns(UserWarning, match="could not be checked"):
+        trainer(tmp_path, max_steps=4).fit(1)
+    assert log_steps(tmp_path)[-1] == 4
+
+
+def test_truncated_state_file(tmp_path):
+    trainer(tmp_path).fit(1)
+    path = tmp_path / "state_stage1.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
+        trainer(tmp_path, max_steps=4).fit(1)
+    assert str(path) in str(err.value) and all(s in str(err.value) for s in START_OVER)
+
+
+def test_nan_in_saved_ema_weights_is_refused_at_load(tmp_path):
+    trainer(tmp_path).fit(1)
+
+    def poison(meta, tensors):
+        name = next(k for k in tensors if k.startswith("ema.") and tensors[k].is_floating_point())
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+    rewrite_state(tmp_path / "state_stage1.safetensors", poison)
+    with pytest.raises(CheckpointError, match="NaN") as err:
+        trainer(tmp_path, max_steps=4).fit(1)
+    assert "state_stage1.safetensors" in str(err.value)
+
+
+def test_other_model_config_names_both_ways_to_start_over(tmp_path):
+    trainer(tmp_path).fit(1)
+    with pytest.raises(DKGMError, match="model") as err:
+        trainer(tmp_path, model=micro_model(image_size=8, alpha=0.3), max_steps=4).fit(1)
+    assert all(s in str(err.value) for s in START_OVER)
+
+
+def test_no_resume_starts_over(tmp_path):
+    trainer(tmp_path, max_steps=4).fit(1)
+    trainer(tmp_path, lr=1e-3, resume=False).fit(1)              # other settings, fewer steps: a new run
+    assert log_steps(tmp_path) == [2]
+    with safe_open(str(tmp_path / "state_stage1.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    assert (meta["step"], meta["lr"]) == (2, 1e-3)
+
+
+def test_default_out_dir_refuses_other_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Trainer(micro_model(image_size=8), shapes_batch(12, size=8), batch_size=4, max_steps=2, progress=False).fit(1)
+    with pytest.raises(DKGMError, match="--data"):
+        Trainer(micro_model(image_size=8), shapes_batch(8, size=8), batch_size=4, max_steps=2, progress=False).fit(1)
