@@ -15,14 +15,36 @@ shift of up to ``--shift`` px by reflect-pad + random crop); only what the metho
   ce             cross-entropy, batches drawn uniformly from the long-tailed set
   cb_loss        cross-entropy weighted by class-balanced weights (Cui et al. 2019: effective
                  number, beta=0.999), uniform sampling
+  drw            deferred re-weighting (Cao et al. 2019): ce, then class-balanced weights from
+                 --drw-start (a fraction of the run) on
+  ldam_drw       LDAM loss (margins C / n_c^(1/4), largest --ldam-margin, logits scaled by
+                 --ldam-s) with drw's deferred weights
+  balanced_softmax  logit adjustment / Balanced Softmax (Menon et al. 2021, Ren et al. 2020):
+                 cross-entropy on logits + --la-tau * log(class prior); plain logits at test
+  mixup          mixup (Zhang et al. 2018, --mixup-alpha) of images and labels, uniform sampling
+  mixup_drw      mixup with drw's deferred weights
   ros            random oversampling: items drawn with probability 1/count(class)
   smote          imblearn SMOTE on flattened pixels, k_neighbors=min(5, n_min-1), then uniform
   randaug        torchvision RandAugment on each uint8 image, on top of the base shift
   dkgm_balanced  BalancedDKGMDataset(generator=--generator, sampling_strategy="auto"), batches drawn uniformly
   dkgm_augment   DKGMAugment(--generator, p=--dkgm-p) on the minority-class items (all but the largest class) of each batch
   ros_dkgm       ros, then dkgm_augment's transform: copies and neighbours mixed, half of each
+  loss_dkgm      the loss-side method --combine-loss, plus dkgm_augment's transform
+  dkgm_deferred  ce on the long-tailed set, then from --drw-start on batches drawn from
+                 dkgm_balanced's set: neighbours enter only in the last phase, as drw's weights do
   evae_balanced  the same wrapper around an EVAE: --evae, or one fitted here on the long-tailed split
   kss_balanced   the same wrapper around the kernel-smoothed-score sampler built from the long-tailed split
+
+Converged protocol (``--epochs E``): every method trains for E passes over its training split
+(``ceil(n / batch)`` steps each). ``--val-fraction`` of each class of the long-tailed training
+split (at least one image) is held out as a validation split, long-tailed like it; after
+every epoch the validation balanced accuracy (mean per-class recall) and the epoch's mean
+training loss go to ``curves.csv``. The weights of the best validation epoch are kept, and
+the test split is read once per run, with them. Knob variants of a method (``--dkgm-p``,
+``--la-tau``, ...) are rows with other ``knobs``; the report keeps, per method, the variant
+with the best mean validation balanced accuracy, so no knob is chosen by looking at test
+results. Without ``--epochs``, the older fixed-``--steps`` protocol runs (no validation).
+``--class-order`` (natural, reversed, perm:<seed>) and ``--profile`` (exp, step) shape the split.
 
 The long-tailed split is fixed by ``--split-seed``; ``--seeds`` vary everything else (weights,
 batches, augmentation and generator noise). The balanced wrappers generate a synthetic item the
@@ -51,13 +73,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
-from dkgm_aug.data import digits, fashion_mnist, long_tailed_indices
+from dkgm_aug.data import PROFILES, digits, fashion_mnist, long_tailed_indices
 from common import cpu_name
 
-METHODS = ("ce", "cb_loss", "ros", "smote", "randaug", "dkgm_balanced", "dkgm_augment", "ros_dkgm", "evae_balanced",
-           "kss_balanced")
+METHODS = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw", "ros", "smote", "randaug",
+           "dkgm_balanced", "dkgm_augment", "ros_dkgm", "loss_dkgm", "dkgm_deferred", "evae_balanced", "kss_balanced")
 BALANCED = ("dkgm_balanced", "evae_balanced", "kss_balanced")
-AUGMENTED = ("dkgm_augment", "ros_dkgm")     # DKGMAugment(p=--dkgm-p) on each batch's minority items
+AUGMENTED = ("dkgm_augment", "ros_dkgm", "loss_dkgm")   # DKGMAugment(p=--dkgm-p) on each batch's minority items
+LOSSES = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw")
+GENERATIVE = BALANCED + AUGMENTED + ("dkgm_deferred",)
 SHIPPED = {"digits": "digits-tiny", "fashion-mnist": "fashion-mnist-tiny"}
 
 
@@ -92,21 +116,80 @@ def class_balanced_weights(counts, beta: float = 0.999) -> torch.Tensor:
     return (w * len(n) / w.sum()).float()
 
 
+def drw_weights(counts, progress: float, start: float):
+    """Deferred re-weighting: no weights before ``start`` (a fraction of the run), then class-balanced."""
+    return class_balanced_weights(counts) if progress >= start else None
+
+
+def ldam_margins(counts, largest: float) -> torch.Tensor:
+    """LDAM's per-class margins, proportional to n_c^(-1/4), the largest equal to ``largest``."""
+    m = torch.as_tensor(counts, dtype=torch.float64) ** -0.25
+    return (m * (largest / m.max())).float()
+
+
+def loss_fn(method: str, logits, y, counts, progress: float, args, mix=None):
+    """The training loss of a loss-side ``method`` at ``progress`` (fraction of the run done).
+    ``mix = (lam, y_b)``: the batch was mixed as ``lam * x + (1 - lam) * x[perm]`` (mixup)."""
+    weight = drw_weights(counts, progress, args.drw_start) if method in ("drw", "ldam_drw", "mixup_drw") else (
+        class_balanced_weights(counts) if method == "cb_loss" else None)
+    if method == "ldam_drw":
+        margins = ldam_margins(counts, args.ldam_margin)
+        logits = args.ldam_s * (logits - F.one_hot(y, logits.shape[1]) * margins[y][:, None])
+    if method == "balanced_softmax":
+        prior = torch.as_tensor(counts, dtype=torch.float32) / float(sum(counts))
+        logits = logits + args.la_tau * prior.log()
+    loss = F.cross_entropy(logits, y, weight=weight)
+    if mix is not None:
+        lam, y_b = mix
+        loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_b, weight=weight)
+    return loss
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator):
+    """``(mixed batch, (lam, partner labels))``: one Beta(alpha, alpha) weight per batch, as in Zhang et al."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    perm = torch.randperm(len(x), generator=g)
+    return lam * x + (1 - lam) * x[perm], (lam, y[perm])
+
+
 # -- data ------------------------------------------------------------------------------------------
-def load(data: str, rho: float, split_seed: int):
+def load(data: str, rho: float, split_seed: int, order=None, profile: str = "exp"):
     """(long-tailed train set, balanced test set); ``split_seed`` fixes the digits train/test
-    split and which images the long-tailed subset keeps."""
+    split and which images the long-tailed subset keeps; ``order``/``profile`` as in
+    ``dkgm_aug.data.long_tailed_indices``."""
     if data == "digits":
         train, test = digits("train", seed=split_seed), digits("test", seed=split_seed)
     else:
         train, test = fashion_mnist(split="train"), fashion_mnist(split="test")
-    return train.subset(long_tailed_indices(train.targets, rho, split_seed)), test
+    return train.subset(long_tailed_indices(train.targets, rho, split_seed, order, profile)), test
 
 
-def export_split(data: str, rho: float, split_seed: int, path) -> None:
-    """Write the long-tailed training split as an ``.npz`` that ``dkgm-aug train --data`` reads,
-    so a generator can be trained on exactly what the classifiers see (and nothing more)."""
-    lt, _ = load(data, rho, split_seed)
+def validation_split(lt, fraction: float, seed: int):
+    """``(fit, val)``: ``fraction`` of each class of ``lt`` held out (at least one image per class
+    when ``fraction > 0``, none from a class of one), seeded; ``val`` is None when fraction is 0."""
+    if fraction <= 0:
+        return lt, None
+    g = torch.Generator().manual_seed(seed + 7919)
+    held = torch.zeros(len(lt.targets), dtype=torch.bool)
+    for c in torch.unique(lt.targets).tolist():
+        idx = torch.nonzero(lt.targets == c).flatten()
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        held[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
+    return lt.subset(torch.nonzero(~held).flatten()), lt.subset(torch.nonzero(held).flatten())
+
+
+def splits(args):
+    """(fit, val or None, test) for the run's settings."""
+    lt, test = load(args.data, args.rho, args.split_seed, args.class_order, args.profile)
+    fit, val = validation_split(lt, args.val_fraction if args.epochs else 0.0, args.split_seed)
+    return fit, val, test
+
+
+def export_split(args, path) -> None:
+    """Write the long-tailed training split (without its validation part) as an ``.npz`` that
+    ``dkgm-aug train --data`` reads, so a generator can be trained on exactly what the
+    classifiers see (and nothing more)."""
+    lt, _, _ = splits(args)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=lt.images.permute(0, 2, 3, 1).numpy(), labels=lt.targets.numpy())
 
@@ -197,70 +280,148 @@ def build_pool(method: str, args, lt, seed: int) -> Pool:
 
 
 # -- one run ---------------------------------------------------------------------------------------
-def run(method: str, args, seed: int) -> dict:
+def build_model(args):
     import timm
-    from torchvision.transforms import v2
+    kwargs = dict(channels=tuple(args.channels)) if args.channels else {}
+    return timm.create_model(args.model, num_classes=10, in_chans=1, pretrained=False, **kwargs)
+
+
+@torch.no_grad()
+def predict(model, images, size) -> torch.Tensor:
+    model.eval()
+    out = torch.cat([model(to_input(images[i:i + 512], size)).argmax(1) for i in range(0, len(images), 512)])
+    model.train()
+    return out
+
+
+def balanced_accuracy(y_true, y_pred, n_classes: int = 10) -> float:
+    return float(np.nanmean(per_class_recall(y_true, y_pred, n_classes)))
+
+
+class Augmenter:
+    """The per-batch augmentation of a method: base shift, then RandAugment or DKGMAugment."""
+
+    def __init__(self, method, args, lt, counts, seed):
+        from torchvision.transforms import v2
+        self.shift, self.minority = args.shift, counts < counts.max()   # "minority": every class but the largest
+        self.randaug = v2.RandAugment() if method == "randaug" else None
+        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed)
+                     if method in AUGMENTED else None)
+        self.seconds, self.n_changed = 0.0, 0
+
+    def __call__(self, x, y, g):
+        x = random_shift(x, self.shift, g)
+        if self.randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
+            x = torch.stack([self.randaug(im) for im in x])
+        if self.dkgm is not None and self.minority[y].any():
+            t, m = time.perf_counter(), self.minority[y]
+            before = x[m]
+            x[m] = self.dkgm(before)   # uint8 in, uint8 out; each item replaced with probability p
+            self.seconds += time.perf_counter() - t
+            self.n_changed += int((x[m] != before).flatten(1).any(1).sum())
+        return x
+
+
+def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    lt, test = load(args.data, args.rho, args.split_seed)
+    lt, val, test = splits(args)
     counts = torch.bincount(lt.targets, minlength=10)
     start = time.perf_counter()
-    pool = build_pool(method, args, lt, seed)
+    pool = build_pool("dkgm_balanced" if method == "dkgm_deferred" else method, args, lt, seed)
+    plain = Pool(lt.images, lt.targets) if method == "dkgm_deferred" else pool
     setup_s = time.perf_counter() - start
     size = args.size if args.data == "digits" else None
+    loss_method = args.combine_loss if method == "loss_dkgm" else method if method in LOSSES else "ce"
+    per_epoch = -(-len(lt) // args.batch)
+    total = args.epochs * per_epoch if args.epochs else args.steps
 
-    model = timm.create_model(args.model, num_classes=10, in_chans=1, pretrained=False)
+    model = build_model(args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
-    loss_w = class_balanced_weights(counts) if method == "cb_loss" else None
-    randaug = v2.RandAugment() if method == "randaug" else None
-    dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed)
-            if method in AUGMENTED else None)
-    minority = counts < counts.max()   # "minority" = every class but the largest
-
-    start, aug_s, n_changed = time.perf_counter(), 0.0, 0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    augment = Augmenter(method, args, lt, counts, seed)
+    best, history, epoch_loss = (-1.0, 0, None), [], []
+    start = time.perf_counter()
     model.train()
-    for _ in range(args.steps):
-        x, y = pool.draw(args.batch, g)
-        x = random_shift(x, args.shift, g)
-        if randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
-            x = torch.stack([randaug(im) for im in x])
-        if dkgm is not None and minority[y].any():
-            t, m = time.perf_counter(), minority[y]
-            before = x[m]
-            x[m] = dkgm(before)   # uint8 in, uint8 out; each item replaced with probability 0.5
-            aug_s += time.perf_counter() - t
-            n_changed += int((x[m] != before).flatten(1).any(1).sum())
-        loss = F.cross_entropy(model(to_input(x, size)), y, weight=loss_w)
+    for step in range(total):
+        progress = step / total
+        source = plain if method == "dkgm_deferred" and progress < args.drw_start else pool
+        x, y = source.draw(args.batch, g)
+        x, mix = to_input(augment(x, y, g), size), None
+        if loss_method in ("mixup", "mixup_drw"):
+            x, mix = mixup(x, y, args.mixup_alpha, g)
+        loss = loss_fn(loss_method, model(x), y, counts, progress, args, mix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    gen_s = pool.draw_s + aug_s
+        epoch_loss.append(loss.item())
+        if args.epochs and (step + 1) % per_epoch == 0:
+            epoch = (step + 1) // per_epoch
+            val_bacc = balanced_accuracy(val.targets.numpy(), predict(model, val.images, size).numpy())
+            history.append(dict(method=method, seed=seed, epoch=epoch, train_loss=round(float(np.mean(epoch_loss)), 5),
+                                val_bacc=round(val_bacc, 5)))
+            epoch_loss = []
+            if val_bacc > best[0]:   # the first best epoch: later ties add nothing the validation set can see
+                best = (val_bacc, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+    gen_s = pool.draw_s + augment.seconds
     train_s = time.perf_counter() - start - gen_s
-
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(to_input(test.images[i:i + 512], size)).argmax(1)
-                          for i in range(0, len(test), 512)])
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    if curves is not None and history:
+        append_curves(curves, history, config_of(args))
+    pred = predict(model, test.images, size)     # the test split, read once
     res = metrics(test.targets.numpy(), pred.numpy(), 10, tail_classes(counts.tolist()))
     return dict(method=method, seed=seed, **config_of(args), n_train=len(lt), n_pool=len(pool),
-                n_generated=pool.n_generated + n_changed, final_loss=round(loss.item(), 4), train_s=round(train_s, 2),
-                setup_s=round(setup_s, 2), generate_s=round(gen_s, 2), **res)
+                n_generated=pool.n_generated + augment.n_changed, final_loss=round(loss.item(), 4),
+                train_s=round(train_s, 2), setup_s=round(setup_s, 2), generate_s=round(gen_s, 2),
+                knobs=knobs_of(method, args), chosen_epoch=best[1] if args.epochs else "", val_bacc=round(best[0], 5) if args.epochs else "", **res)
+
+
+def append_curves(path: Path, history: list, config: dict) -> None:
+    fields = ["method", "seed", "epoch", "train_loss", "val_bacc", "config"]
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        key = ";".join(f"{k}={v}" for k, v in config.items())
+        w.writerows(dict(h, config=key) for h in history)
+
+
+# Each method's knobs: variants of one method are rows with other values; the converged report
+# keeps the variant with the best validation balanced accuracy.
+KNOBS = {"drw": ("drw_start",), "ldam_drw": ("drw_start", "ldam_margin", "ldam_s"), "balanced_softmax": ("la_tau",),
+         "mixup": ("mixup_alpha",), "mixup_drw": ("mixup_alpha", "drw_start"), "dkgm_augment": ("dkgm_p",),
+         "ros_dkgm": ("dkgm_p",), "loss_dkgm": ("combine_loss", "dkgm_p"), "dkgm_deferred": ("drw_start",)}
+
+
+def knobs_of(method: str, args) -> str:
+    names = KNOBS.get(method, ())
+    if method == "loss_dkgm":
+        names = names + KNOBS.get(args.combine_loss, ())
+    return " ".join(f"{n}={getattr(args, n)}" for n in dict.fromkeys(names))
 
 
 def config_of(args) -> dict:
-    """The settings a row depends on; the report only pools rows whose settings match."""
+    """The settings a row depends on, but for its method's knobs; the report only pools rows
+    whose settings match. The converged protocol (``--epochs``) adds its own."""
     gen = args.generator or SHIPPED[args.data]
-    return dict(data=args.data, rho=args.rho, split_seed=args.split_seed, model=args.model, steps=args.steps,
-                batch=args.batch, generator=gen, evae=args.evae or f"fitted here ({args.evae_epochs} epochs)",
-                kss=f"h={args.kss_h}, steps={args.kss_steps}", dkgm_p=args.dkgm_p)
+    cfg = dict(data=args.data, rho=args.rho, split_seed=args.split_seed, model=args.model, steps=args.steps,
+               batch=args.batch, generator=gen, evae=args.evae or f"fitted here ({args.evae_epochs} epochs)",
+               kss=f"h={args.kss_h}, steps={args.kss_steps}", dkgm_p=args.dkgm_p)
+    if getattr(args, "epochs", None):
+        del cfg["dkgm_p"]
+        cfg.update(steps="", epochs=args.epochs, val_fraction=args.val_fraction, class_order=args.class_order,
+                   profile=args.profile, channels=" ".join(map(str, args.channels or ())), lr=args.lr)
+    return cfg
 
 
 # -- reporting -------------------------------------------------------------------------------------
 FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss", "dkgm_p",
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
-          "macro_f1", "tail_recall", "class_recall"]
+          "macro_f1", "tail_recall", "class_recall", "epochs", "val_fraction", "class_order", "profile", "channels",
+          "lr", "knobs", "chosen_epoch", "val_bacc"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
 
 
@@ -280,7 +441,7 @@ def append_row(path: Path, row: dict) -> None:
                 w.writerows(old)
             os.replace(tmp, path)
     line = io.StringIO()
-    w = csv.DictWriter(line, fieldnames=FIELDS)
+    w = csv.DictWriter(line, fieldnames=FIELDS, restval="")
     if new:
         w.writeheader()
     w.writerow(row)
@@ -289,19 +450,47 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def read_rows(path: Path, config: dict) -> list:
-    """The rows of ``path`` whose settings equal ``config``, numbers parsed."""
+    """The rows of ``path`` whose settings equal ``config``, numbers parsed; a rerun of a
+    (method, knobs, seed) replaces the older row."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
         r["dkgm_p"] = r.get("dkgm_p") or "0.5"      # rows from before --dkgm-p existed used 0.5
-    rows = [r for r in rows if all(r[k] == str(v) for k, v in config.items())]
+        r["knobs"] = r.get("knobs") or ""
+    rows = [r for r in rows if all(r.get(k, "") == str(v) for k, v in config.items())]
     for r in rows:
-        r.update({k: float(r[k]) for k in NUMBERS}, seed=int(r["seed"]))
-    latest = {(r["method"], r["seed"]): r for r in rows}   # a rerun of a (method, seed) replaces it
+        r.update({k: float(r[k]) for k in NUMBERS}, seed=int(r["seed"]),
+                 val_bacc=float(r["val_bacc"]) if r.get("val_bacc") else None)
+    latest = {(r["method"], r["knobs"], r["seed"]): r for r in rows}
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(latest.values(), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    return sorted(latest.values(), key=lambda r: (order.get(r["method"], len(order)), r["knobs"], r["seed"]))
+
+
+def select_knobs(rows: list) -> tuple:
+    """``(rows of each method's chosen variant, {method: (knobs, mean val bacc, variants tried)})``:
+    the variant with the best mean validation balanced accuracy (the only one when there is no
+    validation split)."""
+    chosen, keep = {}, []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        variants = {}
+        for r in rows:
+            if r["method"] == m:
+                variants.setdefault(r["knobs"], []).append(r)
+        score = {k: np.mean([r["val_bacc"] for r in rs]) if all(r["val_bacc"] is not None for r in rs) else -1.0
+                 for k, rs in variants.items()}
+        best = max(variants, key=lambda k: (score[k], len(variants[k])))
+        chosen[m] = (best, score[best], len(variants))
+        keep += variants[best]
+    return keep, chosen
+
+
+def paired_difference(rows: list, method: str, baseline: str) -> tuple:
+    """Mean and std over shared seeds of ``method``'s accuracy minus ``baseline``'s."""
+    acc = {(r["method"], r["seed"]): r["accuracy"] for r in rows}
+    d = [acc[(method, s)] - acc[(baseline, s)] for (m, s) in acc if m == method and (baseline, s) in acc]
+    return (float(np.mean(d)), float(np.std(d)), len(d)) if d else (float("nan"), float("nan"), 0)
 
 
 def summarise(rows: list) -> dict:
@@ -339,37 +528,61 @@ def class_recall_table(rows: list, summary: dict, counts: list) -> list:
     return lines if len(lines) > 5 else []
 
 
+def protocol_lines(args, cfg, counts) -> list:
+    lines = [f"- data: {args.data}, train split long-tailed with rho={args.rho} ({args.profile} profile, class order "
+             f"{args.class_order}, split seed {args.split_seed}, class counts {counts}); "
+             f"test balanced, so accuracy = balanced accuracy; tail classes (rarest third): {args.tail}",
+             f"- model: timm `{args.model}`" + (f" with channels {tuple(args.channels)}" if args.channels else "")
+             + " from scratch, in_chans=1" + (f", 8x8 inputs upsampled to {args.size}x{args.size}"
+                                              if args.data == "digits" else "")]
+    if args.epochs:
+        lines += [f"- {args.epochs} epochs of Adam (lr {args.lr}, cosine), batch {args.batch}; validation: "
+                  f"{args.val_fraction:g} of each class of the long-tailed split held out (long-tailed too); the "
+                  "weights of the best validation epoch are tested, once; per method, the knob variant with the best "
+                  "mean validation balanced accuracy is shown (`knobs`); loss curves: `curves.csv`, `curves.png`"]
+    else:
+        lines += [f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}"]
+    return lines + [
+        f"- base aug: random shift <= {args.shift} px, the same for every method",
+        f"- DKGM generator: `{cfg['generator']}`, trained on: {trained_on(cfg['generator'])}",
+        f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split",
+        f"- threads per run: {args.threads}; hardware: {hardware()}",
+        "- mean ± std over the seeds listed; `vs best` is the paired difference in accuracy to the best "
+        "non-generative method over shared seeds; `generate s` is time spent making synthetic images, "
+        "`train s` the rest of the training loop"]
+
+
 def write_outputs(rows: list, args, out: Path) -> None:
+    rows, chosen = select_knobs(rows)
     s = summarise(rows)
     cfg = config_of(args)
-    counts = torch.bincount(load(args.data, args.rho, args.split_seed)[0].targets, minlength=10).tolist()
+    lt, _, _ = splits(args)
+    counts = torch.bincount(lt.targets, minlength=10).tolist()
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
+    plain = [m for m in s if m not in GENERATIVE]
+    best = max(plain, key=lambda m: s[m]["accuracy"][0]) if plain else None
     lines = ["# Long-tailed classification benchmark", "", "Commands (each appended rows to `runs.csv`):", ""]
-    lines += [f"    {c}" for c in commands] + [
-        "",
-        f"- data: {args.data}, train split long-tailed with rho={args.rho} (split seed {args.split_seed}, "
-        f"class counts {counts}); "
-        f"test balanced, so accuracy = balanced accuracy; tail classes (rarest third): {args.tail}",
-        f"- model: timm `{args.model}` from scratch, in_chans=1"
-        + (f", 8x8 inputs upsampled to {args.size}x{args.size}" if args.data == "digits" else ""),
-        f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}, base aug: random shift "
-        f"<= {args.shift} px, the same for every method",
-        f"- DKGM generator: `{cfg['generator']}`, trained on: {trained_on(cfg['generator'])}",
-        f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split; "
-        f"DKGMAugment p (dkgm_augment, ros_dkgm): {args.dkgm_p}",
-        f"- threads per run: {args.threads}; hardware: {hardware()}",
-        "- mean ± std over the seeds listed; `generate s` is time spent making synthetic images, "
-        "`train s` the rest of the training loop; `images generated`: synthetic images made "
-        "(dkgm_augment, ros_dkgm: images the transform changed)", "",
-        "| method | accuracy | macro-F1 | tail recall | train s | generate s | images generated | seeds |",
-        "|---|---|---|---|---|---|---|---|"]
+    lines += [f"    {c}" for c in commands] + [""] + protocol_lines(args, cfg, counts) + [
+        f"- best non-generative method: {best}", "",
+        "| method | accuracy | vs best (paired) | macro-F1 | tail recall | knobs | val bacc | epoch | train s | "
+        "generate s | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
         f = lambda k, d=3: f"{v[k][0]:.{d}f} ± {v[k][1]:.{d}f}"
-        lines.append(f"| {m} | {f('accuracy')} | {f('macro_f1')} | {f('tail_recall')} | {v['train_s'][0]:.0f} "
-                     f"| {v['generate_s'][0]:.0f} | {v['n_generated'][0]:.0f} | {v['seeds']} |")
+        d, sd, n = paired_difference(rows, m, best) if best and m != best else (float("nan"),) * 2 + (0,)
+        ep = [r["chosen_epoch"] for r in rows if r["method"] == m and r.get("chosen_epoch")]
+        knobs, val, tried = chosen[m]
+        lines.append(f"| {m} | {f('accuracy')} | {f'{d:+.3f} ± {sd:.3f}' if n else '-'} | {f('macro_f1')} | "
+                     f"{f('tail_recall')} | {knobs or '-'}{f' (of {tried})' if tried > 1 else ''} | "
+                     f"{f'{val:.3f}' if val >= 0 else '-'} | {'/'.join(ep) or '-'} | {v['train_s'][0]:.0f} | "
+                     f"{v['generate_s'][0]:.0f} | {v['seeds']} |")
     lines += class_recall_table(rows, s, counts)
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_results(s, args, out)
+    if (out / "curves.csv").exists():
+        plot_curves(out / "curves.csv", cfg, out / "curves.png")
 
+
+def plot_results(s: dict, args, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -381,10 +594,38 @@ def write_outputs(rows: list, args, out: Path) -> None:
     ax.set_xticks(xs, names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     n_seeds = max(len(v["seeds"]) for v in s.values())
-    ax.set_title(f"{args.data}, rho={args.rho:g}, {args.model}, {args.steps} steps, up to {n_seeds} seed(s)")
+    budget = f"{args.epochs} epochs" if args.epochs else f"{args.steps} steps"
+    ax.set_title(f"{args.data}, rho={args.rho:g}, {args.model}, {budget}, up to {n_seeds} seed(s)")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, cfg: dict, png: Path) -> None:
+    """Mean training loss and validation balanced accuracy per epoch, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    key = ";".join(f"{k}={v}" for k, v in cfg.items())
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["config"] == key]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        by_epoch = {}
+        for r in rows:
+            if r["method"] == m:
+                by_epoch.setdefault(int(r["epoch"]), []).append((float(r["train_loss"]), float(r["val_bacc"])))
+        ep = sorted(by_epoch)
+        for ax, i in zip(axes, (0, 1)):
+            ax.plot(ep, [np.mean([v[i] for v in by_epoch[e]]) for e in ep], label=m)
+    axes[0].set(xlabel="epoch", ylabel="training loss (mean over the epoch)", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="validation balanced accuracy")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
@@ -410,8 +651,26 @@ def main(argv=None) -> int:
     p.add_argument("--dkgm-p", type=float, default=0.5, help="DKGMAugment's p in dkgm_augment and ros_dkgm")
     p.add_argument("--kss-h", type=float, default=1.0, help="kernel-smoothed score bandwidth")
     p.add_argument("--kss-steps", type=int, default=10, help="kernel-smoothed score reverse steps")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="converged protocol: train this many passes, choose the epoch on the validation split")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of each class held out for validation (with --epochs)")
+    p.add_argument("--class-order", default="natural",
+                   help="which classes form the head and the tail: natural, reversed or perm:<seed>")
+    p.add_argument("--profile", choices=PROFILES, default="exp",
+                   help="exp: CIFAR-LT exponential counts; step: half the classes keep n_max, half n_max/rho")
+    p.add_argument("--channels", type=int, nargs="+", default=None,
+                   help="timm ResNet stage widths (e.g. 32 64 128 256: a half-width resnet10t)")
+    p.add_argument("--drw-start", type=float, default=0.8,
+                   help="fraction of the run after which drw/ldam_drw/mixup_drw re-weight and dkgm_deferred draws neighbours")
+    p.add_argument("--ldam-margin", type=float, default=0.5, help="LDAM's largest margin")
+    p.add_argument("--ldam-s", type=float, default=30.0, help="LDAM's logit scale")
+    p.add_argument("--la-tau", type=float, default=1.0, help="logit adjustment's tau (1 = Balanced Softmax)")
+    p.add_argument("--mixup-alpha", type=float, default=1.0, help="mixup's Beta(alpha, alpha)")
+    p.add_argument("--combine-loss", choices=LOSSES, default="balanced_softmax",
+                   help="the loss-side method loss_dkgm combines with DKGMAugment")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true", help="skip (method, seed) pairs already in runs.csv")
+    p.add_argument("--resume", action="store_true", help="skip (method, knobs, seed) runs already in runs.csv")
     p.add_argument("--export-split", metavar="NPZ", help="write the long-tailed train split and exit")
     p.add_argument("--quick", action="store_true", help="digits, rho 10, 10 steps, batch 16, seed 0 (smoke test)")
     p.add_argument("--out", default="benchmarks/results/imbalanced")
@@ -420,7 +679,7 @@ def main(argv=None) -> int:
         args.data, args.rho, args.steps, args.batch, args.seeds = "digits", 10, 10, 16, [0]
         args.kss_steps, args.evae_epochs = 2, 1
     if args.export_split:
-        export_split(args.data, args.rho, args.split_seed, args.export_split)
+        export_split(args, args.export_split)
         print(f"wrote {args.export_split}")
         return 0
     torch.set_num_threads(args.threads)
@@ -428,14 +687,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "commands.txt", "a") as f:
         f.write(f"python benchmarks/imbalanced.py {' '.join(argv)}\n")
-    lt, _ = load(args.data, args.rho, args.split_seed)
+    lt, _, _ = splits(args)
     args.tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
 
-    done = {(r["method"], r["seed"]) for r in read_rows(out / "runs.csv", config_of(args))} if args.resume else set()
-    jobs = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in done]
+    done = ({(r["method"], r["knobs"], r["seed"]) for r in read_rows(out / "runs.csv", config_of(args))}
+            if args.resume else set())
+    jobs = [(m, s) for s in args.seeds for m in args.methods if (m, knobs_of(m, args), s) not in done]
     for m, s in (bar := tqdm(jobs, desc="runs")):
         bar.set_postfix(method=m, seed=s)
-        row = run(m, args, s)
+        row = run(m, args, s, curves=out / "curves.csv")
         append_row(out / "runs.csv", row)
         tqdm.write(f"{m:>14} seed {s}: acc {row['accuracy']:.3f}  tail recall {row['tail_recall']:.3f}  "
                    f"(train {row['train_s']:.0f} s, generate {row['generate_s']:.0f} s)")
