@@ -9,8 +9,9 @@ from .metrics import sharpness
 from .trainer import Trainer
 from .transforms import DKGMAugment
 from .kss import KernelSmoothedScore
+from .label_filter import LabelFilter, list_evaluators
 from .vae import EVAE, VAE
 from .unet import PRESETS, UNet, UNetConfig
 
-__all__ = ["DKGM", "EVAE", "VAE", "KernelSmoothedScore", "Trainer", "DKGMAugment", "BalancedDKGMDataset", "UNet", "UNetConfig", "PRESETS", "load", "save", "list_pretrained",
+__all__ = ["DKGM", "EVAE", "VAE", "KernelSmoothedScore", "Trainer", "DKGMAugment", "BalancedDKGMDataset", "LabelFilter", "list_evaluators", "UNet", "UNetConfig", "PRESETS", "load", "save", "list_pretrained",
            "sharpness", "DKGMError", "CheckpointError", "DataError", "__version__"]

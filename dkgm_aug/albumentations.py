@@ -14,18 +14,21 @@ import numpy as np
 import torch
 from albumentations.core.transforms_interface import ImageOnlyTransform
 
-from .augment import generate
+from .augment import filtered_generate
 from .dkgm import check_knobs
 from .errors import DataError, DKGMError
 from .images import check_unit_range
+from .label_filter import check_label_filter
 from .transforms import GeneratorHandle, check_p
 
 
 class DKGMAugment(ImageOnlyTransform):
     """Replace the image, with probability ``p``, by a debiased KDE neighbour (see the torchvision twin)."""
 
-    def __init__(self, ckpt, alpha=None, steps=None, convert_channels: bool = False, p: float = 1.0):
+    def __init__(self, ckpt, alpha=None, steps=None, convert_channels: bool = False, p: float = 1.0,
+                 label_filter=None):
         super().__init__(p=check_p(p))
+        self.label_filter = check_label_filter(label_filter)
         self.alpha = None if alpha is None else check_knobs(alpha=alpha)
         self.steps = None if steps is None else check_knobs(steps=steps)
         self.convert_channels = bool(convert_channels)
@@ -48,7 +51,8 @@ class DKGMAugment(ImageOnlyTransform):
         if img.ndim not in (2, 3):
             raise DataError(f"expected a numpy HxW or HxWxC image, got shape {img.shape}")
         x01 = (x01[..., None] if img.ndim == 2 else x01).permute(2, 0, 1)[None]
-        out = generate(self.handle.get(), x01, [noise_seed], self.alpha, self.steps, self.convert_channels)
+        out = filtered_generate(self.handle.get(), x01, [noise_seed], self.alpha, self.steps, self.convert_channels,
+                                label_filter=self.label_filter)
         out = out[0].permute(1, 2, 0).numpy()
         out = out[..., 0] if img.ndim == 2 else out
         return (out * 255).round().astype(np.uint8) if img.dtype == np.uint8 else out.astype(np.float32)
@@ -62,6 +66,9 @@ class DKGMAugment(ImageOnlyTransform):
         return ("ckpt", "alpha", "steps", "convert_channels")
 
     def to_dict_private(self) -> dict:
+        if self.label_filter is not None:
+            raise DKGMError("a DKGMAugment with a label_filter cannot be serialised (the filter holds a classifier); "
+                            "serialise the pipeline without it and add the filter after from_dict")
         if isinstance(self.handle.spec, torch.nn.Module):
             raise DKGMError("a DKGMAugment built from a model object cannot be serialised; build it from a "
                             "checkpoint path or shipped name (save the model with model.save(path))")

@@ -120,3 +120,17 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
                                          alpha=alpha, steps=steps) for i in range(0, len(x), n)]
     out = from_model((parts[0] if len(parts) == 1 else torch.cat(parts)).float())
     return match_channels(out, x01.shape[1], True).to(x01.device)
+
+
+def filtered_generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_channels: bool = False,
+                      labels=None, label_filter=None) -> torch.Tensor:
+    """:func:`generate`, through ``label_filter`` (a :class:`dkgm_aug.LabelFilter`) when one is given:
+    rejected neighbours are redrawn with the next seeds. ``labels`` are the sources' class labels,
+    for the filter and for generators that condition on them."""
+    if label_filter is None:
+        return generate(model, x01, seeds, alpha, steps, convert_channels, labels=labels)
+
+    def make(idx: torch.Tensor, s: list) -> torch.Tensor:      # neighbours of x01[idx] with seeds s
+        picked = None if labels is None else [labels[i] for i in idx.tolist()]
+        return generate(model, x01[idx], s, alpha, steps, convert_channels, labels=picked)
+    return label_filter(make, x01, seeds, labels)

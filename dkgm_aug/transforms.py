@@ -45,10 +45,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import is_pure_tensor
 
 from ._validate import check_device, check_seed
-from .augment import check_image_size, generate, load_generator, model_device
+from .augment import check_image_size, filtered_generate, load_generator, model_device
 from .dkgm import check_knobs
 from .errors import DataError, DKGMError
 from .images import check_chw, check_unit_range, to_unit_float
+from .label_filter import check_label_filter
 
 _SEED_MAX = 2 ** 62
 
@@ -143,6 +144,8 @@ class DKGMAugment(v2.Transform):
     ``alpha``/``steps``: the generator's defaults when ``None``. ``device``: where the
     generator runs (``None``: the input's device; a CUDA/MPS device this machine lacks is
     refused here). ``seed``: an int in [0, 2**63) or a ``torch.Generator``.
+    ``label_filter``: a :class:`dkgm_aug.LabelFilter`; a neighbour its classifier puts in another
+    class than the classifier's prediction on the source is redrawn with the next seed.
     ``convert_channels``: allow gray <-> RGB conversion when the image and the generator
     differ. It does not keep colour: an RGB image through a gray generator goes in as its
     luminance, and its neighbour comes back gray, replicated on the 3 channels (a gray image
@@ -158,8 +161,9 @@ class DKGMAugment(v2.Transform):
     _transformed_types = (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image, is_pure_tensor)
 
     def __init__(self, ckpt, alpha=None, steps=None, p: float = 1.0, device=None, seed=None,
-                 convert_channels: bool = False):
+                 convert_channels: bool = False, label_filter=None):
         super().__init__()
+        self.label_filter = check_label_filter(label_filter)
         self.alpha = None if alpha is None else check_knobs(alpha=alpha)
         self.steps = None if steps is None else check_knobs(steps=steps)
         self.p = check_p(p)
@@ -184,8 +188,8 @@ class DKGMAugment(v2.Transform):
             raise DKGMError(f"params were drawn for {len(apply)} images, the input has {len(x01)}")
         idx = torch.nonzero(apply).flatten()
         out = x01.clone()
-        out[idx] = generate(model, x01[idx], [params["seeds"][i] for i in idx.tolist()],
-                            self.alpha, self.steps, self.convert_channels)
+        out[idx] = filtered_generate(model, x01[idx], [params["seeds"][i] for i in idx.tolist()], self.alpha,
+                                     self.steps, self.convert_channels, label_filter=self.label_filter)
         return restore(out)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,122 @@
+"""LabelFilter: rejected neighbours are redrawn with the next seed, deterministically."""
+import pytest
+import torch
+from torch import nn
+
+from dkgm_aug import DKGMAugment, DKGMError, LabelFilter, list_evaluators
+from dkgm_aug.augment import filtered_generate
+from dkgm_aug.label_filter import retry_seed
+
+
+class Inverter(nn.Module):
+    """A fake generator: image i comes back inverted when its seed is divisible by 3, else as is."""
+    channels = 1
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def neighbours_from_seeds(self, x, seeds, *, labels=None, alpha=None, steps=None):
+        self.calls += 1
+        flip = torch.tensor([s % 3 == 0 for s in seeds])[:, None, None, None]
+        return torch.where(flip, -x, x)          # model range [-1, 1]: -x is the inverted image
+
+
+class Bright(nn.Module):
+    """A fake classifier: class 1 when the mean pixel is above 0.5, else class 0."""
+
+    def __init__(self, always=None):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.always = always
+
+    def forward(self, x01):
+        bright = (x01.flatten(1).mean(1) > 0.5).long()
+        if self.always is not None:
+            bright = torch.full_like(bright, self.always)
+        return nn.functional.one_hot(bright, 2).float() + 0 * self.w
+
+
+def images(n=6):
+    x = torch.full((n, 1, 4, 4), 0.2)
+    x[::2] = 0.9                                  # alternate dark and bright sources
+    return x
+
+
+def test_rejected_neighbours_are_redrawn_until_they_keep_the_class():
+    x, seeds = images(), [0, 1, 3, 4, 6, 7]       # 0, 3, 6 invert (change class) on the first try
+    f = LabelFilter(Bright(), max_tries=4)
+    out = filtered_generate(Inverter(), x, seeds, label_filter=f)
+    assert torch.equal(Bright()(out).argmax(1), Bright()(x).argmax(1))
+    assert sum(f.rejected.values()) >= 3 and sum(f.drawn.values()) == 6 + sum(f.rejected.values())
+    assert set(f.rejection_rate) <= {0, 1} and f.exhausted == {}
+    # without the filter, the inverted ones come back in the other class
+    plain = filtered_generate(Inverter(), x, seeds)
+    assert (Bright()(plain).argmax(1) != Bright()(x).argmax(1)).sum() == 3
+
+
+def test_result_does_not_depend_on_the_batch():
+    x, seeds = images(), [0, 1, 3, 4, 6, 9]
+    f = LabelFilter(Bright())
+    whole = filtered_generate(Inverter(), x, seeds, label_filter=f)
+    parts = torch.cat([filtered_generate(Inverter(), x[i:i + 2], seeds[i:i + 2], label_filter=f) for i in (0, 2, 4)])
+    assert torch.equal(whole, parts)
+
+
+def test_retry_seeds_are_distinct_and_in_range():
+    seeds = {retry_seed(s, k) for s in (0, 1, 2 ** 63 - 1) for k in range(8)}
+    assert len(seeds) == 24 and all(0 <= s < 2 ** 63 for s in seeds)
+
+
+@pytest.mark.parametrize("on_exhausted", ["source", "keep"])
+def test_when_tries_run_out(on_exhausted):
+    x = images(2)
+    f = LabelFilter(Bright(always=1), max_tries=3, on_exhausted=on_exhausted)   # rejects every dark source
+    gen = Inverter()
+    out = filtered_generate(gen, x, [1, 2], labels=[0, 0], label_filter=f)
+    assert f.exhausted == {0: 2} and f.drawn == {0: 6} and f.rejection_rate == {0: 1.0}
+    if on_exhausted == "source":
+        assert torch.equal(out, x)
+    else:                                          # the third and last draw is returned
+        last = [retry_seed(s, 2) for s in (1, 2)]
+        assert torch.equal(out, filtered_generate(Inverter(), x, last))
+        assert gen.calls == 3
+
+
+def test_labels_must_be_class_indices_or_mapped():
+    x = images(2)
+    with pytest.raises(DKGMError, match="class_index"):
+        filtered_generate(Inverter(), x, [1, 2], labels=["cat", "dog"], label_filter=LabelFilter(Bright()))
+    f = LabelFilter(Bright(), class_index={"cat": 1, "dog": 0})
+    filtered_generate(Inverter(), x, [1, 2], labels=["cat", "dog"], label_filter=f)
+    assert set(f.drawn) == {0, 1}
+
+
+def test_transform_with_filter_keeps_classes_and_is_deterministic():
+    x = images()
+    aug = lambda: DKGMAugment(Inverter(), seed=5, label_filter=LabelFilter(Bright()))
+    a, b = aug()(x), aug()(x)
+    assert torch.equal(a, b)
+    assert torch.equal(Bright()(a).argmax(1), Bright()(x).argmax(1))
+
+
+def test_bad_filter_arguments():
+    with pytest.raises(DKGMError, match="LabelFilter"):
+        DKGMAugment(Inverter(), label_filter=Bright())
+    with pytest.raises(DKGMError, match="max_tries"):
+        LabelFilter(Bright(), max_tries=0)
+    with pytest.raises(DKGMError, match="on_exhausted"):
+        LabelFilter(Bright(), on_exhausted="drop")
+    with pytest.raises(DKGMError, match="classifier"):
+        LabelFilter(42)
+    with pytest.raises(DKGMError, match="no evaluator"):
+        LabelFilter("no-such-evaluator")
+
+
+def test_shipped_evaluator_by_name():
+    assert "digits-evaluator" in list_evaluators()
+    f = LabelFilter("digits-evaluator")
+    from dkgm_aug.data import digits
+    test = digits("test")
+    x = test.images[:64].float() / 255
+    assert (f.predict(x) == test.targets[:64]).float().mean() > 0.9
