@@ -1,7 +1,8 @@
-"""The ``dkgm-aug`` command line: ``train``, ``sample``, ``info`` and ``demo``.
+"""The ``dkgm-aug`` command line: ``train``, ``sample``, ``calibrate``, ``info`` and ``demo``.
 
     dkgm-aug train --data fashion-mnist --preset tiny --stage1-steps 2000 --stage2-steps 1000 --out gen.safetensors
     dkgm-aug sample gen.safetensors --n 16 --alpha 0.5 --out grid.png
+    dkgm-aug calibrate gen.safetensors --out gen-calibrated.safetensors
     dkgm-aug info gen.safetensors
     dkgm-aug demo --rho 100 --out demo_out
 
@@ -150,6 +151,34 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.out}: {len(idx)} real images (left column) and {args.k} neighbours each")
 
 
+def cmd_calibrate(args) -> None:
+    from .calibrate import calibrate
+    from .label_filter import list_evaluators, load_evaluator
+    model = load(args.checkpoint)
+    spec = sample_spec(argparse.Namespace(data=args.data, split=args.split, checkpoint=args.checkpoint), model)
+    if args.split is None:   # calibrate on training images, never on test images
+        spec["split"] = "train" if spec["data"] in DATASETS else None
+    evaluator = args.evaluator or f"{spec['data']}-evaluator"
+    if args.evaluator is None and evaluator not in list_evaluators():
+        raise DKGMError(f"no shipped evaluator for {spec['data']!r} (shipped: {list_evaluators()}): pass --evaluator, "
+                        "a FeatureNet file (benchmarks/train_evaluator.py writes one)")
+    record = calibrate(model, load_data(spec), load_evaluator(evaluator), n=args.n, tolerance=args.tolerance,
+                       seed=args.seed)
+    out = args.out or f"{Path(str(args.checkpoint)).stem}-calibrated.safetensors"
+    model.info["calibration"].update(data=spec, evaluator=evaluator)
+    model.save(out)
+    real = record["real"]
+    print(f"real sources: sharpness {real['sharpness']:.4f}, label preservation {real['label_preservation']:.3f}")
+    print("alpha steps sharpness label_preservation")
+    for r in record["grid"]:
+        mark = " <- chosen" if (r["alpha"], r["steps"]) == (record["alpha"], record["steps"]) else ""
+        print(f"{r['alpha']:5g} {r['steps']:5d} {r['sharpness']:9.4f} {r['label_preservation']:18.3f}{mark}")
+    if not record["labels_kept"]:
+        print(f"warning: no setting keeps label preservation within {args.tolerance} of the real images'; "
+              "took the one that keeps the most", file=sys.stderr)
+    print(f"wrote {out} with alpha={record['alpha']:g}, steps={record['steps']} as its defaults")
+
+
 def cmd_info(args) -> None:
     path = resolve(args.checkpoint)
     meta = read_metadata(path)
@@ -228,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.__doc__, formatter_class=HelpFormatter)
     demo.add_arguments(d)
     d.set_defaults(func=demo.run)
+    c = sub.add_parser("calibrate", help="choose a generator's default alpha and stage-2 steps on training images",
+                       formatter_class=HelpFormatter)
+    c.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
+    c.add_argument("--data", default=None, help="the images (default: the data the checkpoint was trained on)")
+    c.add_argument("--split", default=None, help="the split of --data (default: train)")
+    c.add_argument("--evaluator", default=None,
+                   help="a shipped evaluator name or FeatureNet file (default: <data>-evaluator)")
+    c.add_argument("--n", type=int, default=500, help="training images scored per setting")
+    c.add_argument("--tolerance", type=float, default=0.03,
+                   help="label preservation may fall this far below the evaluator's accuracy on the sources")
+    c.add_argument("--seed", type=int, default=0, help="picks the images and draws the noise")
+    c.add_argument("--out", default=None, help="the calibrated checkpoint (default: <name>-calibrated.safetensors)")
+    c.set_defaults(func=cmd_calibrate)
     i = sub.add_parser("info", help="print a checkpoint's config and metadata", formatter_class=HelpFormatter)
     i.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     i.set_defaults(func=cmd_info)

@@ -1,0 +1,83 @@
+"""Calibrated knobs: the stage-2 ``steps`` and the ``alpha`` a DKGM generator should use by default.
+
+    dkgm-aug calibrate gen.safetensors --evaluator fashion-mnist-evaluator --out gen-calibrated.safetensors
+
+Neighbours of ``n`` training images are made for every ``(alpha, steps)`` of a grid, with fixed
+per-image seeds, and scored by an evaluator classifier: sharpness (the paper's Laplacian
+variance) and label preservation (share the evaluator puts in the source's class). The rule:
+
+1. keep the settings whose label preservation is within ``tolerance`` of the evaluator's
+   accuracy on the real sources themselves;
+2. among them, take the one whose sharpness is closest to the sources' (ratio nearest 1);
+3. ties go to the larger alpha (more diverse neighbours).
+
+When no setting keeps the labels, the one with the best label preservation is taken and the
+result says so. Only training images are used: no knob is chosen by looking at test data.
+The chosen knobs become the model's ``alpha`` and ``steps``, which ``DKGMAugment`` and
+``BalancedDKGMDataset`` use when given none; the whole grid is kept in ``info["calibration"]``.
+"""
+import torch
+
+from ._validate import check_float, check_int
+from .errors import DKGMError
+from .features import features, neighbour_quality
+from .images import from_model, to_model
+from .kernels import noise_from_seeds
+
+ALPHAS = (0.1, 0.25, 0.5, 0.75, 1.0)
+STEPS = (0, 1, 2, 3, 4, 6, 8)
+
+
+@torch.inference_mode()
+def score_grid(model, images01: torch.Tensor, labels: torch.Tensor, evaluator, alphas=ALPHAS, steps=STEPS,
+               seed: int = 0) -> list:
+    """One dict per ``(alpha, steps)``: sharpness and label preservation of the neighbours of ``images01``."""
+    x = to_model(images01)
+    seeds = [seed * 1_000_003 + i for i in range(len(x))]
+    eps = noise_from_seeds(seeds, x.shape[1:], model.kernel, x.device, x.dtype)
+    ref = features(evaluator, images01)
+    rows = []
+    for alpha in alphas:
+        kde = model.kde(x, alpha=alpha, eps=eps)
+        for n in steps:
+            q = neighbour_quality(evaluator, from_model(model.debias(kde, n).clamp(-1, 1)), labels, ref)
+            rows.append(dict(alpha=alpha, steps=n, **q))
+    return rows
+
+
+def choose(rows: list, real: dict, tolerance: float) -> dict:
+    """The calibration rule of the module docstring; returns the chosen row plus ``labels_kept``."""
+    floor = real["label_preservation"] - tolerance
+    kept = [r for r in rows if r["label_preservation"] >= floor]
+    if not kept:
+        best = max(rows, key=lambda r: (r["label_preservation"], r["alpha"]))
+        return dict(best, labels_kept=False)
+    best = min(kept, key=lambda r: (round(abs(r["sharpness"] / real["sharpness"] - 1), 6), -r["alpha"]))
+    return dict(best, labels_kept=True)
+
+
+def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, alphas=ALPHAS, steps=STEPS,
+              seed: int = 0) -> dict:
+    """Pick and set ``model.alpha``/``model.steps`` from ``n`` images of ``dataset`` (an ImageDataset:
+    uint8 ``images``, integer ``targets``); returns the record stored in ``model.info["calibration"]``."""
+    n = check_int("n", n, 2)
+    tolerance = check_float("tolerance", tolerance, 0.0, 1.0)
+    if not hasattr(model, "debias"):
+        raise DKGMError(f"calibrate takes a DKGM generator, got {type(model).__name__}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset.images), generator=g)[:n]
+    images01, labels = dataset.images[idx].float() / 255, dataset.targets[idx]
+    was = model.training
+    model.eval()
+    try:
+        real = neighbour_quality(evaluator, images01, labels, features(evaluator, images01))
+        rows = score_grid(model, images01, labels, evaluator, alphas, steps, seed)
+    finally:
+        model.train(was)
+    chosen = choose(rows, real, tolerance)
+    model.alpha, model.steps = float(chosen["alpha"]), int(chosen["steps"])
+    record = dict(alpha=model.alpha, steps=model.steps, labels_kept=chosen["labels_kept"], tolerance=tolerance,
+                  n=len(idx), seed=seed, real=real, grid=rows,
+                  evaluator=getattr(evaluator, "info", {}).get("evaluator", {}).get("data", "given"))
+    model.info["calibration"] = record
+    return record

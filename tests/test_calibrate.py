@@ -1,0 +1,40 @@
+"""Calibrated knobs: the choice rule on hand-made scores, and the CLI end to end."""
+import dkgm_aug
+from dkgm_aug.calibrate import choose
+from dkgm_aug.cli import main
+
+
+def row(alpha, steps, sharp, kept):
+    return dict(alpha=alpha, steps=steps, sharpness=sharp, label_preservation=kept)
+
+
+def test_choose_keeps_labels_then_matches_sharpness_then_prefers_diversity():
+    real = dict(sharpness=1.0, label_preservation=0.95)
+    rows = [row(0.25, 4, 1.0, 0.90),      # perfect sharpness, labels lost beyond the tolerance
+            row(0.25, 2, 0.9, 0.94),
+            row(0.5, 2, 1.1, 0.93),       # as far from 1 as 0.9, larger alpha: wins the tie
+            row(0.5, 4, 1.3, 0.95)]
+    chosen = choose(rows, real, tolerance=0.03)
+    assert (chosen["alpha"], chosen["steps"], chosen["labels_kept"]) == (0.5, 2, True)
+    # a tighter tolerance leaves (0.25, 2) and (0.5, 4): 0.9 is nearer 1 than 1.3
+    tight = choose(rows, real, tolerance=0.015)
+    assert (tight["alpha"], tight["steps"]) == (0.25, 2)
+    none = choose(rows, dict(real, label_preservation=1.0), tolerance=0.0)
+    assert none["labels_kept"] is False and none["label_preservation"] == 0.95
+
+
+def test_cli_calibrate_writes_the_defaults(tmp_path, capsys):
+    out = tmp_path / "cal.safetensors"
+    assert main(["calibrate", "digits-tiny", "--data", "digits", "--n", "32", "--out", str(out)]) == 0
+    model = dkgm_aug.load(out)
+    cal = model.info["calibration"]
+    assert (model.alpha, model.steps) == (cal["alpha"], cal["steps"])
+    assert len(cal["grid"]) == 35 and cal["data"]["split"] == "train"
+    assert "<- chosen" in capsys.readouterr().out
+
+
+def test_cli_calibrate_needs_an_evaluator_for_other_data(tmp_path, capsys):
+    import numpy as np
+    np.savez(tmp_path / "d.npz", images=np.zeros((8, 8, 8), np.uint8), labels=np.arange(8) % 2)
+    assert main(["calibrate", "digits-tiny", "--data", str(tmp_path / "d.npz"), "--n", "4"]) == 2
+    assert "--evaluator" in capsys.readouterr().err
