@@ -39,6 +39,7 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=sorted(FLIP), default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=15)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
                             train.images.shape[-1] > 8 else 1, flip=FLIP[args.data], progress=False, on_epoch=log)
     test_acc = accuracy(net, test)
     net.info.update(evaluator=dict(
-        data=args.data, command="python benchmarks/train_evaluator.py " + " ".join(map(shlex.quote, sys.argv[1:])),
+        data=args.data, command="python benchmarks/train_evaluator.py " + " ".join(map(shlex.quote, argv)),
         val_accuracy=rows[-1]["val_accuracy"], test_accuracy=round(test_acc, 4), n_fit=len(fit), n_val=len(val),
         n_test=len(test), wall_time_s=round(time.perf_counter() - t0, 1), threads=args.threads))
     save_feature_net(net, out / f"evaluator_{args.data}.safetensors")

@@ -84,6 +84,7 @@ def pipeline(model: DKGM, x: torch.Tensor, seed: int):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -112,9 +113,12 @@ def main(argv=None) -> int:
         trainer = Trainer(model, train.images, out_dir=work, batch_size=batch, max_steps=max(milestones),
                           seed=args.seed, save_every=min(milestones), progress=False)
         for step in milestones:
+            finished = (f"stage {stage}", step) in done
+            if finished and step < max(milestones):   # a rerun: its state is already further on
+                continue
             trainer.fit(stage, max_steps=step)
             elapsed[stage] = trainer.elapsed.get(stage, 0.0)
-            if (f"stage {stage}", step) in done:
+            if finished:
                 continue
             s1, s12 = pipeline(model, sources, args.seed + 1)
             q = neighbour_quality(net, from_model(s1 if stage == 1 else s12), labels, ref)
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
             print(f"stage {stage} step {step} ({step * batch} images): " +
                   ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
     model.save(out / f"{args.data}-{args.preset}-budget.safetensors", training=dict(
-        command="python benchmarks/training_budget.py " + " ".join(map(shlex.quote, sys.argv[1:])),
+        command="python benchmarks/training_budget.py " + " ".join(map(shlex.quote, argv)),
         data=train.description, data_spec=args.data, stage1_steps=max(args.stage1_milestones),
         stage2_steps=max(args.stage2_milestones), batch_size={1: args.batch_size, 2: args.stage2_batch_size},
         seed=args.seed, wall_time_s=round(sum(elapsed.values()), 1)),

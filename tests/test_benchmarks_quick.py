@@ -97,3 +97,50 @@ def test_shipped_evae_balances_a_long_tailed_split():
     x, y = ds[len(ds) - 1]
     src = lt[ds.source_index(len(ds) - 1)]
     assert y == src[1] and x.shape == (1, 28, 28) and not torch.equal(x, src[0])
+
+
+def test_train_evaluator_quick(tmp_path):
+    import csv
+    from dkgm_aug.features import load_feature_net
+    assert load_benchmark("train_evaluator").main(["--data", "digits", "--quick", "--out", str(tmp_path)]) == 0
+    net = load_feature_net(tmp_path / "evaluator_digits.safetensors")
+    ev = net.info["evaluator"]
+    assert ev["data"] == "digits" and 0 <= ev["test_accuracy"] <= 1 and "--quick" in ev["command"]
+    with open(tmp_path / "evaluator_digits.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]
+
+
+def test_shipped_evaluators_meet_their_bar():
+    """The yardsticks: >= 0.98 test accuracy on digits, >= 0.92 on Fashion-MNIST (issue 11)."""
+    from dkgm_aug.label_filter import list_evaluators, load_evaluator
+    bars = {"digits-evaluator": 0.98, "fashion-mnist-evaluator": 0.92}
+    for name in list_evaluators():
+        assert load_evaluator(name).info["evaluator"]["test_accuracy"] >= bars[name], name
+    assert "digits-evaluator" in list_evaluators()
+
+
+def test_training_budget_quick(tmp_path):
+    import csv
+    mod = load_benchmark("training_budget")
+    evaluator = str(Path(dkgm_aug.__file__).parent / "pretrained" / "evaluators" / "digits-evaluator.safetensors")
+    assert mod.main(["--quick", "--evaluator", evaluator, "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "budget_tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stage"], r["step"]) for r in rows] == [("real", "0"), ("held-out", "0"), ("stage 1", "2"),
+                                                        ("stage 1", "4"), ("stage 2", "2")]
+    assert mod.main(["--quick", "--evaluator", evaluator, "--out", str(tmp_path)]) == 0   # resumes: nothing added
+    with open(tmp_path / "budget_tiny.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    assert dkgm_aug.load(tmp_path / "digits-tiny-budget.safetensors").info["training"]["stage1_steps"] == 4
+
+
+def test_gpu_generator_dry_run_on_cpu(tmp_path):
+    assert load_benchmark("gpu_generator").main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    model = dkgm_aug.load(tmp_path / "digits-tiny-gpu.safetensors")
+    assert model.info["training"]["stage1_steps"] >= 2 and "calibration" in model.info
+    assert (tmp_path / "quality.csv").read_text().count("\n") == 4
+
+
+def test_silent_cases_all_pass(tmp_path):
+    """Issue 12's replay: every silent-wrong-result case raises a clear error or gives the right result."""
+    assert load_benchmark("silent_cases").main(["--out", str(tmp_path / "s.md")]) == 0
