@@ -9,9 +9,9 @@ for alpha 0.25 / 0.5 / 1.0. Reported:
 
 * sharpness (the paper's Laplacian variance, images in [0, 1]) of the sources, of stage 1
   (the KDE neighbour ``f_theta(x + alpha eps)``, clamped) and of stage 1+2 (Algorithm 2);
-* Frechet distance to ``n`` real test images in the penultimate-layer features of our own
-  classifier (``dkgm_aug.features.FeatureNet``, trained on the full, balanced training
-  split). Not Inception features: not FID, and not comparable with FID numbers;
+* Frechet distance to ``n`` real test images in the penultimate-layer features of the
+  shipped evaluator (``dkgm_aug.list_evaluators()``, made by ``benchmarks/train_evaluator.py``
+  trained on 90% of the training split). Not Inception features: not FID, and not comparable with FID numbers;
 * label preservation: share of neighbours that classifier assigns to their source's class;
 * memorisation (``dkgm_aug.kss.memorisation``: the nearest training image is closer than
   1/3 of the distance to the second nearest) and novelty (mean Euclidean distance to the
@@ -46,11 +46,11 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 import dkgm_aug  # noqa: E402
 from dkgm_aug import DKGM, Trainer  # noqa: E402
 from dkgm_aug.data import load_dataset  # noqa: E402
-from dkgm_aug.features import accuracy, features, load_feature_net, save_feature_net, train_feature_net  # noqa: E402
+from dkgm_aug.features import accuracy, features  # noqa: E402
+from dkgm_aug.label_filter import load_evaluator  # noqa: E402
 from dkgm_aug.images import from_model, to_model  # noqa: E402
 from dkgm_aug.kss import memorisation, nearest_neighbour_distances  # noqa: E402
 from dkgm_aug.metrics import frechet_distance, sharpness  # noqa: E402
@@ -58,10 +58,6 @@ from common import cpu_name
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALPHAS = (0.25, 0.5, 1.0)
-# Our feature classifiers, trained on all of a dataset's training split (both are balanced):
-# file under benchmarks/results (the Fashion-MNIST one is shared with kernel_compare.py and
-# stage2_on_others.py) and the epochs used when it has to be trained here.
-CLASSIFIERS = {"fashion-mnist": ("featurenet_fmnist.safetensors", 1), "digits": ("featurenet_digits.safetensors", 20)}
 SWEEP_GENERATOR = "digits-tiny"
 SWEEP = ((0.5, 0.5), (1.0, 1.0), (0.25, 1.0), (0.5, 1.0), (0.5, 1.5))   # (b_min, b_max) in pixels
 SWEEP_BATCH = 32
@@ -97,16 +93,10 @@ def data_of(model) -> str:
     raise ValueError(f"no dataset known for training data {text!r}")
 
 
-def classifier(data: str, train, seed: int, save: bool):
-    """Our feature classifier for ``data``: the cached one, else trained on all of ``train``."""
-    name, epochs = CLASSIFIERS[data]
-    path = RESULTS / name
-    if path.exists():
-        return load_feature_net(path), path
-    net = train_feature_net(train, epochs=epochs, seed=seed)
-    if save:
-        save_feature_net(net, path)
-    return net, path
+def classifier(data: str):
+    """The yardstick for ``data``: its shipped evaluator (benchmarks/train_evaluator.py made it)."""
+    name = f"{data}-evaluator"
+    return load_evaluator(name), name
 
 
 @torch.inference_mode()
@@ -133,14 +123,14 @@ def record(section, generator, data, alpha, stage, x, labels, d, final, seconds=
                 nn_distance=nn, seconds=seconds)
 
 
-def prepare(data: str, n: int, seed: int, save: bool):
+def prepare(data: str, n: int, seed: int):
     """Sources (training images), a reference and a held-out real set (disjoint test draws),
     the classifier, and the calibration records of the real images."""
     train, test = load_dataset(data, split="train"), load_dataset(data, split="test")
     n = min(n, len(test) // 2)
     g = torch.Generator().manual_seed(seed)
     src, tst = torch.randperm(len(train), generator=g)[:n], torch.randperm(len(test), generator=g)[:2 * n]
-    net, net_path = classifier(data, train, seed, save)
+    net, net_path = classifier(data)
     d = SimpleNamespace(data=data, train=train, n=n, net=net, net_path=net_path, test_accuracy=accuracy(net, test),
                         n_test=len(test), sources=to_model(train.images[src].float() / 255), labels=train.targets[src])
     d.ref_feats = features(net, test.images[tst[:n]])
@@ -206,7 +196,7 @@ def main(argv=None):
         model = dkgm_aug.load(name).eval()
         data = data_of(model)
         if data not in datasets:
-            datasets[data] = prepare(data, args.n, args.seed, save=not args.quick)
+            datasets[data] = prepare(data, args.n, args.seed)
             records += datasets[data].real
         d = datasets[data]
         for alpha in tqdm(args.alphas, desc=name):
@@ -245,14 +235,14 @@ def write(args, argv, datasets, records, wall):
              f"seed {args.seed}. n = {args.n} requested per setting (capped at half the test set).", "",
              f"Machine: {cpu_name()} CPU, torch {torch.__version__}, {args.threads} torch thread(s); wall time {wall:.0f} s.", ""]
     for d in datasets.values():
-        info = d.net.info.get("training", {})
-        lines.append(f"Classifier for {d.data}: `{d.net_path.relative_to(ROOT)}`, trained on all "
-                     f"{info.get('n_images', '?')} training images, {info.get('epochs', '?')} epoch(s), seed "
-                     f"{info.get('seed', '?')}; test accuracy {d.test_accuracy:.4f} on {d.n_test} test images. "
-                     f"n = {d.n}.")
+        info = d.net.info.get("evaluator", {})
+        lines.append(f"Yardstick for {d.data}: the shipped evaluator `{d.net_path}` (`{info.get('command', '?')}`, "
+                     f"{info.get('n_fit', '?')} training images); test accuracy {d.test_accuracy:.4f} on {d.n_test} "
+                     f"test images. n = {d.n}.")
     lines += ["", "Frechet distance: to n real test images (the reference), in the 128-d penultimate features of "
               "that classifier (not FID). Label preservation: share of outputs the classifier assigns to their "
-              "source's class. Memorisation: share of final outputs whose nearest training image is closer than "
+              "source's class. Both come from the shipped evaluator, the one yardstick of every generator table. "
+              "Memorisation: share of final outputs whose nearest training image is closer than "
               "1/3 of the distance to the second nearest; NN distance: mean Euclidean distance to the nearest "
               "training image ([-1, 1] units). S1 = stage 1 (KDE), S1+2 = stage 1 + stage 2 (Algorithm 2).", "",
               "## Real images (calibration)", "",

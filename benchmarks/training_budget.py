@@ -21,7 +21,6 @@ import argparse
 import csv
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
