@@ -23,6 +23,7 @@ from .errors import DKGMError
 from .features import features, neighbour_quality
 from .images import from_model, to_model
 from .kernels import noise_from_seeds
+from .nn import evaluating
 
 ALPHAS = (0.1, 0.25, 0.5, 0.75, 1.0)
 STEPS = (0, 1, 2, 3, 4, 6, 8)
@@ -67,13 +68,9 @@ def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset.images), generator=g)[:n]
     images01, labels = dataset.images[idx].float() / 255, dataset.targets[idx]
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         real = neighbour_quality(evaluator, images01, labels, features(evaluator, images01))
         rows = score_grid(model, images01, labels, evaluator, alphas, steps, seed)
-    finally:
-        model.train(was)
     chosen = choose(rows, real, tolerance)
     model.alpha, model.steps = float(chosen["alpha"]), int(chosen["steps"])
     record = dict(alpha=model.alpha, steps=model.steps, labels_kept=chosen["labels_kept"], tolerance=tolerance,

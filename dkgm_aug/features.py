@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write
 from .errors import CheckpointError, DataError
 from .images import to_unit_float
+from .nn import evaluating
 
 METADATA_KEY = "dkgm_aug_featurenet"
 
@@ -153,14 +154,10 @@ def features(net: FeatureNet, images01: torch.Tensor, batch_size: int = 500) -> 
     if not isinstance(images01, torch.Tensor) or images01.ndim != 4 or images01.shape[1] != net.channels:
         raise DataError(f"features takes [N, {net.channels}, H, W] images, got "
                         f"{getattr(images01, 'shape', type(images01).__name__)}")
-    was = net.training
-    net.eval()
-    try:
+    with evaluating(net):
         device = next(net.parameters()).device
         out = [net.features(_unit(images01[i:i + batch_size]).to(device)).float().cpu()
                for i in range(0, len(images01), batch_size)]
-    finally:
-        net.train(was)
     return torch.cat(out) if out else torch.zeros(0, net.feature_dim)
 
 
@@ -168,14 +165,10 @@ def features(net: FeatureNet, images01: torch.Tensor, batch_size: int = 500) -> 
 def accuracy(net: FeatureNet, dataset, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``net`` on ``dataset`` (what the feature space is worth)."""
     images, labels = _images_and_labels(dataset)
-    was = net.training
-    net.eval()
-    try:
+    with evaluating(net):
         device = next(net.parameters()).device
         hits = sum(int((net(_unit(images[i:i + batch_size]).to(device)).argmax(1).cpu()
                         == labels[i:i + batch_size]).sum()) for i in range(0, len(images), batch_size))
-    finally:
-        net.train(was)
     return hits / len(images)
 
 

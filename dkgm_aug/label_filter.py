@@ -25,6 +25,7 @@ import torch
 
 from ._validate import SEED_MAX, check_int
 from .errors import CheckpointError, DKGMError
+from .nn import evaluating
 
 EVALUATOR_DIR = Path(__file__).parent / "pretrained" / "evaluators"
 _GOLDEN = 0x9E3779B97F4A7C15          # odd 64-bit constant: retry seeds never collide with the first
@@ -87,14 +88,8 @@ class LabelFilter:
 
     @torch.inference_mode()
     def predict(self, x01: torch.Tensor) -> torch.Tensor:
-        net = self.classifier
-        was = net.training
-        net.eval()
-        try:
-            device = next(net.parameters()).device
-            return net(x01.to(device)).argmax(1).cpu()
-        finally:
-            net.train(was)
+        with evaluating(self.classifier) as net:
+            return net(x01.to(next(net.parameters()).device)).argmax(1).cpu()
 
     def classes_of(self, x01: torch.Tensor, labels=None) -> torch.Tensor:
         """Each source's class index: its label (mapped by ``class_index``), else the prediction."""

@@ -1,13 +1,26 @@
-"""Layers shared by the U-Nets: time embedding, normalisation, ResBlock, attention.
+"""Layers shared by the U-Nets: time embedding, normalisation, ResBlock, attention (and the
+``evaluating`` context every eval-mode pass uses).
 
 Follows the DDPM / guided-diffusion building blocks: the last conv of each
 residual branch starts at zero, so every block starts as the identity.
 """
+import contextlib
 import math
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode inside the block, its previous mode restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

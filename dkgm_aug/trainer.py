@@ -53,6 +53,7 @@ from ._validate import check_device, check_float, check_int, check_seed
 from .checkpoint import atomic_write
 from .errors import CheckpointError, DataError, DKGMError
 from .images import collate_images, from_model, to_model
+from .nn import evaluating
 
 
 LOG_HEADER = ["step", "loss", "images_per_s", "elapsed_s"]
@@ -355,16 +356,14 @@ class Trainer:
         if self._preview is None:
             self._preview = self._first_batch(8)
         real = self._preview
-        was_training = self.model.training
-        self.model.eval()
-        g = torch.Generator(self.device).manual_seed(self.seed)
-        kde = self.model.kde(real, generator=g)
-        rows = [real, kde.clamp(-1, 1), self.model.debias(kde).clamp(-1, 1)]   # real / stage 1 / stage 1+2
-        if stage == 2:
-            from .blur import gaussian_blur
-            blurred = gaussian_blur(real, sum(self.model.b_range) / 2)
-            rows += [blurred, self.model.debias(blurred).clamp(-1, 1)]       # blurred / stage 2 on it
-        self.model.train(was_training)
+        with evaluating(self.model):
+            g = torch.Generator(self.device).manual_seed(self.seed)
+            kde = self.model.kde(real, generator=g)
+            rows = [real, kde.clamp(-1, 1), self.model.debias(kde).clamp(-1, 1)]   # real / stage 1 / stage 1+2
+            if stage == 2:
+                from .blur import gaussian_blur
+                blurred = gaussian_blur(real, sum(self.model.b_range) / 2)
+                rows += [blurred, self.model.debias(blurred).clamp(-1, 1)]       # blurred / stage 2 on it
         path = self.out_dir / f"samples_stage{stage}_step{step}.png"
         save_image(from_model(torch.cat(rows)).cpu(), path, nrow=len(real), padding=1)
         return path

@@ -60,7 +60,6 @@ Example::
     model.save("evae.safetensors")
     x_new = model.neighbours(x, k=4)           # x: [B, 1, 28, 28] in [-1, 1]
 """
-import contextlib
 import math
 import numbers
 import time
@@ -73,23 +72,11 @@ from tqdm.auto import tqdm
 from .dkgm import check_images, check_knobs
 from .errors import DataError, DKGMError
 from .kernels import rand, randn, standard_epanechnikov
+from .nn import evaluating
 
 B_M = 100.0 ** (-2.0 / 9.0)   # b(100), the paper's "step size" (section 4)
 WIDTHS = (32, 64, 128, 256)   # Appendix C channel counts
 SIDE = 32                     # the networks' input and output size
-
-
-def _evaluating(module: nn.Module):
-    """Context manager: ``module`` in eval mode inside, its previous mode restored after."""
-    @contextlib.contextmanager
-    def ctx():
-        was = module.training
-        module.eval()
-        try:
-            yield
-        finally:
-            module.train(was)
-    return ctx()
 
 
 def _check_int(name, v, lo, hi):
@@ -266,7 +253,7 @@ class _LatentAutoencoder(nn.Module):
         ``sample=True``, from one posterior draw (noise scaled by ``alpha``, default 1: the
         posterior itself, whatever the model's generation knob ``alpha`` is)."""
         check_images(x01, self.channels, "x01")
-        with _evaluating(self):
+        with evaluating(self):
             mu, spread = self.encode(x01)
             z = (self.sample_latent(mu, spread, alpha=alpha, generator=generator) if sample
                  else self.posterior_mean(mu, spread))
@@ -276,7 +263,7 @@ class _LatentAutoencoder(nn.Module):
     def _generate(self, x: torch.Tensor, noise: torch.Tensor, alpha) -> torch.Tensor:
         check_images(x, self.channels)
         alpha = self.alpha if alpha is None else check_knobs(alpha=alpha)
-        with _evaluating(self):
+        with evaluating(self):
             mu, spread = self.encode(((x + 1) / 2).clamp(0, 1))
             z = self.sample_latent(mu, spread, noise=noise.to(mu.device, mu.dtype), alpha=alpha)
             return (self.decode(z, x.shape[-2:]) * 2 - 1).clamp(-1, 1)
