@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
+from dkgm_aug.nn import evaluating
 from dkgm_aug.data import PROFILES, digits, fashion_mnist, long_tailed_indices
 from common import cpu_name
 
@@ -130,13 +131,15 @@ def ldam_margins(counts, largest: float) -> torch.Tensor:
 def loss_fn(method: str, logits, y, counts, progress: float, args, mix=None):
     """The training loss of a loss-side ``method`` at ``progress`` (fraction of the run done).
     ``mix = (lam, y_b)``: the batch was mixed as ``lam * x + (1 - lam) * x[perm]`` (mixup)."""
+    counts = torch.as_tensor(counts).tolist()
     weight = drw_weights(counts, progress, args.drw_start) if method in ("drw", "ldam_drw", "mixup_drw") else (
         class_balanced_weights(counts) if method == "cb_loss" else None)
+    weight = None if weight is None else weight.to(logits.device)
     if method == "ldam_drw":
-        margins = ldam_margins(counts, args.ldam_margin)
+        margins = ldam_margins(counts, args.ldam_margin).to(logits.device)
         logits = args.ldam_s * (logits - F.one_hot(y, logits.shape[1]) * margins[y][:, None])
     if method == "balanced_softmax":
-        prior = torch.as_tensor(counts, dtype=torch.float32) / float(sum(counts))
+        prior = torch.as_tensor(counts, dtype=torch.float32, device=logits.device) / float(sum(counts))
         logits = logits + args.la_tau * prior.log()
     loss = F.cross_entropy(logits, y, weight=weight)
     if mix is not None:
@@ -148,7 +151,7 @@ def loss_fn(method: str, logits, y, counts, progress: float, args, mix=None):
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator):
     """``(mixed batch, (lam, partner labels))``: one Beta(alpha, alpha) weight per batch, as in Zhang et al."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
-    perm = torch.randperm(len(x), generator=g)
+    perm = torch.randperm(len(x), generator=g).to(x.device)
     return lam * x + (1 - lam) * x[perm], (lam, y[perm])
 
 
@@ -204,8 +207,8 @@ def random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tenso
     return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
 
 
-def to_input(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    x = x.float() / 255.0
+def to_input(x: torch.Tensor, size: int | None, device=None) -> torch.Tensor:
+    x = x.to(device).float() / 255.0
     if size is not None and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - 0.5) / 0.5
@@ -275,7 +278,7 @@ def build_pool(method: str, args, lt, seed: int) -> Pool:
     if method in BALANCED:
         return Pool(images, targets, balanced=BalancedDKGMDataset(
             lt, generator=generator_for(method, args, lt, seed), sampling_strategy="auto", seed=seed,
-            cache="memory", progress=False))
+            cache="memory", progress=False, device=args.device))
     return Pool(images, targets)
 
 
@@ -288,10 +291,10 @@ def build_model(args):
 
 @torch.no_grad()
 def predict(model, images, size) -> torch.Tensor:
-    model.eval()
-    out = torch.cat([model(to_input(images[i:i + 512], size)).argmax(1) for i in range(0, len(images), 512)])
-    model.train()
-    return out
+    device = next(model.parameters()).device
+    with evaluating(model):
+        return torch.cat([model(to_input(images[i:i + 512], size, device)).argmax(1).cpu()
+                          for i in range(0, len(images), 512)])
 
 
 def balanced_accuracy(y_true, y_pred, n_classes: int = 10) -> float:
@@ -305,7 +308,7 @@ class Augmenter:
         from torchvision.transforms import v2
         self.shift, self.minority = args.shift, counts < counts.max()   # "minority": every class but the largest
         self.randaug = v2.RandAugment() if method == "randaug" else None
-        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed)
+        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed, device=args.device)
                      if method in AUGMENTED else None)
         self.seconds, self.n_changed = 0.0, 0
 
@@ -313,7 +316,7 @@ class Augmenter:
         x = random_shift(x, self.shift, g)
         if self.randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
             x = torch.stack([self.randaug(im) for im in x])
-        if self.dkgm is not None and self.minority[y].any():
+        if self.dkgm is not None and self.minority[y].any():   # x, y: uint8 batch and labels on the CPU
             t, m = time.perf_counter(), self.minority[y]
             before = x[m]
             x[m] = self.dkgm(before)   # uint8 in, uint8 out; each item replaced with probability p
@@ -336,7 +339,7 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
     per_epoch = -(-len(lt) // args.batch)
     total = args.epochs * per_epoch if args.epochs else args.steps
 
-    model = build_model(args)
+    model = build_model(args).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     augment = Augmenter(method, args, lt, counts, seed)
@@ -347,7 +350,7 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
         progress = step / total
         source = plain if method == "dkgm_deferred" and progress < args.drw_start else pool
         x, y = source.draw(args.batch, g)
-        x, mix = to_input(augment(x, y, g), size), None
+        x, y, mix = to_input(augment(x, y, g), size, args.device), y.to(args.device), None
         if loss_method in ("mixup", "mixup_drw"):
             x, mix = mixup(x, y, args.mixup_alpha, g)
         loss = loss_fn(loss_method, model(x), y, counts, progress, args, mix)
@@ -669,8 +672,10 @@ def main(argv=None) -> int:
     p.add_argument("--mixup-alpha", type=float, default=1.0, help="mixup's Beta(alpha, alpha)")
     p.add_argument("--combine-loss", choices=LOSSES, default="balanced_softmax",
                    help="the loss-side method loss_dkgm combines with DKGMAugment")
+    p.add_argument("--device", default="cpu", help="where the classifier (and the generators) run: cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="skip (method, knobs, seed) runs already in runs.csv")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from runs.csv, run nothing")
     p.add_argument("--export-split", metavar="NPZ", help="write the long-tailed train split and exit")
     p.add_argument("--quick", action="store_true", help="digits, rho 10, 10 steps, batch 16, seed 0 (smoke test)")
     p.add_argument("--out", default="benchmarks/results/imbalanced")
@@ -685,14 +690,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "commands.txt", "a") as f:
-        f.write(f"python benchmarks/imbalanced.py {' '.join(argv)}\n")
+    if not args.report_only:
+        with open(out / "commands.txt", "a") as f:
+            f.write(f"python benchmarks/imbalanced.py {' '.join(argv)}\n")
     lt, _, _ = splits(args)
     args.tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
 
     done = ({(r["method"], r["knobs"], r["seed"]) for r in read_rows(out / "runs.csv", config_of(args))}
             if args.resume else set())
-    jobs = [(m, s) for s in args.seeds for m in args.methods if (m, knobs_of(m, args), s) not in done]
+    jobs = [(m, s) for s in args.seeds for m in args.methods if (m, knobs_of(m, args), s) not in done
+            and not args.report_only]
     for m, s in (bar := tqdm(jobs, desc="runs")):
         bar.set_postfix(method=m, seed=s)
         row = run(m, args, s, curves=out / "curves.csv")

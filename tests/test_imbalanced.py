@@ -121,3 +121,64 @@ def test_tail_memorisation_quick(tmp_path):
     assert len(rows) == 3 * 3     # 3 sources x 3 tail classes
     for r in rows:
         assert 0.0 <= float(r[3]) <= 1.0 and float(r[4]) >= 0.0
+
+
+def test_help_lists_the_converged_protocol(imb, capsys):
+    with pytest.raises(SystemExit):
+        imb.main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("ldam_drw", "balanced_softmax", "mixup_drw", "loss_dkgm", "dkgm_deferred", "--class-order",
+                 "--val-fraction", "--profile", "step", "--epochs"):
+        assert word in text, word
+
+
+def test_loss_side_methods_on_known_logits(imb):
+    args = imb.argparse.Namespace(drw_start=0.5, ldam_margin=0.5, ldam_s=1.0, la_tau=1.0)
+    counts, logits, y = [90, 9, 1], torch.zeros(3, 3), torch.tensor([0, 1, 2])
+    ce = imb.F.cross_entropy(logits, y)
+    assert imb.loss_fn("ce", logits, y, counts, 0.9, args) == pytest.approx(ce.item())
+    # DRW: plain before the switch, class-balanced after it (the rare classes' losses weigh more)
+    skewed = torch.tensor([[3.0, 0, 0], [0, 0, 0], [0, 0, 0]])   # item 0 is easy, items 1 and 2 are not
+    plain = imb.F.cross_entropy(skewed, y).item()
+    assert imb.loss_fn("drw", skewed, y, counts, 0.1, args) == pytest.approx(plain)
+    assert imb.loss_fn("drw", skewed, y, counts, 0.9, args).item() > plain
+    # LDAM: the rarest class gets the largest margin, and margins shrink as n^(-1/4)
+    m = imb.ldam_margins(counts, 0.5)
+    assert m[2] == pytest.approx(0.5) and m[0] < m[1] < m[2] and m[1] / m[0] == pytest.approx(10 ** 0.25)
+    # Balanced Softmax: equal logits become the log prior, so the head class is favoured in training
+    bs = imb.loss_fn("balanced_softmax", logits, torch.tensor([0]).repeat(3), counts, 0.5, args)
+    assert bs.item() == pytest.approx(-torch.log(torch.tensor(0.9)).item(), rel=1e-5)
+    mixed, (lam, y_b) = imb.mixup(torch.ones(4, 1, 2, 2), torch.arange(4), 1.0, torch.Generator().manual_seed(0))
+    assert 0 <= lam <= 1 and sorted(y_b.tolist()) == [0, 1, 2, 3] and torch.allclose(mixed, torch.ones(4, 1, 2, 2))
+
+
+def test_validation_split_is_long_tailed_and_disjoint(imb):
+    lt, _ = imb.load("digits", 10, 0)
+    fit, val = imb.validation_split(lt, 0.1, 0)
+    assert len(fit) + len(val) == len(lt)
+    counts_val = torch.bincount(val.targets, minlength=10)
+    assert (counts_val >= 1).all() and counts_val[0] > counts_val[9]
+
+
+def test_converged_quick_run_chooses_the_epoch_on_validation(imb, tmp_path):
+    assert imb.main(["--quick", "--epochs", "2", "--methods", "ce", "ldam_drw", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["chosen_epoch"] for r in rows} <= {"1", "2"} and all(float(r["val_bacc"]) > 0 for r in rows)
+    with open(tmp_path / "curves.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4        # 2 methods x 2 epochs
+    text = (tmp_path / "results.md").read_text()
+    assert "best validation epoch" in text and "vs best (paired)" in text and (tmp_path / "curves.png").exists()
+    # a second variant of ldam_drw's knob: the report keeps the one with the better validation score
+    assert imb.main(["--quick", "--epochs", "2", "--methods", "ldam_drw", "--ldam-margin", "0.3",
+                     "--out", str(tmp_path)]) == 0
+    assert "(of 2)" in (tmp_path / "results.md").read_text()
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    import os
+    import subprocess
+    env = dict(os.environ, QUICK="1", DEVICE="cpu", METHODS="ce", SEEDS="0", PARALLEL="1", MINUTES="5",
+               OUT=str(tmp_path))
+    subprocess.run(["bash", "benchmarks/gpu_converged.sh"], check=True, env=env, capture_output=True)
+    assert "| ce |" in (tmp_path / "results.md").read_text()
