@@ -14,8 +14,10 @@ like), Frechet distance to ``--n`` real test images in the evaluator's features,
 The real rows (training sources themselves, held-out test images) calibrate them.
 
 Rows are appended to ``budget_<preset>.csv`` as milestones finish; a rerun skips finished
-milestones and the trainer resumes from its state, so the job survives kills. The final
-model is written to ``<out>/<data>-<preset>-budget.safetensors``.
+milestones and the trainer resumes from its state, so the job survives kills. The model at
+every milestone is kept (``work_<data>_<preset>/snapshots/``), so ``--rescore`` can score them
+all again with another evaluator without training. The final model is written to
+``<out>/<data>-<preset>-budget.safetensors``.
 """
 import argparse
 import csv
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import dkgm_aug
 from dkgm_aug import DKGM, Trainer
 from dkgm_aug.data import load_dataset
 from dkgm_aug.features import accuracy, features, load_feature_net, neighbour_quality
@@ -48,6 +51,8 @@ def parse(argv):
     p.add_argument("--evaluator", default=None, help="default: results/evaluator_<data>.safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rescore", action="store_true", help="score the kept snapshots again (e.g. with a new "
+                   "--evaluator) into a fresh CSV; no training")
     p.add_argument("--quick", action="store_true", help="digits, a few steps, for the test suite")
     p.add_argument("--out", default=str(RESULTS / "training_budget"))
     args = p.parse_args(argv)
@@ -89,6 +94,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, work = out / f"budget_{args.preset}.csv", out / f"work_{args.data}_{args.preset}"
+    snapshots = work / "snapshots"
     train, test = load_dataset(args.data, split="train"), load_dataset(args.data, split="test")
     net = load_feature_net(args.evaluator)
     g = torch.Generator().manual_seed(args.seed)
@@ -96,6 +102,9 @@ def main(argv=None) -> int:
     src, tst = torch.randperm(len(train), generator=g)[:n], torch.randperm(len(test), generator=g)[:2 * n]
     sources, labels = to_model(train.images[src].float() / 255), train.targets[src]
     ref = features(net, test.images[tst[:n]])
+    if args.rescore:
+        old = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []
+        csv_path.unlink(missing_ok=True)
     done = done_rows(csv_path)
     if ("real", 0) not in done:
         for name, imgs, ys in (("real", train.images[src], labels), ("held-out", test.images[tst[n:]],
@@ -103,6 +112,22 @@ def main(argv=None) -> int:
             q = neighbour_quality(net, imgs.float() / 255, ys, ref)
             append(csv_path, dict(preset=args.preset, stage=name, step=0, images_seen=0, train_seconds=0, **q))
         print(f"evaluator test accuracy {accuracy(net, test):.4f}", flush=True)
+
+    def score(model, stage, step, batch, seconds):
+        s1, s12 = pipeline(model, sources, args.seed + 1)
+        q = neighbour_quality(net, from_model(s1 if stage == 1 else s12), labels, ref)
+        append(csv_path, dict(preset=args.preset, stage=f"stage {stage}", step=step, images_seen=step * batch,
+                              train_seconds=round(seconds, 1), **q))
+        print(f"stage {stage} step {step} ({step * batch} images): " +
+              ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+
+    if args.rescore:
+        for r in old:
+            if r["stage"].startswith("stage"):
+                model = dkgm_aug.load(snapshots / f"{r['stage'].replace(' ', '')}_step{r['step']}.safetensors")
+                score(model, int(r["stage"][-1]), int(r["step"]), int(r["images_seen"]) // int(r["step"]),
+                      float(r["train_seconds"]))
+        return 0
 
     torch.manual_seed(args.seed)
     model = DKGM.from_preset(args.preset, image_size=tuple(train.images.shape[-2:]), channels=train.images.shape[1])
@@ -117,20 +142,15 @@ def main(argv=None) -> int:
                 continue
             trainer.fit(stage, max_steps=step)
             elapsed[stage] = trainer.elapsed.get(stage, 0.0)
-            if finished:
-                continue
-            s1, s12 = pipeline(model, sources, args.seed + 1)
-            q = neighbour_quality(net, from_model(s1 if stage == 1 else s12), labels, ref)
-            append(csv_path, dict(preset=args.preset, stage=f"stage {stage}", step=step, images_seen=step * batch,
-                                  train_seconds=round(elapsed[stage], 1), **q))
-            print(f"stage {stage} step {step} ({step * batch} images): " +
-                  ", ".join(f"{k} {v:.4f}" for k, v in q.items()), flush=True)
+            if not finished:
+                model.save(snapshots / f"stage{stage}_step{step}.safetensors")
+                score(model, stage, step, batch, elapsed[stage])
     model.save(out / f"{args.data}-{args.preset}-budget.safetensors", training=dict(
         command="python benchmarks/training_budget.py " + " ".join(map(shlex.quote, argv)),
-        data=train.description, data_spec=args.data, stage1_steps=max(args.stage1_milestones),
-        stage2_steps=max(args.stage2_milestones), batch_size={1: args.batch_size, 2: args.stage2_batch_size},
-        seed=args.seed, wall_time_s=round(sum(elapsed.values()), 1)),
-        classes=list(train.classes))
+        data=train.description, data_spec=dict(data=args.data, split="train"),
+        stage1_steps=max(args.stage1_milestones), stage2_steps=max(args.stage2_milestones),
+        batch_size={1: args.batch_size, 2: args.stage2_batch_size}, seed=args.seed,
+        wall_time_s=round(sum(elapsed.values()), 1)), classes=list(train.classes))
     return 0
 
 

@@ -144,3 +144,13 @@ def test_gpu_generator_dry_run_on_cpu(tmp_path):
 def test_silent_cases_all_pass(tmp_path):
     """Issue 12's replay: every silent-wrong-result case raises a clear error or gives the right result."""
     assert load_benchmark("silent_cases").main(["--out", str(tmp_path / "s.md")]) == 0
+
+
+def test_training_budget_rescore_reads_snapshots(tmp_path):
+    import csv
+    mod = load_benchmark("training_budget")
+    evaluator = str(Path(dkgm_aug.__file__).parent / "pretrained" / "evaluators" / "digits-evaluator.safetensors")
+    assert mod.main(["--quick", "--evaluator", evaluator, "--out", str(tmp_path)]) == 0
+    first = (tmp_path / "budget_tiny.csv").read_text()
+    assert mod.main(["--quick", "--rescore", "--evaluator", evaluator, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "budget_tiny.csv").read_text() == first     # same snapshots, same yardstick: same scores
