@@ -1,0 +1,156 @@
+"""Which synthetic items :class:`~dkgm_aug.balanced.BalancedDKGMDataset` adds: labels, counts
+and the index plan. No image is read here."""
+import numbers
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Subset
+from tqdm.auto import tqdm
+
+from .errors import DataError, DKGMError
+
+STRATEGIES = ("auto", "minority", "not minority", "not majority", "all")
+
+
+def plain_label(y):
+    """A label as a hashable Python value: 0-d tensors and numpy scalars become int/float/bool."""
+    if isinstance(y, torch.Tensor):
+        if y.numel() != 1:
+            raise DataError(f"a label must be a single value, got a tensor of shape {tuple(y.shape)}")
+        return y.item()
+    return y.item() if isinstance(y, (np.generic, np.ndarray)) and np.size(y) == 1 else y
+
+
+def _as_array(raw) -> np.ndarray:
+    """Labels (list, tuple, array or tensor) as a numpy array of numbers or of strings."""
+    if isinstance(raw, torch.Tensor):
+        raw = raw.cpu().numpy()
+    if isinstance(raw, np.ndarray) and raw.dtype == object:
+        raw = raw.tolist()
+    if isinstance(raw, (list, tuple)):
+        raw = [plain_label(v) for v in raw]
+        kinds = {str if isinstance(v, str) else numbers.Number if isinstance(v, numbers.Number) else type(v)
+                 for v in raw}
+        if len(kinds) > 1 or not kinds <= {str, numbers.Number}:
+            raise DataError(f"labels must be all numbers or all strings, found {sorted(k.__name__ for k in kinds)}")
+    return np.asarray(raw)
+
+
+def stored_labels(ds):
+    """The labels ``ds`` keeps beside its images, or None: ``.targets`` or ``.labels``, through
+    ``Subset`` (the base's labels at ``.indices``) and ``ConcatDataset`` (each part's, in order)."""
+    for name in ("targets", "labels"):
+        raw = getattr(ds, name, None)
+        if isinstance(raw, (list, tuple, np.ndarray, torch.Tensor)):
+            return _as_array(raw)
+    if isinstance(ds, Subset):
+        base = stored_labels(ds.dataset)
+        return None if base is None else base[np.asarray(ds.indices, dtype=np.int64)]
+    if isinstance(ds, ConcatDataset):
+        parts = [stored_labels(d) for d in ds.datasets]
+        if any(p is None for p in parts):
+            return None
+        parts = [p for p in parts if len(p)]   # an empty part's float64 dtype would turn int labels into floats
+        if len({p.dtype.kind in "US" for p in parts}) > 1:
+            raise DataError("the parts of the ConcatDataset mix string and number labels; use one kind")
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return None
+
+
+def read_labels(ds, labels=None, label_of=lambda item: item[1], progress: bool = True):
+    """``(sorted distinct label values, int32 class code per item)``. From ``labels`` when given,
+    else from :func:`stored_labels` so that no image is loaded, else one pass ``label_of(ds[i])``."""
+    n = len(ds)
+    if n == 0:
+        raise DataError("the dataset is empty: BalancedDKGMDataset needs at least one labelled item")
+    arr = _as_array(labels) if labels is not None else stored_labels(ds)
+    if arr is None:
+        arr = _as_array([label_of(ds[i]) for i in tqdm(range(n), desc="reading labels", disable=not progress)])
+    if arr.ndim != 1 or len(arr) != n:
+        given = "labels= has" if labels is not None else "its targets have"
+        raise DataError(f"the dataset has {n} items but {given} shape {arr.shape}; "
+                        "give one label per item (class indices, not one-hot)")
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        nan = np.flatnonzero(np.isnan(arr))
+        raise DataError(f"NaN labels on {len(nan)} of {n} items (the first: item {nan[0]}); NaN is not a "
+                        "class: drop those items or give them a label")
+    values, codes = np.unique(arr, return_inverse=True)
+    return values.tolist(), torch.from_numpy(codes.astype(np.int32).reshape(-1))
+
+
+def _names(ds):
+    names = getattr(ds, "classes", None)
+    if names is None and isinstance(ds, Subset):
+        return _names(ds.dataset)
+    if names is None and isinstance(ds, ConcatDataset):
+        found = [_names(d) for d in ds.datasets]
+        return found[0] if all(f == found[0] for f in found) else None
+    return names
+
+
+def class_names(ds, values: list):
+    """``ds.classes`` (through ``Subset`` and ``ConcatDataset``) when the label ``values`` are integer
+    indices into it, torchvision's convention; else None."""
+    names = _names(ds)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                       for v in values):
+        return None
+    return list(names) if 0 <= values[0] and values[-1] < len(names) else None
+
+
+def oversampling_targets(strategy, counts: dict, y) -> dict:
+    """How many items to add to each class: imbalanced-learn's over-sampling semantics.
+    ``counts`` maps each label to its count in sorted label order, as imblearn's
+    ``np.unique`` does, so ties for majority/minority go to the smallest label."""
+    if len(counts) < 2:
+        raise DataError(f"the dataset has only {len(counts)} class; over-sampling needs at least 2")
+    n_max, majority, minority = max(counts.values()), max(counts, key=counts.get), min(counts, key=counts.get)
+    choices = (f"one of {STRATEGIES}, a float in (0, 1] (two classes only), a dict "
+               "{label: wanted count} or a callable y -> dict")
+    if isinstance(strategy, str):
+        chosen = {"auto": lambda c: c != majority, "not majority": lambda c: c != majority,
+                  "minority": lambda c: c == minority, "not minority": lambda c: c != minority,
+                  "all": lambda c: True}.get(strategy)
+        if chosen is None:
+            raise DKGMError(f"unknown sampling_strategy {strategy!r}: use {choices}")
+        return {c: n_max - n for c, n in counts.items() if chosen(c)}
+    if isinstance(strategy, numbers.Real) and not isinstance(strategy, bool):
+        if not 0 < strategy <= 1:
+            raise DKGMError(f"a float sampling_strategy must be in (0, 1], got {strategy}")
+        if len(counts) != 2:
+            raise DKGMError(f"a float sampling_strategy needs exactly 2 classes, the dataset has "
+                            f"{len(counts)}; use a dict {{label: wanted count}} instead")
+        wanted = {c: int(n_max * strategy - n) for c, n in counts.items() if c != majority}
+        if any(v <= 0 for v in wanted.values()):
+            raise DKGMError(f"sampling_strategy={strategy} asks for no new minority items "
+                            f"(class counts {counts}); increase the ratio")
+        return wanted
+    if callable(strategy):
+        strategy = strategy(y)
+    if not isinstance(strategy, dict):
+        raise DKGMError(f"sampling_strategy must be {choices}, got {type(strategy).__name__}")
+    strategy = {plain_label(k): v for k, v in strategy.items()}
+    unknown = [k for k in strategy if k not in counts]
+    if unknown:
+        raise DKGMError(f"sampling_strategy names classes {unknown} that are not in the dataset "
+                        f"(its classes: {list(counts)})")
+    for c, v in strategy.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < counts[c]:
+            raise DKGMError(f"sampling_strategy asks for {v!r} items of class {c!r}, which already has "
+                            f"{counts[c]}; over-sampling only adds items: ask for an integer >= {counts[c]}")
+    return {c: int(v) - counts[c] for c, v in strategy.items()}
+
+
+def index_plan(real_codes: torch.Tensor, n_new: list, seed: int):
+    """``(class code per item, source item per synthetic item)``: for class ``k``, ``n_new[k]``
+    synthetic items cycling through a seeded permutation of its real items, grouped by class."""
+    g = torch.Generator().manual_seed(seed)
+    index_dtype = torch.int32 if len(real_codes) < 2 ** 31 else torch.int64
+    codes, sources = [real_codes], [torch.zeros(0, dtype=index_dtype)]
+    for k, n in enumerate(n_new):
+        if n > 0:
+            members = torch.nonzero(real_codes == k).flatten()
+            perm = members[torch.randperm(len(members), generator=g)]
+            sources.append(perm.repeat(-(-n // len(perm)))[:n].to(index_dtype))
+            codes.append(torch.full((n,), k, dtype=torch.int32))
+    return torch.cat(codes), torch.cat(sources)

@@ -1,0 +1,75 @@
+"""Bad-input rows of BalancedDKGMDataset (see bad_inputs.py for the form)."""
+import os
+from pathlib import Path
+
+import torch
+
+from dkgm_aug import BalancedDKGMDataset, DataError, DKGMError
+
+
+class Pixels(torch.utils.data.Dataset):
+    """Distinct 8x8 gray images (``invert``: the same labels with other pixels); items are
+    ``(image, label)``, ``(image, label, name)`` or ``{"image", "label", "name"}``."""
+
+    def __init__(self, labels=(0, 0, 0, 1), invert=False, layout="tuple"):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (len(labels), 1, 8, 8), generator=g, dtype=torch.uint8)
+        self.images = 255 - self.images if invert else self.images
+        self.labels_, self.layout = list(labels), layout
+
+    def __len__(self):
+        return len(self.labels_)
+
+    def __getitem__(self, i):
+        image, label, name = self.images[i], self.labels_[i], f"img{i}.png"
+        return {"tuple": (image, label), "triple": (image, label, name),
+                "dict": {"image": image, "label": label, "name": name}}[self.layout]
+
+
+def _other_pixels(ckpt, folder: Path):
+    path = folder / "pixels.safetensors"
+    BalancedDKGMDataset(Pixels(), ckpt, cache=path, progress=False).precompute(progress=False)
+    return BalancedDKGMDataset(Pixels(invert=True), ckpt, cache=path, progress=False)
+
+
+def _fifo(ckpt, folder: Path):
+    fifo = folder / "pipe.safetensors"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return BalancedDKGMDataset(Pixels(), ckpt, cache=fifo, progress=False)
+
+
+def _two_writers(ckpt, folder: Path):
+    path = folder / "shared.safetensors"
+    first, second = (BalancedDKGMDataset(Pixels(), ckpt, cache=path, seed=s, progress=False) for s in (0, 1))
+    first.precompute(progress=False)
+    second.precompute(progress=False)
+
+
+def rows(ckpt, model, tmp):
+    folder = Path(tmp) / "balanced"
+    folder.mkdir(exist_ok=True)
+    (folder / "a-file").write_text("")
+    nan = float("nan")
+    return [
+        ("balanced: cache file made from another dataset's pixels", lambda: _other_pixels(ckpt, folder),
+         (DKGMError, "was made from other images")),
+        ("balanced: FIFO as the cache path", lambda: _fifo(ckpt, folder), (DKGMError, "is a FIFO, not a regular file")),
+        ("balanced: cache path under a regular file (not writable)",
+         lambda: BalancedDKGMDataset(Pixels(), ckpt, cache=folder / "a-file" / "c.safetensors", progress=False),
+         (DKGMError, "is not a folder")),
+        ("balanced: two datasets of different plans writing one cache file", lambda: _two_writers(ckpt, folder),
+         (DKGMError, "give each dataset its own cache path")),
+        ("balanced: NaN label", lambda: BalancedDKGMDataset(Pixels([0.0, 0.0, 1.0, nan]), ckpt, progress=False),
+         (DataError, "NaN labels on 1 of 4 items")),
+        ("balanced: dict items", lambda: sorted(BalancedDKGMDataset(Pixels(layout="dict"), ckpt, progress=False)[-1]),
+         "ok: a synthetic item is its source's dict with the image replaced (image_key=, label_key= name the keys)"),
+        ("balanced: (image, label, extra) items", lambda: len(BalancedDKGMDataset(Pixels(layout="triple"), ckpt,
+                                                                                  progress=False)[-1]),
+         "ok: a synthetic item keeps its source's extra fields, so batches collate"),
+        ("balanced: labels= instead of reading items",
+         lambda: BalancedDKGMDataset(Pixels(), ckpt, labels=[0, 0, 0, 1], progress=False).class_counts,
+         "ok: labels taken as given, no item read"),
+        ("balanced: seed=2**70", lambda: BalancedDKGMDataset(Pixels(), ckpt, seed=2 ** 70, progress=False),
+         (DKGMError, "seed must be an integer in [0, 2**63)")),
+    ]
