@@ -9,6 +9,7 @@ in a safetensors cache file (:mod:`dkgm_aug.cache`).
 """
 import hashlib
 import json
+import logging
 import operator
 import os
 import warnings
@@ -21,14 +22,17 @@ from tqdm.auto import tqdm
 
 from . import cache as cache_file
 from ._validate import check_device, check_seed
-from .augment import generate, load_generator
+from .augment import filtered_generate, load_generator
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
 from .images import to_unit_float
+from .label_filter import check_label_filter
 from .sampling import class_names, index_plan, oversampling_targets, read_labels
 
 __all__ = ["BalancedDKGMDataset", "oversampling_targets"]
+
+logger = logging.getLogger("dkgm_aug")
 
 
 def _like(q: torch.Tensor, like):
@@ -66,6 +70,11 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     ``transform`` is applied, to real and synthetic items alike. ``cache`` is ``"memory"``,
     ``None``, or a ``.safetensors`` path that ``precompute()`` fills and later runs reload.
 
+    ``label_filter``: a :class:`dkgm_aug.LabelFilter`; each synthetic image its classifier puts in
+    another class than its source's label is redrawn with the next seed (labels must be the
+    classifier's class indices, or be mapped by the filter's ``class_index``); ``precompute()``
+    logs the rejection rate per class, which the filter also keeps (``label_filter.rejection_rate``).
+
     ``class_values`` are the sorted distinct labels, the keys of ``class_counts``; ``classes``
     are the base dataset's class names when its labels index its ``classes`` (torchvision's
     convention), else the same as ``class_values``.
@@ -77,9 +86,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds, generator, sampling_strategy="auto", alpha=None, steps=None, transform=None,
                  seed: int = 0, cache="memory", device=None, convert_channels: bool = False,
-                 progress: bool = True, labels=None, image_key="image", label_key="label"):
+                 progress: bool = True, labels=None, image_key="image", label_key="label", label_filter=None):
         self.alpha, self.steps = check_knobs(alpha=alpha), check_knobs(steps=steps)   # it checks one per call
         self.seed, self.device = check_seed(seed), check_device(device)
+        self.label_filter = check_label_filter(label_filter)
         if isinstance(generator, (str, os.PathLike)):
             read_metadata(resolve(generator))   # a wrong name or path fails here, not in a worker
             self.generator, self._model = os.fspath(generator), None   # loaded on first use
@@ -218,8 +228,9 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         out = [None] * len(js)
         for shape in dict.fromkeys(tuple(x.shape) for x in xs):
             ks = [k for k, x in enumerate(xs) if tuple(x.shape) == shape]
-            made = generate(model, torch.stack([xs[k] for k in ks]), [self.noise_seed(js[k]) for k in ks],
-                            self.alpha, self.steps, self.convert_channels, labels=self._labels([js[k] for k in ks]))
+            made = filtered_generate(model, torch.stack([xs[k] for k in ks]), [self.noise_seed(js[k]) for k in ks],
+                                     self.alpha, self.steps, self.convert_channels,
+                                     labels=self._labels([js[k] for k in ks]), label_filter=self.label_filter)
             for k, q in zip(ks, (made * 255).round().to(torch.uint8)):
                 out[k] = q
         return out, [cache_file.digest(x) for x in xs]
@@ -267,6 +278,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                 images = [self._image(self.ds[int(self._sources[j])]) for j in js]
                 self._keep(js, *self._make(js, images, model))
                 bar.update(len(js))
+        if self.label_filter is not None and todo:
+            logger.info(self.label_filter.summary())
+            if progress:
+                tqdm.write(self.label_filter.summary())
         if isinstance(self.cache, Path) and (todo or not self._cache_file_ok):
             self.save_cache(self.cache)
         return self
@@ -282,7 +297,8 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                   counts_after=[[repr(c), n] for c, n in self.class_counts.items()],
                   plan_sha256=hashlib.sha256(plan.tobytes()).hexdigest(), generator=name,
                   generator_sha256=generator_hash, alpha=self.alpha, steps=self.steps,
-                  convert_channels=bool(self.convert_channels))
+                  convert_channels=bool(self.convert_channels),
+                  label_filter=None if self.label_filter is None else self.label_filter.fingerprint())
         return json.loads(json.dumps(fp))
 
     def save_cache(self, path) -> None:

@@ -48,7 +48,8 @@ def generator_digest(generator) -> tuple:
         return generator, h.hexdigest()
     h = hashlib.sha256(json.dumps(getattr(generator, "config", dict)(), sort_keys=True).encode())
     for k, v in generator.state_dict().items():
-        h.update(k.encode() + v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return type(generator).__name__, h.hexdigest()
 
 

@@ -129,6 +129,14 @@ class LabelFilter:
                 self.drawn[c] = self.drawn.get(c, 0) + 1
                 self.rejected[c] = self.rejected.get(c, 0) + int(b)
 
+    def fingerprint(self) -> dict:
+        """What filtered images depend on: the classifier's weights and the filter's settings."""
+        from .cache import generator_digest
+        _, digest = generator_digest(self.classifier)
+        return dict(classifier=self.spec, classifier_sha256=digest, max_tries=self.max_tries,
+                    on_exhausted=self.on_exhausted,
+                    class_index=sorted((repr(k), v) for k, v in (self.class_index or {}).items()))
+
     def summary(self) -> str:
         rates = ", ".join(f"{c}: {r:.1%}" for c, r in self.rejection_rate.items())
         return (f"label filter ({self.spec}): rejected per class {{{rates}}}; tries ran out for "

@@ -268,3 +268,17 @@ def test_worker_warning_is_given_once(gen, monkeypatch):
         warnings.simplefilter("always")
         b[len(b) - 1], b[len(b) - 2]
     assert len(seen) == 1 and "precompute()" in str(seen[0].message)
+
+
+def test_cache_with_a_model_object_as_generator(tmp_path):
+    """The fingerprint of a model object (not a checkpoint path) hashes its weights: this crashed
+    with a numpy ufunc error before (bytes + array)."""
+    from conftest import micro_model
+    from dkgm_aug.data import ImageDataset
+    ds = ImageDataset(torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8), [0, 0, 0, 0, 1, 1])
+    torch.manual_seed(0)
+    model = micro_model(image_size=8)
+    cache = tmp_path / "c.safetensors"
+    first = BalancedDKGMDataset(ds, model, cache=cache, progress=False).precompute(progress=False)
+    again = BalancedDKGMDataset(ds, model, cache=cache, progress=False)
+    assert len(again._cache) == first.n_synthetic and torch.equal(again[6][0], first[6][0])

@@ -120,3 +120,34 @@ def test_shipped_evaluator_by_name():
     test = digits("test")
     x = test.images[:64].float() / 255
     assert (f.predict(x) == test.targets[:64]).float().mean() > 0.9
+
+
+class Items(torch.utils.data.Dataset):
+    """Dark images of class 0 (majority) and bright images of class 1 (minority)."""
+    targets = [0] * 6 + [1] * 2
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.full((1, 4, 4), 0.2 if self.targets[i] == 0 else 0.9), self.targets[i]
+
+
+def test_balanced_dataset_with_filter_keeps_classes_and_logs(caplog, tmp_path):
+    import logging
+    from dkgm_aug import BalancedDKGMDataset
+    make = lambda f, **kw: BalancedDKGMDataset(Items(), Inverter(), seed=1, label_filter=f, progress=False, **kw)
+    f = LabelFilter(Bright())
+    ds = make(f)
+    with caplog.at_level(logging.INFO, logger="dkgm_aug"):
+        ds.precompute(progress=False)
+    synthetic = [ds[i] for i in range(ds.n_real, len(ds))]
+    assert all(int(Bright()(x[None]).argmax()) == y for x, y in synthetic)
+    assert "rejected per class" in caplog.text and 1 in f.rejection_rate
+    again = make(LabelFilter(Bright())).precompute(progress=False)
+    assert all(torch.equal(ds[i][0], again[i][0]) for i in range(len(ds)))
+    # a cache made without the filter is not served to a dataset with it
+    cache = tmp_path / "c.safetensors"
+    make(None, cache=cache).precompute(progress=False)
+    with pytest.raises(DKGMError, match="label_filter"):
+        make(LabelFilter(Bright()), cache=cache)[ds.n_real]
