@@ -25,7 +25,7 @@ The EVAE has one stage and its alpha scales the *latent* noise (1 = its own post
 
 Bandwidth sweep: ``digits-tiny`` keeps its stage 1; a stage 2 is trained from scratch
 (same initial weights every time) for ``--sweep-steps`` steps at batch 32 per blur setting,
-b fixed or b ~ U[b_min, b_max] (the blur's standard deviation in pixels, DESIGN.md
+b fixed or b ~ U[b_min, b_max] (the blur's standard deviation in pixels, docs/design.md,
 section 1), and debiases the same stage-1 outputs (alpha 0.5).
 """
 import argparse

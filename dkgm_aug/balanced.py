@@ -1,4 +1,4 @@
-"""Class-balanced oversampling with DKGM neighbours (DESIGN.md section 4).
+"""Class-balanced oversampling with DKGM neighbours (docs/design.md, section 5).
 
 :class:`BalancedDKGMDataset` appends synthetic items to a map-style dataset of ``(image, label,
 ...)`` tuples or dicts until its class counts follow imbalanced-learn's ``sampling_strategy``.

@@ -1,6 +1,6 @@
 """Depthwise Gaussian blur with a per-image bandwidth: stage 2's training input.
 
-DESIGN.md section 1: standard deviation ``b`` pixels, kernel radius ``ceil(3b)``,
+docs/design.md, section 1: standard deviation ``b`` pixels, kernel radius ``ceil(3b)``,
 reflect padding. Images smaller than the radius fall back to replicate padding
 (reflect needs the pad to be smaller than the image).
 """

@@ -1,4 +1,4 @@
-"""Checkpoints: one safetensors file per generator, config in its metadata (DESIGN.md section 2).
+"""Checkpoints: one safetensors file per generator, config in its metadata (docs/design.md, section 3).
 
 ``save(model, path)`` writes every tensor of the model plus a JSON config under the
 metadata key ``"dkgm_aug"``; ``load(path_or_name)`` rebuilds the model from that

@@ -1,4 +1,4 @@
-"""Datasets that work offline (DESIGN.md section 3), and long-tailed splits.
+"""Datasets that work offline (docs/design.md, section 4), and long-tailed splits.
 
 Every loader returns an :class:`ImageDataset`: uint8 images ``[N, C, H, W]`` kept
 in memory (all our bundled sets are small), integer ``targets`` and ``classes``.

@@ -1,4 +1,4 @@
-"""The two-stage DKGM generator (paper 000, DESIGN.md section 1).
+"""The two-stage DKGM generator (docs/design.md, section 1).
 
 Stage 1, ``f_theta``: a U-Net trained as a denoiser, so that
 ``x_kde = f_theta(x + alpha * eps)`` is a KDE neighbour of a real image ``x``.

@@ -53,7 +53,7 @@ def standard_epanechnikov(shape, generator=None, device=None, dtype=torch.float3
 
 def noise(shape, kernel: str = "gaussian", generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
     """Unit-variance noise from ``kernel``: Gaussian, or Epanechnikov scaled by sqrt(5)
-    so that both kernels have the same standard deviation (DESIGN.md section 1)."""
+    so that both kernels have the same standard deviation (docs/design.md, section 1)."""
     if kernel == "gaussian":
         return randn(shape, generator, device, dtype)
     if kernel == "epanechnikov":

@@ -1,4 +1,4 @@
-"""Kernel-smoothed empirical score: a training-free generator (paper 002, DESIGN.md section 5).
+"""Kernel-smoothed empirical score: a training-free generator (docs/design.md, section 6).
 
 The model is the training set itself. Images live in ``[-1, 1]`` and are flattened to
 vectors of ``D = C * H * W`` values.
@@ -247,7 +247,7 @@ def nearest_neighbour_distances(samples: torch.Tensor, train: torch.Tensor, k: i
 def memorisation(samples: torch.Tensor, train: torch.Tensor, ratio: float = 1 / 3, *,
                  chunk_size: int = 4096) -> float:
     """Share of samples whose nearest training item is closer than ``ratio`` times the
-    distance to the second nearest (paper 002's memorisation criterion). The mean
+    distance to the second nearest (the kernel-smoothed score paper's memorisation criterion). The mean
     nearest-neighbour distance (novelty) is ``nearest_neighbour_distances(...)[0][:, 0].mean()``."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
         raise DKGMError(f"ratio must be in (0, 1], got {ratio!r}")

@@ -1,5 +1,5 @@
 """EVAE (Epanechnikov VAE, Qin & Huang, arXiv:2405.12783) and a Gaussian VAE baseline
-(DESIGN.md section 5), as dkgm_aug generators.
+(docs/design.md, section 6), as dkgm_aug generators.
 
 Both models share the encoder and decoder of the paper's Appendix C (MNIST / Fashion-MNIST,
 32x32 input, 4x4 kernels)::
