@@ -53,6 +53,7 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rescore", action="store_true", help="score the kept snapshots again (e.g. with a new "
                    "--evaluator) into a fresh CSV; no training")
+    p.add_argument("--plot", action="store_true", help="only draw budget_<preset>.png from the CSV")
     p.add_argument("--quick", action="store_true", help="digits, a few steps, for the test suite")
     p.add_argument("--out", default=str(RESULTS / "training_budget"))
     args = p.parse_args(argv)
@@ -87,6 +88,33 @@ def pipeline(model: DKGM, x: torch.Tensor, seed: int):
     return kde.clamp(-1, 1), model.debias(kde).clamp(-1, 1)
 
 
+def plot(csv_path: Path, png: Path) -> None:
+    """Each score against training images seen, one line per stage, the real images' level dashed."""
+    import matplotlib
+    import matplotlib.ticker
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(open(csv_path)))
+    keys = ("label_preservation", "frechet_distance", "sharpness")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key in zip(axes, keys):
+        for stage in ("stage 1", "stage 2"):
+            pts = [(int(r["images_seen"]), float(r[key])) for r in rows if r["stage"] == stage]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label="stage 1 alone" if stage == "stage 1" else "stage 1+2")
+        real = [float(r[key]) for r in rows if r["stage"] == "real"]
+        if real:
+            ax.axhline(real[0], ls="--", color="gray", label="real training images")
+        ax.set(xscale="log", xlabel="training images seen (that stage)", title=key.replace("_", " "))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if key == "frechet_distance":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
@@ -94,6 +122,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, work = out / f"budget_{args.preset}.csv", out / f"work_{args.data}_{args.preset}"
+    if args.plot:
+        plot(csv_path, out / f"budget_{args.preset}.png")
+        return 0
     snapshots = work / "snapshots"
     train, test = load_dataset(args.data, split="train"), load_dataset(args.data, split="test")
     net = load_feature_net(args.evaluator)
