@@ -7,6 +7,8 @@ applies DKGMAugment(p=0.5) to every item, iterates with persistent workers and p
 the summed RSS of the main process and its workers after each epoch.
 """
 import argparse
+import functools
+import multiprocessing
 import os
 import sys
 import time
@@ -15,6 +17,11 @@ import torch
 
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
 from dkgm_aug.data import digits, long_tailed_indices
+
+
+def record_pid(pids, worker_id: int) -> None:
+    """``worker_init_fn``: each worker writes its process id into the shared array ``pids``."""
+    pids[worker_id] = os.getpid()
 
 
 def rss_mib(pid: int) -> float:
@@ -35,14 +42,17 @@ def main(argv=None):
     lt = train.subset(long_tailed_indices(train.targets, 10, 0))
     ds = BalancedDKGMDataset(lt, generator=args.generator, seed=0, progress=False,
                              transform=DKGMAugment(args.generator, p=0.5, seed=0))
+    ctx = multiprocessing.get_context(args.ctx)
+    worker_pids = ctx.Array("q", args.workers)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                         persistent_workers=True, multiprocessing_context=args.ctx)
+                                         persistent_workers=True, multiprocessing_context=ctx,
+                                         worker_init_fn=functools.partial(record_pid, worker_pids))
     print(f"{len(ds)} items ({ds.n_synthetic} synthetic), {args.workers} {args.ctx} workers, "
           f"batch {args.batch_size}, {args.epochs} epochs")
     rss, start = [], time.time()
     for epoch in range(args.epochs):
         n = sum(len(x) for x, _ in loader)
-        pids = [os.getpid()] + [w.pid for w in loader._iterator._workers]
+        pids = [os.getpid(), *worker_pids]
         rss.append(sum(rss_mib(pid) for pid in pids))
         print(f"epoch {epoch + 1:>3}: {n} items, RSS main+workers {rss[-1]:.0f} MiB, {time.time() - start:.0f} s",
               flush=True)

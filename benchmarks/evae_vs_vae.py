@@ -1,7 +1,7 @@
 """EVAE vs a Gaussian VAE on Fashion-MNIST hold-out reconstructions (the paper's Table 1/3 setting).
 
     python benchmarks/evae_vs_vae.py --epochs 1 --train-size 30000 --threads 1 \\
-        --out benchmarks/results/evae_vs_vae            # writes .csv, .md (and .featurenet.safetensors)
+        --out benchmarks/results/evae_vs_vae            # writes .csv and .md
     python benchmarks/evae_vs_vae.py --quick --out /tmp/q  # tiny subsets, < 60 s
 
 For each ``d_z``, a VAE and an EVAE (same Appendix C networks, same initial weights seed,
@@ -12,9 +12,9 @@ pass does and what the generator interface uses) and from the posterior mean (no
 We report
 
 * the Frechet distance between reconstructions and the real hold-out images in the
-  penultimate-layer feature space (128-d) of a small CNN classifier (``dkgm_aug.features``)
-  trained by us on the full, balanced training set. This is NOT FID (Inception-v3): its
-  values are not comparable with the paper's FID numbers, only the VAE/EVAE ordering is;
+  penultimate-layer feature space of the Fashion-MNIST yardstick classifier
+  (``common.yardstick``, a ``dkgm_aug.features.FeatureNet``). This is NOT FID (Inception-v3):
+  its values are not comparable with the paper's FID numbers, only the VAE/EVAE ordering is;
 * the paper's sharpness (``dkgm_aug.metrics.sharpness``) of the reconstructions at 28x28,
   and of the real hold-out images for reference;
 * the hold-out BCE (summed over pixels, per image) of the sampled reconstructions.
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from dkgm_aug.data import fashion_mnist
-from dkgm_aug.features import accuracy, features, load_feature_net, save_feature_net, train_feature_net
+from dkgm_aug.features import accuracy, features
 from dkgm_aug.metrics import frechet_distance, sharpness
 from dkgm_aug.vae import EVAE, VAE, fit
-from common import cpu_name
+from common import cpu_name, yardstick
 
 PAPER = {8: (41.47, .0157, 36.18, .0176), 16: (38.85, .0159, 26.71, .0216),
          32: (38.74, .0163, 18.47, .0251), 64: (39.31, .0161, 12.02, .0267)}   # Table 3, FMNIST
@@ -54,10 +54,9 @@ def parse(argv):
     p.add_argument("--B", type=float, default=0.1, help="EVAE prior support length (paper: 0.1)")
     p.add_argument("--evae-m", choices=["train", "batch"], default="train",
                    help="M in EVAE's 3B/(5M) penalty: training-set size (eq. 8) or batch size (eq. 10)")
-    p.add_argument("--feature-epochs", type=int, default=2)
-    p.add_argument("--feature-net", default=None,
-                   help="load this FeatureNet if it exists, else train and save it here "
-                        "(default: <out>.featurenet.safetensors; not saved with --quick)")
+    p.add_argument("--feature-net", default=None, help="a FeatureNet file (default: the Fashion-MNIST yardstick)")
+    # accepted, and unused, so that the commands recorded in results/ still parse
+    p.add_argument("--feature-epochs", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny subsets, two d_z values: a smoke test")
     p.add_argument("--out", default="benchmarks/results/evae_vs_vae", help="output prefix (.csv, .md)")
@@ -66,7 +65,6 @@ def parse(argv):
     if args.quick:
         args.train_size, args.test_size, args.epochs = min(args.train_size, 400), min(args.test_size, 300), 1
         args.d_z = [8, 64] if args.d_z == [8, 16, 32, 64] else args.d_z
-        args.feature_epochs = 1
     return args
 
 
@@ -95,20 +93,7 @@ def main(argv=None) -> int:
     train_images = train.images[sub]
     test01 = test.images[:args.test_size].float() / 255.0
 
-    # the feature space: a classifier trained on the full balanced training set (a subset in --quick)
-    fn_path = Path(args.feature_net) if args.feature_net else (None if args.quick else
-                                                                out.with_name(out.name + ".featurenet.safetensors"))
-    t = time.perf_counter()
-    if fn_path is not None and fn_path.exists():
-        net, net_note = load_feature_net(fn_path), f"loaded from `{fn_path}`"
-    else:
-        fn_train = train.subset(torch.arange(2000)) if args.quick else train
-        net = train_feature_net(fn_train, epochs=args.feature_epochs, seed=args.seed, progress=progress)
-        net_note = f"trained here on {len(fn_train):,} training images, {args.feature_epochs} epoch(s)"
-        if fn_path is not None:
-            save_feature_net(net, fn_path)
-            net_note += f", saved to `{fn_path}`"
-    feature_s = time.perf_counter() - t
+    net, net_note = yardstick("fashion-mnist", args.feature_net)
     net_acc = accuracy(net, test.subset(torch.arange(args.test_size)))
     f_real = features(net, test01)
     real_sharp = sharpness(test01)
@@ -146,13 +131,13 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    out.with_name(out.name + ".md").write_text(report(args, rows, argv, wall, feature_s, net_note, net_acc,
-                                                      real_sharp, fd_train_vs_test))
+    out.with_name(out.name + ".md").write_text(report(args, rows, argv, wall, net_note, net_acc, real_sharp,
+                                                      fd_train_vs_test))
     print(f"wrote {out}.csv and {out}.md in {wall:.0f} s")
     return 0
 
 
-def report(args, rows, argv, wall, feature_s, net_note, net_acc, real_sharp, fd_ref) -> str:
+def report(args, rows, argv, wall, net_note, net_acc, real_sharp, fd_ref) -> str:
     cmd = "python benchmarks/evae_vs_vae.py " + " ".join(sys.argv[1:] if argv is None else argv)
     get = {(r["model"], r["d_z"], r["recon"]): r for r in rows}
     lines = [
@@ -166,10 +151,10 @@ def report(args, rows, argv, wall, feature_s, net_note, net_acc, real_sharp, fd_
         f"Hold-out: the first {args.test_size:,} Fashion-MNIST test images.  ",
         f"Hardware: {cpu_name()}, {args.threads} torch thread(s) (CPU shared with other jobs), "
         f"torch {torch.__version__}, Python {platform.python_version()}.  ",
-        f"Wall time: {wall:.0f} s in all (feature net {feature_s:.0f} s; per-model training in the CSV).",
+        f"Wall time: {wall:.0f} s in all (per-model training in the CSV).",
         "",
-        "FD = Frechet distance between reconstructions and real hold-out images in the 128-d "
-        f"penultimate-layer feature space of our own small CNN classifier (`dkgm_aug.features.FeatureNet`, "
+        "FD = Frechet distance between reconstructions and real hold-out images in the "
+        f"penultimate-layer feature space of a small CNN classifier (`dkgm_aug.features.FeatureNet`, "
         f"{net_note}; hold-out accuracy {net_acc:.3f}). It is not FID (Inception-v3), so only the "
         f"VAE/EVAE ordering compares with the paper. Reference: FD between {args.test_size:,} real "
         f"training images and the real hold-out images = {fd_ref:.3f}. Sharpness as in the paper "

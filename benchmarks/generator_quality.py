@@ -10,8 +10,9 @@ for alpha 0.25 / 0.5 / 1.0. Reported:
 * sharpness (the paper's Laplacian variance, images in [0, 1]) of the sources, of stage 1
   (the KDE neighbour ``f_theta(x + alpha eps)``, clamped) and of stage 1+2 (Algorithm 2);
 * Frechet distance to ``n`` real test images in the penultimate-layer features of the
-  shipped evaluator (``dkgm_aug.list_evaluators()``, made by ``benchmarks/train_evaluator.py``
-  trained on 90% of the training split). Not Inception features: not FID, and not comparable with FID numbers;
+  dataset's yardstick (``common.yardstick``: the shipped evaluator, ``dkgm_aug.list_evaluators()``,
+  made by ``benchmarks/train_evaluator.py`` on 90% of the training split, where there is one).
+  Not Inception features: not FID, and not comparable with FID numbers;
 * label preservation: share of neighbours that classifier assigns to their source's class;
 * memorisation (``dkgm_aug.kss.memorisation``: the nearest training image is closer than
   1/3 of the distance to the second nearest) and novelty (mean Euclidean distance to the
@@ -50,13 +51,11 @@ import dkgm_aug  # noqa: E402
 from dkgm_aug import DKGM, Trainer  # noqa: E402
 from dkgm_aug.data import load_dataset  # noqa: E402
 from dkgm_aug.features import accuracy, features  # noqa: E402
-from dkgm_aug.label_filter import load_evaluator  # noqa: E402
 from dkgm_aug.images import from_model, to_model  # noqa: E402
 from dkgm_aug.kss import memorisation, nearest_neighbour_distances  # noqa: E402
 from dkgm_aug.metrics import frechet_distance, sharpness  # noqa: E402
-from common import cpu_name
+from common import RESULTS, cpu_name, yardstick  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 ALPHAS = (0.25, 0.5, 1.0)
 SWEEP_GENERATOR = "digits-tiny"
 SWEEP = ((0.5, 0.5), (1.0, 1.0), (0.25, 1.0), (0.5, 1.0), (0.5, 1.5))   # (b_min, b_max) in pixels
@@ -93,12 +92,6 @@ def data_of(model) -> str:
     raise ValueError(f"no dataset known for training data {text!r}")
 
 
-def classifier(data: str):
-    """The yardstick for ``data``: its shipped evaluator (benchmarks/train_evaluator.py made it)."""
-    name = f"{data}-evaluator"
-    return load_evaluator(name), name
-
-
 @torch.inference_mode()
 def scores(net, x, labels, ref_feats):
     """(sharpness, Frechet distance to ``ref_feats``, share classified as ``labels``) of ``x`` in [-1, 1]."""
@@ -130,8 +123,8 @@ def prepare(data: str, n: int, seed: int):
     n = min(n, len(test) // 2)
     g = torch.Generator().manual_seed(seed)
     src, tst = torch.randperm(len(train), generator=g)[:n], torch.randperm(len(test), generator=g)[:2 * n]
-    net, net_path = classifier(data)
-    d = SimpleNamespace(data=data, train=train, n=n, net=net, net_path=net_path, test_accuracy=accuracy(net, test),
+    net, net_note = yardstick(data)
+    d = SimpleNamespace(data=data, train=train, n=n, net=net, net_note=net_note, test_accuracy=accuracy(net, test),
                         n_test=len(test), sources=to_model(train.images[src].float() / 255), labels=train.targets[src])
     d.ref_feats = features(net, test.images[tst[:n]])
     held = to_model(test.images[tst[n:]].float() / 255)
@@ -235,13 +228,13 @@ def write(args, argv, datasets, records, wall):
              f"seed {args.seed}. n = {args.n} requested per setting (capped at half the test set).", "",
              f"Machine: {cpu_name()} CPU, torch {torch.__version__}, {args.threads} torch thread(s); wall time {wall:.0f} s.", ""]
     for d in datasets.values():
-        info = d.net.info.get("evaluator", {})
-        lines.append(f"Yardstick for {d.data}: the shipped evaluator `{d.net_path}` (`{info.get('command', '?')}`, "
-                     f"{info.get('n_fit', '?')} training images); test accuracy {d.test_accuracy:.4f} on {d.n_test} "
+        info = d.net.info.get("evaluator")
+        made = f" (`{info['command']}`, {info['n_fit']} training images)" if info else ""
+        lines.append(f"Yardstick for {d.data}: {d.net_note}{made}; test accuracy {d.test_accuracy:.4f} on {d.n_test} "
                      f"test images. n = {d.n}.")
     lines += ["", "Frechet distance: to n real test images (the reference), in the 128-d penultimate features of "
               "that classifier (not FID). Label preservation: share of outputs the classifier assigns to their "
-              "source's class. Both come from the shipped evaluator, the one yardstick of every generator table. "
+              "source's class. Both come from that classifier, the one yardstick of every generator table. "
               "Memorisation: share of final outputs whose nearest training image is closer than "
               "1/3 of the distance to the second nearest; NN distance: mean Euclidean distance to the nearest "
               "training image ([-1, 1] units). S1 = stage 1 (KDE), S1+2 = stage 1 + stage 2 (Algorithm 2).", "",

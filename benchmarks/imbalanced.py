@@ -74,8 +74,8 @@ from tqdm import tqdm
 
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
 from dkgm_aug.nn import evaluating
-from dkgm_aug.data import PROFILES, digits, fashion_mnist, long_tailed_indices
-from common import cpu_name
+from dkgm_aug.data import PROFILES
+from common import SHIPPED, cpu_name, long_tailed_split, tail_classes
 
 METHODS = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw", "ros", "smote", "randaug",
            "dkgm_balanced", "dkgm_augment", "ros_dkgm", "loss_dkgm", "dkgm_deferred", "evae_balanced", "kss_balanced")
@@ -83,17 +83,9 @@ BALANCED = ("dkgm_balanced", "evae_balanced", "kss_balanced")
 AUGMENTED = ("dkgm_augment", "ros_dkgm", "loss_dkgm")   # DKGMAugment(p=--dkgm-p) on each batch's minority items
 LOSSES = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw")
 GENERATIVE = BALANCED + AUGMENTED + ("dkgm_deferred",)
-SHIPPED = {"digits": "digits-tiny", "fashion-mnist": "fashion-mnist-tiny"}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-def tail_classes(train_counts, fraction: float = 1 / 3) -> list:
-    """The rarest ``fraction`` of classes by training count (at least one; ties broken by index)."""
-    counts = np.asarray(train_counts)
-    n_tail = max(1, int(round(len(counts) * fraction)))
-    return sorted(np.argsort(counts, kind="stable")[:n_tail].tolist())
-
-
 def per_class_recall(y_true, y_pred, n_classes: int) -> np.ndarray:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     return np.array([(y_pred[y_true == c] == c).mean() if (y_true == c).any() else np.nan
@@ -156,17 +148,6 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator):
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load(data: str, rho: float, split_seed: int, order=None, profile: str = "exp"):
-    """(long-tailed train set, balanced test set); ``split_seed`` fixes the digits train/test
-    split and which images the long-tailed subset keeps; ``order``/``profile`` as in
-    ``dkgm_aug.data.long_tailed_indices``."""
-    if data == "digits":
-        train, test = digits("train", seed=split_seed), digits("test", seed=split_seed)
-    else:
-        train, test = fashion_mnist(split="train"), fashion_mnist(split="test")
-    return train.subset(long_tailed_indices(train.targets, rho, split_seed, order, profile)), test
-
-
 def validation_split(lt, fraction: float, seed: int):
     """``(fit, val)``: ``fraction`` of each class of ``lt`` held out (at least one image per class
     when ``fraction > 0``, none from a class of one), seeded; ``val`` is None when fraction is 0."""
@@ -183,7 +164,7 @@ def validation_split(lt, fraction: float, seed: int):
 
 def splits(args):
     """(fit, val or None, test) for the run's settings."""
-    lt, test = load(args.data, args.rho, args.split_seed, args.class_order, args.profile)
+    lt, test = long_tailed_split(args.data, args.rho, args.split_seed, args.class_order, args.profile)
     fit, val = validation_split(lt, args.val_fraction if args.epochs else 0.0, args.split_seed)
     return fit, val, test
 
@@ -239,7 +220,7 @@ class Pool:
 
     @property
     def n_generated(self) -> int:
-        return 0 if self.balanced is None else len(self.balanced._cache)
+        return 0 if self.balanced is None else self.balanced.n_generated
 
 
 def generator_for(method: str, args, lt, seed: int):

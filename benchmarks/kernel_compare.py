@@ -5,8 +5,8 @@
 Trains two stage-1 denoisers (``tiny`` preset, same seed, data order, steps and
 alpha_train; only the noise kernel differs) on Fashion-MNIST (digits with --quick) and
 compares, on held-out images, the KDE neighbours at alpha 0.25 / 0.5 / 1.0: sharpness,
-MSE to the source image, and (when a feature classifier is available) the Frechet
-distance to real held-out images in our classifier's feature space.
+MSE to the source image, and the Frechet distance to real held-out images in the feature
+space of the dataset's yardstick classifier (``common.yardstick``; not FID).
 """
 import argparse
 import platform
@@ -18,10 +18,10 @@ import torch
 
 from dkgm_aug import DKGM, Trainer
 from dkgm_aug.data import load_dataset
-from dkgm_aug.features import features, load_feature_net, save_feature_net, train_feature_net
+from dkgm_aug.features import features
 from dkgm_aug.images import from_model, to_model
 from dkgm_aug.metrics import frechet_distance, sharpness
-from common import write_lines
+from common import write_lines, yardstick
 
 ALPHAS = (0.25, 0.5, 1.0)
 
@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work-dir", default="runs/kernel_compare")
-    p.add_argument("--feature-net", default="benchmarks/results/featurenet_fmnist.safetensors")
+    p.add_argument("--feature-net", default=None, help="a FeatureNet file (default: the yardstick of --data)")
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true", help="digits, 20 steps, 64 eval images")
     args = p.parse_args(argv)
@@ -56,18 +56,14 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(test), generator=g)[: args.n_eval]
     real = to_model(torch.stack([test[int(i)][0] for i in idx]))
-    if Path(args.feature_net).exists() and not args.quick:
-        net = load_feature_net(args.feature_net)
-    else:
-        net = train_feature_net(train, epochs=1, seed=args.seed, progress=False)
-        if not args.quick:
-            save_feature_net(net, args.feature_net)
+    net, net_note = yardstick(args.data, args.feature_net)
     feats = lambda x: features(net, from_model(x))
     real_f = feats(real)
     start = time.time()
     lines = [f"Stage-1 kernels on {args.data}: `tiny` preset, {args.steps} steps, batch {args.batch_size}, "
              f"seed {args.seed}, {args.threads} thread(s) on {platform.machine()} CPU; {len(idx)} held-out "
-             f"images. Command: `python benchmarks/kernel_compare.py {' '.join(argv or sys.argv[1:])}`", "",
+             f"images; Frechet distances in the features of {net_note}. "
+             f"Command: `python benchmarks/kernel_compare.py {' '.join(argv or sys.argv[1:])}`", "",
              "| kernel | alpha | sharpness | MSE to source | Frechet distance (our classifier) |",
              "|---|---|---|---|---|", f"| real | - | {sharpness(from_model(real)):.4f} | - | - |"]
     for kernel in ("gaussian", "epanechnikov"):

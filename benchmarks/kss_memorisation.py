@@ -32,13 +32,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from dkgm_aug.data import digits, fashion_mnist  # noqa: E402
 from dkgm_aug.errors import DataError  # noqa: E402
 from dkgm_aug.kss import KernelSmoothedScore, memorisation, nearest_neighbour_distances  # noqa: E402
+from common import RESULTS  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "kss_memorisation"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = RESULTS / "kss_memorisation"
 
 
 def parse(argv):

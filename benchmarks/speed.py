@@ -24,11 +24,10 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,34 +35,10 @@ from torchvision.transforms import v2
 
 from dkgm_aug import DKGM, BalancedDKGMDataset, DKGMAugment, augment, load
 from dkgm_aug.errors import DataError
-from common import cpu_name
+from common import (cpu_name, ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio,
+                    slowdown_table, unet_calls)
 
 # -- timing ----------------------------------------------------------------------------------
-
-
-def race(fns: dict, repeats: int, sync=lambda: None, warmup: bool = True) -> dict:
-    """Median seconds per call of each ``fns[name]()``: one warm-up call each, then
-    ``repeats`` rounds in which every variant runs once, in turn."""
-    if warmup:
-        for fn in fns.values():
-            fn()
-            sync()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def ratio(r: float) -> str:
-    return f"x{r:.3g}" if r >= 0.01 else f"x{r:.2e}"
-
-
-def fmt(v: float) -> str:
-    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def repeated(fn, k: int):
@@ -72,52 +47,6 @@ def repeated(fn, k: int):
         for _ in range(k):
             fn()
     return run
-
-
-# -- the alternatives --------------------------------------------------------------------------
-
-
-def rand_augment():
-    return v2.RandAugment()
-
-
-@torch.inference_mode()
-def ddpm_sample(unet, shape, steps: int, generator=None) -> torch.Tensor:
-    """DDPM ancestral sampling over ``steps`` of the 1000 linear-beta time steps (evenly
-    respaced): one call of ``unet(x, t)`` per step, the cost of a diffusion sampler
-    built on the same network."""
-    abar_all = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
-    ts = torch.linspace(999, 0, steps).round().long()
-    abar = abar_all[ts]
-    abar_prev = torch.cat([abar[1:], torch.ones(1)])
-    device = generator.device if generator is not None else next(unet.parameters()).device
-    x = torch.randn(shape, generator=generator, device=device)
-    for i, t in enumerate(ts.tolist()):
-        eps = unet(x, t)
-        beta = 1 - abar[i] / abar_prev[i]
-        x = (x - beta / (1 - abar[i]).sqrt() * eps) / (1 - beta).sqrt()
-        if i < steps - 1:
-            x = x + ((1 - abar_prev[i]) / (1 - abar[i]) * beta).sqrt() * torch.randn(shape, generator=generator, device=device)
-    return x.clamp(-1, 1)
-
-
-def generation(model, x: torch.Tensor, eps: torch.Tensor, ctx=torch.inference_mode):
-    """Stage 1 then stage 2 on ``[-1, 1]`` images with given noise, under ``ctx`` (the
-    library's path without its ``inference_mode`` decorators)."""
-    def run():
-        with ctx():
-            return model.debias(model.kde(x, eps=eps)).clamp(-1, 1)
-    return run
-
-
-@contextmanager
-def inference_autocast(device_type: str, dtype: torch.dtype):
-    with torch.inference_mode(), torch.autocast(device_type, dtype=dtype):
-        yield
-
-
-def unet_calls(model) -> int:
-    return 1 + model.steps + 1      # stage 1, then u(x, 0) and t = 1..steps
 
 
 # -- sections ------------------------------------------------------------------------------------
@@ -241,15 +170,6 @@ def section_epoch(gen_name, model, n_images, reps, quick):
     return lines + slowdown_table(t, 2), t
 
 
-def slowdown_table(t: dict, digits: int) -> list:
-    """Seconds per epoch of each variant and its slowdown against ``(a) no augmentation``; printed too."""
-    base = t["(a) no augmentation"]
-    rows = [f"| {k} | {v:.{digits}f} | {ratio(v / base)} |" for k, v in t.items()]
-    for line in rows:
-        print("  " + line, flush=True)
-    return ["| variant | seconds per epoch | slowdown vs (a) |", "|---|---|---|"] + rows
-
-
 class ItemByItem(torch.utils.data.Dataset):
     """``ds`` without ``__getitems__``: the DataLoader then fetches a batch one item at a time."""
 
@@ -357,7 +277,7 @@ def section_cpu_opts(gen_name, model, bs, chunk_batch, reps, compile_timeout, th
     if quick or compile_timeout <= 0:
         lines.append("| torch.compile (inductor) | - | skipped (--quick or --compile-timeout 0) | no |")
     else:
-        cmd = [sys.executable, __file__, "--_compile", str(bs), "--generator", gen_name, "--threads", str(threads),
+        cmd = [sys.executable, __file__, "--child-compile", str(bs), "--generator", gen_name, "--threads", str(threads),
                "--repeats", str(reps)]
         try:
             child = subprocess.run(cmd, capture_output=True, text=True, timeout=compile_timeout)
@@ -426,32 +346,7 @@ def wrap_memory(n: int, generator: str) -> str:
             f"{secs:.2f} s to build the index plan")
 
 
-# -- report ------------------------------------------------------------------------------------
-
-
-def plot(path, batch_rows, size_rows, gen_name, title, labels=("DKGM", "RandAugment")):
-    """Two log-log panels: images/s vs batch size and vs image side, two series each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, rows, xlabel, panel in ((axes[0], batch_rows, "batch size", f"{gen_name}: images/s vs batch size"),
-                                    (axes[1], size_rows, "image side (pixels)", "tiny preset, random weights: vs image size")):
-        if not rows:                # a table that was not run (speed_gpu.py --sections)
-            ax.set_visible(False)
-            continue
-        xs = [r[0] for r in rows]
-        ax.plot(xs, [r[1] for r in rows], "o-", label=labels[0])
-        ax.plot(xs, [r[2] for r in rows], "s--", label=labels[1])
-        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="images/s", title=panel)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+# -- main ----------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -472,15 +367,15 @@ def main(argv=None):
     p.add_argument("--wrap-items", type=int, default=1_000_000)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--_wrap", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--_compile", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-wrap", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-compile", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args._wrap:                              # child process: a clean RSS baseline
-        print(wrap_memory(args._wrap, args.generator))
+    if args.child_wrap:                         # child process: a clean RSS baseline
+        print(wrap_memory(args.child_wrap, args.generator))
         return 0
-    if args._compile:                           # child process: torch.compile under a time limit
-        print(json.dumps(compile_child(args.generator, args._compile, args.repeats)))
+    if args.child_compile:                      # child process: torch.compile under a time limit
+        print(json.dumps(compile_child(args.generator, args.child_compile, args.repeats)))
         return 0
     if args.quick:
         args.batch_sizes, args.image_sizes, args.size_batch, args.opt_batch = [1, 4, 16], [8, 16], 4, 4
@@ -517,7 +412,7 @@ def main(argv=None):
     gpu = ["### GPU", "", "The GPU rows come from `benchmarks/speed_gpu.py`, run on a GPU machine "
            "(its report: `speed_gpu.md`, next to this one)."]
 
-    child = subprocess.run([sys.executable, __file__, "--_wrap", str(args.wrap_items), "--generator", args.generator,
+    child = subprocess.run([sys.executable, __file__, "--child-wrap", str(args.wrap_items), "--generator", args.generator,
                             "--threads", str(args.threads)], capture_output=True, text=True, check=True)
     memory = ("Memory of `BalancedDKGMDataset(sampling_strategy='auto')` over a labels-only dataset: "
               + child.stdout.strip())

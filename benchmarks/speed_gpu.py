@@ -2,8 +2,8 @@
 
     python benchmarks/speed_gpu.py --generator fashion-mnist-tiny --out benchmarks/results/speed_gpu.md [--quick]
 
-Measured side by side in one run with the helpers of ``speed.py`` (median of a few timed
-calls after a warm-up, variants taking turns, ``torch.cuda.synchronize`` after each call):
+Measured side by side in one run with the timing helpers of ``speed.py``, in ``common.py`` (median
+of a few timed calls after a warm-up, variants taking turns, ``torch.cuda.synchronize`` after each call):
 
 1. ``DKGMAugment`` per image and on batches of 64 to 16,384 uint8 images on the GPU, next to
    torchvision's ``RandAugment`` on the same batch, and the share of the time spent drawing
@@ -31,9 +31,8 @@ import torch
 
 from dkgm_aug import DKGM, DKGMAugment, augment, load
 from dkgm_aug.kernels import noise_from_seeds
-from speed import (ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio, slowdown_table,
-                   unet_calls)
-from common import cpu_name
+from common import (cpu_name, ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio,
+                    slowdown_table, unet_calls)
 
 
 def pixel_diff(a: torch.Tensor, b: torch.Tensor) -> str:

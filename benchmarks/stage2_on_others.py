@@ -8,24 +8,24 @@ the training-free kernel-smoothed-score sampler (per class). The shipped
 ``fashion-mnist-tiny`` stage-2 debiaser (trained on blurred images with b ~ U[0.5, 1],
 as in the paper's Table 3) then runs on those outputs. Reported before/after: the
 paper's sharpness and the Frechet distance to the real held-out images in the feature
-space of our own classifier (not Inception features: not comparable with FID).
+space of the Fashion-MNIST yardstick classifier (``common.yardstick``; not Inception
+features: not comparable with FID).
 """
 import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import dkgm_aug
 from dkgm_aug.data import fashion_mnist
-from dkgm_aug.features import features, load_feature_net, save_feature_net, train_feature_net
+from dkgm_aug.features import features
 from dkgm_aug.images import from_model, to_model
 from dkgm_aug.kss import KernelSmoothedScore
 from dkgm_aug.metrics import frechet_distance, sharpness
 from dkgm_aug.vae import EVAE, VAE, fit
-from common import write_lines
+from common import write_lines, yardstick
 
 
 def main(argv=None):
@@ -35,7 +35,7 @@ def main(argv=None):
     p.add_argument("--train-size", type=int, default=20000, help="VAE/EVAE training images")
     p.add_argument("--vae-epochs", type=int, default=2)
     p.add_argument("--kss-per-class", type=int, default=1000)
-    p.add_argument("--feature-net", default="benchmarks/results/featurenet_fmnist.safetensors")
+    p.add_argument("--feature-net", default=None, help="a FeatureNet file (default: the Fashion-MNIST yardstick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
@@ -51,13 +51,7 @@ def main(argv=None):
     real = to_model(test.images[test_idx].float() / 255)
     labels = test.targets[test_idx].tolist()
 
-    if Path(args.feature_net).exists() and not args.quick:
-        net = load_feature_net(args.feature_net)
-    else:
-        net = train_feature_net(train if not args.quick else train.subset(torch.arange(2000)), epochs=1,
-                                seed=args.seed)
-        if not args.quick:
-            save_feature_net(net, args.feature_net)
+    net, net_note = yardstick("fashion-mnist", args.feature_net)
     real_f = features(net, from_model(real))
 
     dkgm = dkgm_aug.load(args.generator)
@@ -77,7 +71,8 @@ def main(argv=None):
              f"images, seed {args.seed}, {args.threads} thread(s) on {platform.machine()} CPU, torch "
              f"{torch.__version__}. Command: `python benchmarks/stage2_on_others.py "
              f"{' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             f"Real held-out images: sharpness {sharpness(from_model(real)):.4f}.", "",
+             f"Real held-out images: sharpness {sharpness(from_model(real)):.4f}. Frechet distances in the "
+             f"features of {net_note}.", "",
              "| stage-1 model | sharpness S1 | sharpness S1+S2 | Frechet distance S1 | Frechet distance S1+S2 |",
              "|---|---|---|---|---|"]
     for name, model in stage1.items():

@@ -17,8 +17,7 @@ import sys
 
 import torch
 
-import imbalanced as imb
-from common import write_lines
+from common import SHIPPED, long_tailed_split, tail_classes, write_lines
 from dkgm_aug import BalancedDKGMDataset
 from dkgm_aug.kss import KernelSmoothedScore, memorisation, nearest_neighbour_distances
 
@@ -31,7 +30,7 @@ def novelty(images, train) -> tuple:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", choices=sorted(imb.SHIPPED), default="fashion-mnist")
+    p.add_argument("--data", choices=sorted(SHIPPED), default="fashion-mnist")
     p.add_argument("--rho", type=float, default=100)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--generator", help="DKGM checkpoint (default: the shipped one for --data)")
@@ -45,9 +44,10 @@ def main(argv=None) -> int:
     if args.quick:
         args.data, args.rho, args.n, args.kss_steps = "digits", 10, 20, 2
     torch.set_num_threads(args.threads)
-    lt, test = imb.load(args.data, args.rho, args.split_seed)
-    tail = imb.tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
-    generators = {f"DKGM `{args.generator or imb.SHIPPED[args.data]}`": args.generator or imb.SHIPPED[args.data],
+    lt, test = long_tailed_split(args.data, args.rho, args.split_seed)
+    tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
+    dkgm = args.generator or SHIPPED[args.data]
+    generators = {f"DKGM `{dkgm}`": dkgm,
                   f"kernel-smoothed score, h={args.kss_h}, {args.kss_steps} steps":
                       KernelSmoothedScore.from_dataset(lt, h=args.kss_h, steps=args.kss_steps)}
     lines = ["# Tail-class synthetic images: new or copies?", "",
@@ -57,8 +57,9 @@ def main(argv=None) -> int:
              "| source | class | real training images | memorisation | mean NN distance |", "|---|---|---|---|---|"]
     for name, g in generators.items():
         b = BalancedDKGMDataset(lt, generator=g, seed=0, progress=False)
+        targets = b.targets
         for c in tail:
-            idx = [i for i in range(b.n_real, len(b)) if int(b._codes[i]) == c][:args.n]
+            idx = [i for i in range(b.n_real, len(b)) if targets[i] == c][:args.n]
             x = torch.stack([(im * 255).round().to(torch.uint8) for im, _ in b.__getitems__(idx)])
             mem, dist = novelty(x, lt.images[lt.targets == c])
             lines.append(f"| {name} | {c} | {int((lt.targets == c).sum())} | {mem:.3f} | {dist:.2f} |")

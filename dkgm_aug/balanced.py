@@ -161,6 +161,11 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         """The label value of every item, synthetic ones included (built on each access)."""
         return [self.class_values[k] for k in self._codes.tolist()]
 
+    @property
+    def n_generated(self) -> int:
+        """How many synthetic images are made (or read from the cache file) so far."""
+        return len(self._cache)
+
     # -- items: (image, label, ...) tuples or dicts -------------------------------------------------
     def _field(self, item, key, index):
         if isinstance(item, Mapping):

@@ -224,10 +224,10 @@ def test_precompute_equals_on_demand(gen):
 def test_dataloader_batches_generation_through_getitems(gen, monkeypatch):
     """A DataLoader hands __getitems__ a whole batch: one generator call per batch, images equal
     to item-by-item access, repeated indices generated once, and cache=None keeps nothing."""
-    import dkgm_aug.balanced as balanced
+    import dkgm_aug.augment as augment      # the one generation path every API goes through
     calls = []
-    real_generate = balanced.generate
-    monkeypatch.setattr(balanced, "generate", lambda model, x, *a, **k: calls.append(len(x)) or real_generate(model, x, *a, **k))
+    real_generate = augment.generate
+    monkeypatch.setattr(augment, "generate", lambda model, x, *a, **k: calls.append(len(x)) or real_generate(model, x, *a, **k))
     b = BalancedDKGMDataset(Images(), gen, progress=False, cache=None)
     order = list(range(len(b)))[::-1] + [len(b) - 1, len(b) - 1]
     loader = torch.utils.data.DataLoader(b, batch_size=8, sampler=order)

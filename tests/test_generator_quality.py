@@ -69,7 +69,7 @@ def test_novelty_flags_copies_and_not_noise(bench):
 
 def test_label_preservation_follows_the_labels(bench):
     train, test = digits(split="train"), digits(split="test")
-    net, _ = bench.classifier("digits")
+    net, _ = bench.yardstick("digits")
     x = to_model(test.images[:100].float() / 255)
     ref = bench.features(net, test.images[100:200])
     _, fd_real, right = bench.scores(net, x, test.targets[:100], ref)

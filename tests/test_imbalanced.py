@@ -107,7 +107,7 @@ def test_export_split_round_trips_through_the_npz_loader(imb, tmp_path):
     from dkgm_aug.data import load_dataset
     path = tmp_path / "lt.npz"
     assert imb.main(["--data", "digits", "--rho", "10", "--split-seed", "3", "--export-split", str(path)]) == 0
-    lt, _ = imb.load("digits", 10, 3)
+    lt, _ = imb.long_tailed_split("digits", 10, 3)
     back = load_dataset(path)
     assert torch.equal(back.images, lt.images) and torch.equal(back.targets, lt.targets)
 
@@ -153,7 +153,7 @@ def test_loss_side_methods_on_known_logits(imb):
 
 
 def test_validation_split_is_long_tailed_and_disjoint(imb):
-    lt, _ = imb.load("digits", 10, 0)
+    lt, _ = imb.long_tailed_split("digits", 10, 0)
     fit, val = imb.validation_split(lt, 0.1, 0)
     assert len(fit) + len(val) == len(lt)
     counts_val = torch.bincount(val.targets, minlength=10)
