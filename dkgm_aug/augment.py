@@ -5,11 +5,11 @@
 drawn from its own seed so that a result does not depend on which batch an image was
 generated in.
 
-A generator is any ``nn.Module`` with ``channels`` and
-``neighbours_from_seeds(x, seeds, *, labels=None, alpha=None, steps=None)`` taking and
-returning ``[-1, 1]`` images (:class:`dkgm_aug.DKGM` is one).
+A generator is an ``nn.Module`` that follows :class:`Generator`; generation itself needs
+only its :class:`NeighbourSource` part.
 """
 import warnings
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -18,6 +18,42 @@ from .errors import DataError, DKGMError
 from .images import check_unit_range, from_model, to_model
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+@runtime_checkable
+class NeighbourSource(Protocol):
+    """What generation needs: ``channels`` and seeded neighbours of ``[-1, 1]`` images.
+    Image ``i``'s result must depend only on ``x[i]``, ``seeds[i]`` and the knobs, not on
+    the rest of the batch."""
+
+    channels: int
+
+    def neighbours_from_seeds(self, x, seeds, *, labels=None, alpha=None, steps=None): ...
+
+
+@runtime_checkable
+class Generator(NeighbourSource, Protocol):
+    """The generator interface: :class:`dkgm_aug.DKGM`, :class:`dkgm_aug.EVAE`,
+    :class:`dkgm_aug.VAE` and :class:`dkgm_aug.KernelSmoothedScore` follow it, and a class
+    that does can be registered for checkpoints with :func:`dkgm_aug.checkpoint.register_kind`.
+
+    Images are ``[B, C, H, W]`` floats in ``[-1, 1]``, in and out; ``labels`` (one class label
+    per image) is for generators that condition on the class and ignored by the others;
+    ``alpha`` and ``steps`` default to the model's own knobs. ``neighbours`` returns
+    ``[B, k, C, H, W]``, its noise from ``generator``. ``config()`` is JSON-ready, and
+    ``from_config(config())`` builds the same model, empty of weights; ``save`` writes a
+    checkpoint that :func:`dkgm_aug.load` reads."""
+
+    kind: str
+
+    def neighbours(self, x, k=1, *, labels=None, alpha=None, steps=None, generator=None): ...
+
+    def config(self) -> dict: ...
+
+    @classmethod
+    def from_config(cls, cfg: dict): ...
+
+    def save(self, path, **info) -> None: ...
 
 # On CPU a U-Net batch much larger than ~64 28x28 images is slower per image (its
 # activations leave the caches: benchmarks/speed.py); GPUs take the whole batch.
@@ -56,10 +92,12 @@ def check_image_size(model, height: int, width: int) -> None:
 
 
 def load_generator(spec, device=None):
-    """A generator from a shipped name, a checkpoint path, or a model object (returned as is)."""
+    """A generator from a shipped name, a checkpoint path, or a model object (returned as is).
+    A model object needs only the :class:`NeighbourSource` part of :class:`Generator`: it is used,
+    never saved."""
     if isinstance(spec, torch.nn.Module):
-        if not hasattr(spec, "neighbours_from_seeds") or not hasattr(spec, "channels"):
-            raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator")
+        if not isinstance(spec, NeighbourSource):
+            raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator (see dkgm_aug.augment.Generator)")
         model = spec
     else:
         model = load(spec)

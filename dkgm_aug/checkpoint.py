@@ -33,7 +33,6 @@ beside the destination, renamed onto it when complete. A writer killed mid-write
 deletes it once its writer (same host) is no longer running, and deletes temp files
 of older dkgm_aug versions (no pid in the name) after an hour.
 """
-import importlib
 import json
 import os
 import re
@@ -67,14 +66,28 @@ _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 _TEMP_TAIL = re.compile(r"^(?:([A-Za-z0-9-]+)\.(\d{1,10})\.)?[a-z0-9_]{8}\.tmp$")
 
 
-# Modules whose ``GENERATORS`` tuple lists the model classes checkpoints may hold.
-_KIND_MODULES = ("dkgm", "vae", "kss")
+# The model classes checkpoints may hold, by kind. Filled by @register_kind as their modules
+# import; model_kinds() imports those modules first, so this module need not import them
+# (they import it: a top-level import here would be a cycle).
+_KINDS = {}
+
+
+def register_kind(cls):
+    """Class decorator: let checkpoints hold ``cls``, under its ``kind`` attribute."""
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise DKGMError(f"{cls.__name__} needs a non-empty string `kind` to be registered")
+    known = _KINDS.get(kind)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise DKGMError(f"model kind {kind!r} is taken by {known.__module__}.{known.__qualname__}")
+    _KINDS[kind] = cls          # the same class again (a module reload) replaces the old one
+    return cls
 
 
 def model_kinds() -> dict:
     """Every model class that checkpoints may hold, by its ``kind``."""
-    return {cls.kind: cls for name in _KIND_MODULES
-            for cls in importlib.import_module(f".{name}", __package__).GENERATORS}
+    from . import dkgm, kss, vae  # noqa: F401  (importing them registers their classes)
+    return dict(_KINDS)
 
 
 def atomic_write(path, write) -> None:

@@ -1,6 +1,7 @@
 """The ``dkgm-aug`` command line: ``train``, ``sample``, ``calibrate``, ``info`` and ``demo``.
 
     dkgm-aug train --data fashion-mnist --preset tiny --stage1-steps 2000 --stage2-steps 1000 --out gen.safetensors
+    dkgm-aug train --kind evae --data fashion-mnist --d-z 64 --stage1-steps 3000 --out evae.safetensors
     dkgm-aug sample gen.safetensors --n 16 --alpha 0.5 --out grid.png
     dkgm-aug calibrate gen.safetensors --out gen-calibrated.safetensors
     dkgm-aug info gen.safetensors
@@ -33,6 +34,7 @@ from .errors import DataError, DKGMError
 from .images import from_model, to_model
 from .trainer import Trainer, init_distributed
 from .unet import PRESETS
+from .vae import EVAE, VAE
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])   # PIL's convert("L") weights, as image folders get
 
@@ -87,20 +89,30 @@ def cmd_train(args) -> None:
             dist.destroy_process_group()
 
 
+def build_model(args, data: ImageDataset):
+    """The untrained model of ``--kind`` for the images of ``data``."""
+    x0, _ = data[0]
+    size, channels = tuple(x0.shape[-2:]), x0.shape[0]
+    if args.kind == "dkgm":
+        return DKGM.from_preset(args.preset, image_size=size, channels=channels,
+                                alpha=0.5 if args.alpha is None else args.alpha, steps=args.steps,
+                                b_range=(args.b_min, args.b_max), kernel=args.kernel, m=args.m)
+    knobs = dict(M=len(data)) if args.kind == "evae" else {}   # the penalty's M: the number of training images
+    return {"evae": EVAE, "vae": VAE}[args.kind](channels=channels, image_size=size, d_z=args.d_z,
+                                                 alpha=1.0 if args.alpha is None else args.alpha, **knobs)
+
+
 def _train(args, rank: int, world_size: int) -> None:
     name = args.data if args.data in DATASETS else str(Path(args.data).resolve())   # loadable from anywhere
     spec = dict(data=name, split=args.split, limit=check_int("--limit", args.limit, 0),
                 size=list(args.size) if args.size else None, channels=args.channels)
     data = load_data(spec)
-    x0, _ = data[0]
     torch.manual_seed(args.seed)           # initial weights too: a rerun of the command is the same run
-    model = DKGM.from_preset(args.preset, image_size=tuple(x0.shape[-2:]), channels=x0.shape[0],
-                             alpha=args.alpha, steps=args.steps, b_range=(args.b_min, args.b_max),
-                             kernel=args.kernel, m=args.m)
+    model = build_model(args, data)
     batch_sizes = {1: args.batch_size, 2: args.stage2_batch_size or args.batch_size}
     max_steps = {1: args.stage1_steps, 2: args.stage2_steps}
     elapsed = {}
-    for stage in (1, 2):
+    for stage in model.stages:
         trainer = Trainer(model, data, out_dir=args.work_dir, batch_size=batch_sizes[stage],
                           max_steps=max_steps[stage], lr=args.lr, seed=args.seed, device=args.device,
                           save_every=args.save_every, num_workers=args.num_workers, progress=not args.quiet,
@@ -111,8 +123,9 @@ def _train(args, rank: int, world_size: int) -> None:
         return
     model.save(args.out, training=dict(
         command="dkgm-aug " + " ".join(shlex.quote(str(a)) for a in args.argv),
-        data=data.description, data_spec=spec, n_images=len(data), stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps, batch_size=batch_sizes, world_size=world_size, lr=args.lr, seed=args.seed,
+        data=data.description, data_spec=spec, n_images=len(data),
+        **{f"stage{s}_steps": max_steps[s] for s in model.stages},
+        batch_size={s: batch_sizes[s] for s in model.stages}, world_size=world_size, lr=args.lr, seed=args.seed,
         wall_time_s=round(sum(elapsed.values()), 1), hardware=hardware(trainer.device, world_size),
         torch_version=torch.__version__, **elapsed), classes=list(data.classes))
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -203,11 +216,10 @@ def image_size(text: str) -> tuple:
     return int(sides[0]), int(sides[-1])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dkgm-aug", description="Train and sample DKGM generators.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train both stages and write a checkpoint", formatter_class=HelpFormatter)
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--kind", default="dkgm", choices=["dkgm", "evae", "vae"],
+                   help="the generator: DKGM, or the Epanechnikov VAE or Gaussian VAE of dkgm_aug.vae "
+                        "(one stage, trained for --stage1-steps)")
     t.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits, a .npz or an image folder")
     t.add_argument("--split", default=None,
                    help="fashion-mnist: train or test; digits: train, test or all (default: train); "
@@ -216,19 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--size", type=image_size, default=None, help="resize the images to N or HxW (default: as they are)")
     t.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="convert the images to gray (1) or RGB (3) (default: as they are)")
-    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="U-Net size of both stages")
+    t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="DKGM: U-Net size of both stages")
+    t.add_argument("--d-z", type=int, default=64, help="EVAE and VAE: latent dimension")
     t.add_argument("--out", default="gen.safetensors", help="the checkpoint to write")
     t.add_argument("--work-dir", default=None,
                    help="training state, logs and sample grids (default: runs/<name of --out without suffix>)")
     t.add_argument("--no-resume", action="store_true",
                    help="start over, discarding the training state in --work-dir (by default a rerun resumes "
                         "from it, and refuses when the settings differ)")
-    t.add_argument("--stage1-steps", type=int, default=2000, help="training steps of stage 1 (the denoiser)")
+    t.add_argument("--stage1-steps", type=int, default=2000,
+                   help="training steps of stage 1 (DKGM: the denoiser; EVAE, VAE: the only stage)")
     t.add_argument("--stage2-steps", type=int, default=1000, help="training steps of stage 2 (the debiaser)")
     t.add_argument("--batch-size", type=int, default=64, help="global batch, split over torchrun's processes")
     t.add_argument("--stage2-batch-size", type=int, default=0, help="stage-2 batch size (0 = --batch-size)")
     t.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    t.add_argument("--alpha", type=float, default=0.5, help="noise level: stored default for sampling")
+    t.add_argument("--alpha", type=float, default=None,
+                   help="noise level: stored default for sampling (default: 0.5 for DKGM, 1.0 for EVAE and VAE, "
+                        "their posterior's own spread)")
     t.add_argument("--steps", type=int, default=4, help="stage-2 iterations n")
     t.add_argument("--b-min", type=float, default=0.5, help="smallest stage-2 training blur (pixels)")
     t.add_argument("--b-max", type=float, default=1.0, help="largest stage-2 training blur (pixels)")
@@ -239,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dkgm-aug", description="Train and sample DKGM generators.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a generator (DKGM: both stages) and write a checkpoint",
+                       formatter_class=HelpFormatter)
+    add_train_arguments(t)
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("sample", help="write a grid of real images and their KDE neighbours",
                        formatter_class=HelpFormatter)

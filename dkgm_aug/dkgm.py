@@ -20,7 +20,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from ._validate import ALPHA_MAX, STEPS_MAX, check_float, check_int
-from .blur import random_blur
+from .blur import gaussian_blur, random_blur
+from .checkpoint import register_kind
 from .errors import DataError, DKGMError
 from .kernels import KERNELS, noise, noise_from_seeds
 from .unet import UNet, UNetConfig, preset_config
@@ -43,6 +44,7 @@ def check_images(x: torch.Tensor, channels: int, name: str = "x") -> None:
         raise DataError(f"{name} contains NaN or inf values; clean the data first")
 
 
+@register_kind
 class DKGM(nn.Module):
     """Both DKGM stages, their losses and Algorithm 2.
 
@@ -146,6 +148,15 @@ class DKGM(nn.Module):
         x_in = random_blur(x, self.b_range, generator)
         return F.mse_loss(self.debias(x_in), x)
 
+    # -- what the trainer asks of a model (dkgm_aug.trainer) ----------------------------------
+    stages = (1, 2)
+
+    def stage_module(self, stage: int) -> nn.Module:
+        """The network that training ``stage`` updates."""
+        if stage not in self.stages:
+            raise DKGMError(f"stage must be 1 or 2, got {stage!r}")
+        return self.stage1 if stage == 1 else self.stage2
+
     def forward(self, x: torch.Tensor, stage: int = 1, generator=None) -> torch.Tensor:
         """Training loss of ``stage`` (1 or 2) on a batch of clean images."""
         check_images(x, self.channels)
@@ -154,6 +165,18 @@ class DKGM(nn.Module):
         if stage == 2:
             return self.stage2_loss(x, generator)
         raise DKGMError(f"stage must be 1 or 2, got {stage!r}")
+
+    @torch.no_grad()
+    def preview(self, x: torch.Tensor, stage: int, generator=None) -> list:
+        """The rows of a training sample grid: the real images, their stage-1 KDE neighbours and
+        those debiased by stage 2; while training stage 2 also the images blurred as stage 2
+        learns from them, and stage 2 on those."""
+        kde = self.kde(x, generator=generator)
+        rows = [x, kde.clamp(-1, 1), self.debias(kde).clamp(-1, 1)]
+        if stage == 2:
+            blurred = gaussian_blur(x, sum(self.b_range) / 2)
+            rows += [blurred, self.debias(blurred).clamp(-1, 1)]
+        return rows
 
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -183,9 +206,6 @@ class DKGM(nn.Module):
             raise DKGMError(f"k must be >= 1, got {k}")
         xk = x.repeat_interleave(int(k), dim=0)
         return self.sample(xk, alpha, steps, generator).view(x.shape[0], int(k), *x.shape[1:])
-
-
-GENERATORS = (DKGM,)
 
 
 def check_knobs(alpha=None, steps=None):

@@ -1,8 +1,10 @@
-"""Image-quality metrics used by the paper and our benchmarks."""
+"""Image-quality metrics used by the paper and our benchmarks, and the memorisation
+metric that judges every generator against its training set."""
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from ._validate import check_float, check_int
+from .errors import DataError, DKGMError
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 _LUMA = (0.299, 0.587, 0.114)
@@ -59,3 +61,62 @@ def frechet_distance(feats_a, feats_b) -> float:
     tr_root = float(np.sqrt(np.clip(lam, 0, None)).sum())
     fd = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_root)
     return max(fd, 0.0)
+
+
+def flat_items(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x [N, ...]`` as ``[N, D]`` floats; uint8 images are read as ``[-1, 1]``."""
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise DataError(f"{name} is empty: shape {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], -1)
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1
+    if not x.is_floating_point():
+        raise DataError(f"{name} must be a float tensor (or uint8 images), got {x.dtype}")
+    return x
+
+
+def check_chunk(chunk_size) -> int:
+    return check_int("chunk_size", chunk_size, 1, 2 ** 24)
+
+
+def nearest_neighbour_distances(samples: torch.Tensor, train: torch.Tensor, k: int = 2, *,
+                                chunk_size: int = 4096):
+    """Euclidean distances ``[B, k]`` (ascending) and indices ``[B, k]`` of each sample's ``k``
+    nearest training items, in float64, streaming over ``train`` in chunks. Both are
+    ``[N, ...]`` with the same values per item; uint8 images are read as ``[-1, 1]``."""
+    chunk_size = check_chunk(chunk_size)
+    s = flat_items(samples, "samples").double()
+    # train stays in its own dtype (uint8 for an image set): each chunk becomes float64 in turn
+    tr = train.reshape(train.shape[0], -1) if isinstance(train, torch.Tensor) and train.ndim >= 1 else train
+    if not isinstance(tr, torch.Tensor) or tr.shape[0] == 0:
+        raise DataError("train is empty")
+    k = check_int("k (at most the training set size)", k, 1, tr.shape[0])
+    if tr.shape[1] != s.shape[1]:
+        raise DataError(f"samples have {s.shape[1]} values per item, train {tr.shape[1]}")
+    s = s.to(tr.device)
+    s_sq = s.pow(2).sum(1, keepdim=True)
+    best_d = best_i = None
+    for a in range(0, tr.shape[0], chunk_size):
+        r = flat_items(tr[a:a + chunk_size], "train").double()
+        d2 = (s_sq - 2 * s @ r.T + r.pow(2).sum(1)[None]).clamp_min(0)
+        idx = torch.arange(a, a + r.shape[0], device=s.device).expand_as(d2)
+        if best_d is not None:
+            d2, idx = torch.cat([best_d, d2], 1), torch.cat([best_i, idx], 1)
+        best_d, pos = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
+        best_i = idx.gather(1, pos)
+    return best_d.sqrt(), best_i
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, ratio: float = 1 / 3, *,
+                 chunk_size: int = 4096) -> float:
+    """Share of samples whose nearest training item is closer than ``ratio`` times the
+    distance to the second nearest (the kernel-smoothed score paper's memorisation criterion). The mean
+    nearest-neighbour distance (novelty) is ``nearest_neighbour_distances(...)[0][:, 0].mean()``."""
+    if check_float("ratio", ratio, 0, 1) == 0:
+        raise DKGMError(f"ratio must be in (0, 1], got {ratio!r}")
+    if isinstance(train, torch.Tensor) and train.ndim >= 1 and train.shape[0] < 2:
+        raise DataError("memorisation needs at least 2 training items (nearest and second nearest)")
+    d, _ = nearest_neighbour_distances(samples, train, 2, chunk_size=chunk_size)
+    return float((d[:, 0] < ratio * d[:, 1]).double().mean())

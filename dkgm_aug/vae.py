@@ -1,23 +1,8 @@
 """EVAE (Epanechnikov VAE, Qin & Huang, arXiv:2405.12783) and a Gaussian VAE baseline
 (docs/design.md, section 6), as dkgm_aug generators.
 
-Both models share the encoder and decoder of the paper's Appendix C (MNIST / Fashion-MNIST,
-32x32 input, 4x4 kernels)::
-
-    encoder: x -> [Conv 4x4 stride 2 -> BatchNorm -> ReLU] x 4 (32, 64, 128, 256 channels)
-               -> AdaptiveAvgPool2d(1) -> two Linear(256, d_z) heads
-    decoder: z -> Linear(d_z, 256) -> (256 x 1 x 1)
-               -> ConvT 4x4 stride 1 (128) -> BN -> ReLU        1 -> 4
-               -> ConvT 4x4 stride 2 (64)  -> BN -> ReLU        4 -> 8
-               -> ConvT 4x4 stride 2 (32)  -> BN -> ReLU        8 -> 16
-               -> ConvT 4x4 stride 2 (C)   -> Sigmoid          16 -> 32
-
-``C`` is the number of image channels (1 for gray). Images that are not 32x32 go in and
-out through a fixed geometry: images no larger than 32x32 are zero-padded (black, in
-[0, 1] units) to 32x32, centred, and the decoder's output is cropped back (28x28
-Fashion-MNIST: 2 pixels on each side); larger images are resized to 32x32 (bilinear,
-antialiased) and the output resized back. The paper resizes 28x28 to 32x32 instead; we
-pad so that the reconstruction loss is taken on the image's own pixels only.
+Both models share the encoder and decoder of the paper's Appendix C, and a fixed 32x32
+geometry for images of other sizes: see :mod:`dkgm_aug.vae_nets`.
 
 EVAE (paper, section 4, Algorithm 1 and eq. 10). The encoder gives ``mu`` and
 ``r = softplus(.) > 0``; the latent is::
@@ -45,6 +30,10 @@ VAE: the same networks; the encoder gives ``mu`` and ``log sigma^2``; ``z = mu +
 eps``, ``eps ~ N(0, I)``; loss = the same BCE + ``KL(N(mu, sigma^2) || N(0, I))``, mean
 over the batch.
 
+Training: both go through :class:`dkgm_aug.Trainer` as a one-stage model whose stage trains
+the whole model (:func:`fit`, or ``dkgm-aug train --kind evae|vae``). The trainer's batches
+are in [-1, 1], the library's convention; ``forward`` maps them to the [0, 1] BCE targets.
+
 Generation (the generator interface of :mod:`dkgm_aug.augment`): encode the image, draw
 the latent noise (EVAE: ``k`` and ``U``; VAE: ``eps``) from the image's own seed, decode.
 ``alpha`` scales the latent noise around the posterior centre: EVAE ``z = b_m mu +
@@ -60,23 +49,22 @@ Example::
     model.save("evae.safetensors")
     x_new = model.neighbours(x, k=4)           # x: [B, 1, 28, 28] in [-1, 1]
 """
-import math
 import numbers
 import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from .checkpoint import register_kind
 from .dkgm import check_images, check_knobs
 from .errors import DataError, DKGMError
 from .kernels import rand, randn, standard_epanechnikov
 from .nn import evaluating
+from .trainer import Trainer
+from .vae_nets import WIDTHS, Decoder, Encoder, from32, to32
 
 B_M = 100.0 ** (-2.0 / 9.0)   # b(100), the paper's "step size" (section 4)
-WIDTHS = (32, 64, 128, 256)   # Appendix C channel counts
-SIDE = 32                     # the networks' input and output size
 
 
 def _check_int(name, v, lo, hi):
@@ -89,62 +77,6 @@ def _check_pos(name, v):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
         raise DKGMError(f"{name} must be a finite number > 0, got {v!r}")
     return float(v)
-
-
-def to32(x: torch.Tensor) -> torch.Tensor:
-    """Images ``[B, C, H, W]`` (in [0, 1]) to the networks' 32x32 geometry: centred
-    zero-padding when both sides are at most 32, else a bilinear (antialiased) resize."""
-    h, w = x.shape[-2:]
-    if h <= SIDE and w <= SIDE:
-        top, left = (SIDE - h) // 2, (SIDE - w) // 2
-        return F.pad(x, (left, SIDE - w - left, top, SIDE - h - top))
-    return F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
-
-
-def from32(y: torch.Tensor, size) -> torch.Tensor:
-    """The inverse geometry of :func:`to32`: crop the centre back to ``size`` or resize to it."""
-    h, w = size
-    if h <= SIDE and w <= SIDE:
-        top, left = (SIDE - h) // 2, (SIDE - w) // 2
-        return y[..., top:top + h, left:left + w]
-    return F.interpolate(y, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-
-
-class Encoder(nn.Module):
-    """Appendix C encoder: four stride-2 4x4 convolutions with BatchNorm and ReLU,
-    adaptive average pooling and two linear heads (``[B, d_z]`` each, raw)."""
-
-    def __init__(self, channels: int, d_z: int, widths=WIDTHS):
-        super().__init__()
-        layers, c = [], channels
-        for w in widths:
-            layers += [nn.Conv2d(c, w, 4, 2, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
-            c = w
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head_mu = nn.Linear(c, d_z)
-        self.head_spread = nn.Linear(c, d_z)
-
-    def forward(self, x32):
-        h = self.body(x32)
-        return self.head_mu(h), self.head_spread(h)
-
-
-class Decoder(nn.Module):
-    """Appendix C decoder: linear to ``widths[-1] x 1 x 1``, then transposed convolutions
-    1 -> 4 -> 8 -> 16 -> 32; returns logits (the Sigmoid is applied by the caller)."""
-
-    def __init__(self, channels: int, d_z: int, widths=WIDTHS):
-        super().__init__()
-        w1, w2, w3, w4 = widths
-        self.fc = nn.Linear(d_z, w4)
-        self.body = nn.Sequential(
-            nn.ConvTranspose2d(w4, w3, 4, 1, 0), nn.BatchNorm2d(w3), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(w3, w2, 4, 2, 1), nn.BatchNorm2d(w2), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(w2, w1, 4, 2, 1), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(w1, channels, 4, 2, 1))
-
-    def forward(self, z):
-        return self.body(self.fc(z)[:, :, None, None])
 
 
 class _LatentAutoencoder(nn.Module):
@@ -239,12 +171,27 @@ class _LatentAutoencoder(nn.Module):
         rec, reg = self.loss_terms(x01, generator)
         return (rec + reg).mean()
 
+    # -- what the trainer asks of a model (dkgm_aug.trainer): [-1, 1] in, [0, 1] inside ---------
+    stages = (1,)
+
+    def stage_module(self, stage: int) -> nn.Module:
+        """The network that training ``stage`` updates: the whole model, its one stage."""
+        if stage not in self.stages:
+            raise DKGMError(f"{type(self).__name__} has one training stage; stage must be 1, got {stage!r}")
+        return self
+
     def forward(self, x: torch.Tensor, stage: int = 1, generator=None) -> torch.Tensor:
         """Training loss of a batch in [-1, 1] (the library's convention; one stage only)."""
-        if stage != 1:
-            raise DKGMError(f"{type(self).__name__} has one training stage; stage must be 1, got {stage!r}")
+        self.stage_module(stage)
         check_images(x, self.channels)
         return self.loss(((x + 1) / 2).clamp(0, 1), generator)
+
+    @torch.no_grad()
+    def preview(self, x: torch.Tensor, stage: int = 1, generator=None) -> list:
+        """The rows of a training sample grid, in [-1, 1]: the real images, their reconstructions
+        from the posterior mean and one posterior sample of each."""
+        x01 = ((x + 1) / 2).clamp(0, 1)
+        return [x, self.reconstruct(x01) * 2 - 1, self.reconstruct(x01, sample=True, generator=generator) * 2 - 1]
 
     # -- generation -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -292,6 +239,7 @@ class _LatentAutoencoder(nn.Module):
         return out.view(x.shape[0], int(k), *x.shape[1:])
 
 
+@register_kind
 class EVAE(_LatentAutoencoder):
     """Epanechnikov VAE: posterior ``b_m (mu + r k) + U`` (see the module docstring).
 
@@ -337,6 +285,7 @@ class EVAE(_LatentAutoencoder):
         return (3.0 * self.B / (5.0 * self.M)) * spread.reciprocal().sum(1)
 
 
+@register_kind
 class VAE(_LatentAutoencoder):
     """Gaussian VAE baseline with EVAE's networks: ``z = mu + sigma eps``, KL to ``N(0, I)``."""
 
@@ -363,9 +312,6 @@ class VAE(_LatentAutoencoder):
         return -0.5 * (1 + spread - mu.pow(2) - spread.exp()).sum(1)
 
 
-GENERATORS = (EVAE, VAE)
-
-
 def _as_uint8_images(images) -> torch.Tensor:
     images = getattr(images, "images", images)   # an ImageDataset gives its tensor
     images = torch.as_tensor(images)
@@ -376,12 +322,16 @@ def _as_uint8_images(images) -> torch.Tensor:
 
 
 def fit(model: _LatentAutoencoder, images_uint8, epochs: int = 1, batch_size: int = 100, lr: float = 3e-4,
-        seed: int = 0, progress: bool = True, set_M: bool = True, max_batches: int | None = None) -> list:
-    """Train ``model`` with Adam on uint8 images ``[N, C, H, W]`` (the paper's Appendix D:
-    batch 100, lr 3e-4). Batch order and latent noise come from ``seed``. For an EVAE,
-    ``set_M`` sets the penalty's ``M`` to ``N`` first (see the module docstring).
-    ``max_batches`` stops each epoch early (for quick runs). Returns the mean loss of each
-    epoch and records the run in ``model.info["training"]``."""
+        seed: int = 0, progress: bool = True, set_M: bool = True, max_batches: int | None = None,
+        ema_decay: float = 0.999, grad_clip: float = 0.0) -> list:
+    """Train ``model`` on uint8 images ``[N, C, H, W]`` with :class:`dkgm_aug.Trainer` (Adam; the
+    paper's Appendix D: batch 100, lr 3e-4), on the model's device, in fp32, writing no files.
+    Batch order and latent noise come from ``seed``; an epoch is ``N // batch_size`` steps (at
+    least one), each on a full batch. For an EVAE, ``set_M`` sets the penalty's ``M`` to ``N``
+    first (see the module docstring). ``max_batches`` shortens each epoch to that many steps
+    (for quick runs). The model ends with the trainer's EMA weights (``ema_decay``; 0 keeps
+    the last weights); ``grad_clip`` is off by default, as BCE summed over pixels makes large
+    gradients. Returns the mean loss of each epoch and records the run in ``model.info["training"]``."""
     images = _as_uint8_images(images_uint8)
     epochs = _check_int("epochs", epochs, 0, 10 ** 6)
     batch_size = _check_int("batch_size", batch_size, 1, 10 ** 6)
@@ -390,34 +340,27 @@ def fit(model: _LatentAutoencoder, images_uint8, epochs: int = 1, batch_size: in
         raise DataError(f"images have {images.shape[1]} channels, the model takes {model.channels}")
     if set_M and isinstance(model, EVAE):
         model.M = len(images)
-    device = next(model.parameters()).device
-    order_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator().manual_seed(seed + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n_batches = math.ceil(len(images) / batch_size)
+    steps = max(1, len(images) // batch_size)
     if max_batches is not None:
-        n_batches = min(n_batches, _check_int("max_batches", max_batches, 1, 10 ** 9))
+        steps = min(steps, _check_int("max_batches", max_batches, 1, 10 ** 9))
     history, start = [], time.perf_counter()
-    model.train()
-    with tqdm(total=epochs * n_batches, desc=f"{type(model).__name__} d_z={model.d_z}",
-              disable=not progress) as bar:
-        for epoch in range(epochs):
-            perm = torch.randperm(len(images), generator=order_gen)
-            total, count = 0.0, 0
-            for b in range(n_batches):
-                idx = perm[b * batch_size:(b + 1) * batch_size]
-                x01 = images[idx].to(device, torch.float32) / 255.0
-                loss = model.loss(x01, generator=noise_gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, count = total + float(loss.detach()) * len(idx), count + len(idx)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.2f}")
-            history.append(total / count)
+    if epochs:
+        trainer = _train(model, images, epochs * steps, batch_size=batch_size, lr=lr, seed=seed,
+                         progress=progress, ema_decay=ema_decay, grad_clip=grad_clip)
+        history = [sum(trainer.losses[e * steps:(e + 1) * steps]) / steps for e in range(epochs)]
     model.eval()
     model.info["training"] = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, n_images=len(images),
-                                  batches_per_epoch=n_batches, optimizer="Adam",
-                                  wall_time_s=round(time.perf_counter() - start, 3),
+                                  batches_per_epoch=steps, optimizer="Adam", ema_decay=ema_decay,
+                                  grad_clip=grad_clip, wall_time_s=round(time.perf_counter() - start, 3),
                                   final_epoch_loss=history[-1] if history else None)
     return history
+
+
+def _train(model, images, max_steps: int, **settings) -> Trainer:
+    """Train ``model`` where it is, leaving torch's global RNG as it was (the trainer seeds it)."""
+    device = next(model.parameters()).device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        trainer = Trainer(model, images, out_dir=None, max_steps=max_steps, amp=False, device=device, **settings)
+        trainer.fit(1)
+    return trainer

@@ -7,7 +7,9 @@ import torch
 import dkgm_aug
 from dkgm_aug import DataError
 from dkgm_aug.cli import main
+from dkgm_aug.checkpoint import read_metadata
 from dkgm_aug.data import FASHION_MNIST_DIR, load_dataset
+from dkgm_aug.vae import EVAE, VAE
 from conftest import micro_model
 
 
@@ -56,6 +58,37 @@ def test_default_work_dir_follows_out_and_resume_checks_settings(tmp_path, monke
         assert err.startswith("dkgm-aug: error: ") and flag in err and "--no-resume" in err, err
     assert main(TRAIN + ["--lr", "0.001", "--no-resume", "--out", "a.safetensors"]) == 0
     assert dkgm_aug.load("a.safetensors").info["training"]["lr"] == 0.001
+
+
+def test_train_evae_resumes_and_writes_an_evae(tmp_path, capsys):
+    out, work = tmp_path / "evae.safetensors", tmp_path / "run"
+    cmd = ["train", "--kind", "evae", "--data", "digits", "--limit", "64", "--batch-size", "16", "--d-z", "8",
+           "--quiet", "--work-dir", str(work), "--out", str(out)]
+    assert main(cmd + ["--stage1-steps", "2"]) == 0
+    first = dkgm_aug.load(out).state_dict()
+    capsys.readouterr()
+    assert main(cmd + ["--stage1-steps", "4"]) == 0                  # the same command, more steps
+    assert "resuming stage 1 from step 2 of 4" in capsys.readouterr().err
+    assert read_metadata(out)["kind"] == "evae"
+    model = dkgm_aug.load(out)
+    assert type(model) is EVAE and (model.d_z, model.M, model.image_size, model.alpha) == (8, 64, (8, 8), 1.0)
+    assert any(not torch.equal(v, first[k]) for k, v in model.state_dict().items())   # trained on
+    training = model.info["training"]
+    assert training["stage1_steps"] == 4 and "stage2_steps" not in training and training["batch_size"] == {"1": 16}
+    assert sorted(p.name for p in work.iterdir()) == [
+        "log_stage1.csv", "model.safetensors", "samples_stage1_step2.png", "samples_stage1_step4.png",
+        "state_stage1.safetensors"]
+    assert [r.split(",")[0] for r in (work / "log_stage1.csv").read_text().split()[1:]] == ["2", "4"]
+    assert main(["sample", str(out), "--n", "2", "--k", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(cmd + ["--stage1-steps", "4", "--d-z", "4"]) == 2   # another model: no resume
+    assert "another model" in capsys.readouterr().err
+
+
+def test_train_vae(tmp_path):
+    out = tmp_path / "vae.safetensors"
+    assert main(["train", "--kind", "vae", "--data", "digits", "--limit", "32", "--batch-size", "16", "--d-z", "4",
+                 "--stage1-steps", "1", "--quiet", "--work-dir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert type(dkgm_aug.load(out)) is VAE and read_metadata(out)["kind"] == "vae"
 
 
 def test_help_shows_defaults_and_version(capsys):

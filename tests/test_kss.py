@@ -1,4 +1,4 @@
-"""Kernel-smoothed empirical score generator (dkgm_aug/kss.py): score maths, streaming,
+"""Kernel-smoothed empirical score generator (dkgm_aug/kss/): score maths, streaming,
 memorisation, the generator interface, checkpoints and oversampling."""
 import json
 
@@ -7,7 +7,7 @@ import torch
 
 import dkgm_aug
 from dkgm_aug import BalancedDKGMDataset, CheckpointError, DKGMError
-from dkgm_aug import kss as kss_mod
+from dkgm_aug.kss import device_cache as kss_mod
 from dkgm_aug.data import ImageDataset
 from dkgm_aug.kss import (KernelSmoothedScore, empirical_score, memorisation, nearest_neighbour_distances,
                           smoothed_score)

@@ -2,8 +2,10 @@ import csv
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from dkgm_aug import DataError, DKGMError, Trainer
+import dkgm_aug
+from dkgm_aug import EVAE, DataError, DKGMError, Trainer
 from dkgm_aug.data import ImageDataset
 from conftest import micro_model, shapes_batch
 
@@ -92,3 +94,37 @@ def test_bad_arguments_fail_at_construction(tmp_path, kw, match):
 def test_cuda_device_without_cuda_fails_at_construction(tmp_path):
     with pytest.raises(DKGMError, match="CUDA is not available"):
         Trainer(micro_model(image_size=8), shapes_batch(4, size=8), out_dir=tmp_path, max_steps=1, device="cuda")
+
+
+def tiny_evae(seed=0):
+    torch.manual_seed(seed)
+    return EVAE(channels=1, image_size=8, d_z=3, widths=(4, 4, 8, 8), M=12)
+
+
+def test_one_stage_model_resumes_like_an_uninterrupted_run(tmp_path):
+    """An EVAE trains through the same contract: its one stage is the whole model (BatchNorm
+    statistics included), under ``model.*`` in the state file."""
+    x = shapes_batch(12, size=8)
+    kw = dict(batch_size=4, save_every=2, progress=False)
+    full = tiny_evae()
+    Trainer(full, x, out_dir=tmp_path / "full", max_steps=4, **kw).fit(1)
+    Trainer(tiny_evae(), x, out_dir=tmp_path / "part", max_steps=2, **kw).fit(1)
+    resumed = tiny_evae(seed=1)                 # a fresh process would start from new weights
+    Trainer(resumed, x, out_dir=tmp_path / "part", max_steps=4, **kw).fit(1)
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    with safe_open(str(tmp_path / "part" / "state_stage1.safetensors"), "pt") as f:
+        assert "model.encoder.head_mu.weight" in f.keys() and "ema.decoder.fc.weight" in f.keys()
+    assert isinstance(dkgm_aug.load(tmp_path / "part" / "model.safetensors"), EVAE)
+    assert (tmp_path / "part" / "samples_stage1_step4.png").exists()
+    with pytest.raises(DKGMError, match="stage must be 1"):
+        Trainer(tiny_evae(), x, out_dir=tmp_path / "x", max_steps=1, **kw).fit(2)
+
+
+def test_no_out_dir_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = Trainer(micro_model(image_size=8), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=3,
+                save_every=1, progress=False)
+    t.fit(1)
+    t.fit(1, max_steps=4)                       # nothing to resume from: starts again
+    assert len(t.losses) == 4 and all(v > 0 for v in t.losses) and list(tmp_path.iterdir()) == []

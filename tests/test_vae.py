@@ -163,6 +163,18 @@ def test_fit_trains_and_records(tmp_path):
         fit(model, data.float(), epochs=1, progress=False)
 
 
+def test_fit_is_the_trainer_with_ema_and_leaves_torch_rng_alone():
+    data = images_uint8(40)
+    rng = torch.get_rng_state()
+    ema, last = tiny(seed=1), tiny(seed=1)
+    hist = fit(ema, data, epochs=2, batch_size=10, lr=3e-3, progress=False, max_batches=3)
+    assert torch.equal(torch.get_rng_state(), rng)            # the trainer's seeding stays inside fit
+    assert fit(last, data, epochs=2, batch_size=10, lr=3e-3, progress=False, max_batches=3, ema_decay=0.0) == hist
+    assert ema.info["training"]["batches_per_epoch"] == 3 and ema.info["training"]["ema_decay"] == 0.999
+    assert any(not torch.equal(v, last.state_dict()[k]) for k, v in ema.state_dict().items())   # EMA weights
+    assert fit(tiny(), data, epochs=0, progress=False) == []
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 def test_kinds_registered_and_meta_constructible():
     kinds = model_kinds()

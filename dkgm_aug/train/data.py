@@ -1,0 +1,125 @@
+"""The trainer's data: what it accepts, a fingerprint that a resume checks, and the batches.
+
+``data`` is a tensor ``[N, C, H, W]`` (uint8, or float in [0, 1]), a map-style Dataset of images
+or ``(image, label)`` pairs, or a DataLoader. For tensors and Datasets the batch order is a seeded
+permutation per epoch that depends only on the seed and the step, so a resumed run sees the same
+batches as an uninterrupted one; a DataLoader is iterated as given.
+"""
+import hashlib
+import warnings
+
+import torch
+
+from ..errors import DataError
+from ..images import collate_images, to_model
+
+
+def data_fingerprint(data) -> str:
+    """A cheap hash of the training data, kept in the training state so that a resume on other
+    data is refused: every byte of a tensor (or of a dataset's ``images`` tensor), else a fixed
+    sample of 32 items; nothing for an iterable dataset, or when the sample reads differently
+    twice (random transforms that do not use torch's RNG). The caller adds the length."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        data = data.dataset
+    images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
+    if isinstance(data, torch.utils.data.IterableDataset):
+        images = torch.empty(0)
+    elif not isinstance(images, torch.Tensor):
+        idx = torch.linspace(0, len(data) - 1, min(32, len(data))).round().long().unique().tolist()
+        reads = []
+        for _ in range(2):
+            with torch.random.fork_rng(devices=[]):   # torch-seeded transforms read the same twice
+                torch.manual_seed(0)
+                reads.append(collate_images([data[i] for i in idx]))
+        images = reads[0] if torch.equal(*reads) else torch.empty(0)
+    h = hashlib.sha256(f"{tuple(images.shape)} {images.dtype}".encode())
+    h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def count_items(data) -> int:
+    """The number of training items; refuses data of a kind the trainer does not take."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 4:
+            raise DataError(f"a data tensor must be [N, C, H, W], got shape {tuple(data.shape)}")
+        n = len(data)
+    elif isinstance(data, torch.utils.data.DataLoader):
+        n = len(data.dataset)
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        n = len(data)
+    else:
+        raise DataError(f"data must be a tensor, a map-style Dataset or a DataLoader, got {type(data).__name__}")
+    if n == 0:
+        raise DataError("the training data is empty")
+    return n
+
+
+class Feed:
+    """This rank's batches, as float images in the models' range [-1, 1] on ``device``. Every
+    global batch has ``min(batch_size, N)`` items and each of the ``world_size`` ranks takes an
+    equal slice (``local_batch`` items); an epoch is ``max(1, N // batch_size)`` steps."""
+
+    def __init__(self, data, device, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
+        self.data, self.device, self.batch_size, self.seed = data, device, batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.n_items = count_items(data)
+        global_batch = min(batch_size, self.n_items)
+        self.local_batch = global_batch // world_size
+        if self.local_batch < 1:
+            raise DataError(f"{self.n_items} training items cannot be split over {world_size} processes")
+        if isinstance(data, torch.utils.data.DataLoader):      # batches as the loader makes them
+            if world_size > 1 and not isinstance(data.sampler, torch.utils.data.DistributedSampler) and rank == 0:
+                warnings.warn("under torch.distributed a DataLoader needs a DistributedSampler, "
+                              "or every process trains on the same batches")
+        elif global_batch % world_size and rank == 0:
+            warnings.warn(f"a batch of {global_batch} does not split evenly over {world_size} processes: "
+                          f"each takes {self.local_batch} and the other {global_batch % world_size} are skipped")
+        self.steps_per_epoch = max(1, self.n_items // batch_size)
+
+    def first(self, k: int) -> torch.Tensor:
+        """The first ``k`` items (at most), as a batch: the images of the sample grids."""
+        if isinstance(self.data, torch.Tensor):
+            return self.as_batch(self.data[:k])
+        if isinstance(self.data, torch.utils.data.DataLoader):
+            return self.as_batch(next(iter(self.data)))[:k]
+        return self.as_batch(collate_images([self.data[i] for i in range(min(k, len(self.data)))]))
+
+    def as_batch(self, batch) -> torch.Tensor:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            batch = collate_images(batch)
+        x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
+        return to_model(x).to(self.device, non_blocking=True)
+
+    def batches(self, start_step: int):
+        """Yield this rank's batches from ``start_step`` on, forever."""
+        if isinstance(self.data, torch.utils.data.DataLoader):
+            yield from self._loader_batches(start_step)
+        step = start_step
+        while True:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n_items, generator=g)   # the same on every rank: same seed
+            lo = self.rank * self.local_batch                  # this rank's slice of each global batch
+            plan = [perm[i * self.batch_size:(i + 1) * self.batch_size][lo:lo + self.local_batch]
+                    for i in range(offset, self.steps_per_epoch)]
+            if isinstance(self.data, torch.Tensor):
+                for idx in plan:
+                    yield self.as_batch(self.data[idx])
+            else:
+                loader = torch.utils.data.DataLoader(self.data, batch_sampler=[i.tolist() for i in plan],
+                                                     num_workers=self.num_workers, collate_fn=collate_images)
+                for batch in loader:
+                    yield self.as_batch(batch)
+            step += len(plan)
+
+    def _loader_batches(self, start_step: int):
+        epoch = start_step // max(1, len(self.data))
+        while True:
+            if hasattr(self.data.sampler, "set_epoch"):   # DistributedSampler: reshuffle each epoch
+                self.data.sampler.set_epoch(epoch)
+            for batch in self.data:
+                yield self.as_batch(batch)
+            epoch += 1

@@ -1,0 +1,127 @@
+"""The trainer's resumable state: one safetensors file per stage, written atomically, with the
+stage network's weights, EMA, optimizer, step, every rank's RNG states and the settings a resume
+must share; and the CSV log that a resume trims to the saved step.
+
+Tensor names: ``model.<the network's place in the model>.*`` (``model.stage1.*`` for DKGM's
+stage 1, ``model.*`` when a stage trains the whole model), ``ema.*``, ``opt.<param>.<key>``,
+``rng.noise.<rank>`` and ``rng.torch.<rank>``; the metadata ``state`` is JSON. Files from older
+versions, which hold both DKGM stages and single-process RNG states (``rng.noise``, ``rng.torch``)
+and record no settings, still resume.
+"""
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import atomic_write
+from ..errors import CheckpointError, DKGMError
+
+LOG_HEADER = ["step", "loss", "images_per_s", "elapsed_s"]
+START_OVER = "start over with --no-resume (Python: resume=False) or another --work-dir (Python: out_dir=)"
+
+
+def arch(config: dict) -> dict:
+    """The part of a model config that must match to resume (JSON-normalised, without ``info``)."""
+    return json.loads(json.dumps({k: v for k, v in config.items() if k != "info"}))
+
+
+def weights_prefix(model: torch.nn.Module, net: torch.nn.Module) -> str:
+    """The state-file prefix of a stage network's weights: its name in ``model.state_dict()``."""
+    path = next(name for name, child in model.named_modules() if child is net)
+    return f"model.{path}." if path else "model."
+
+
+def write_state(path: Path, prefix: str, net, ema, opt, rngs: list, meta: dict) -> None:
+    """Write the state atomically; ``rngs`` holds each rank's ``(noise, torch)`` RNG states."""
+    tensors = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for key, val in st.items():
+            tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val)
+    for r, (noise_state, torch_state) in enumerate(rngs):
+        tensors[f"rng.noise.{r}"], tensors[f"rng.torch.{r}"] = noise_state, torch_state
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = dict(meta, param_groups=opt_state["param_groups"])
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
+
+
+def read_state(path: Path) -> tuple[dict, dict]:
+    """The metadata and tensors of a state file, refused when it is unreadable or not finite."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not {"step", "model_config", "param_groups"} <= set(meta):
+            raise KeyError("step, model_config or param_groups")
+    except Exception as exc:   # safetensors raises its own error types on a cut-off file
+        raise CheckpointError(f"cannot read the training state {path} ({type(exc).__name__}: {exc}): it is "
+                              f"truncated or corrupt; delete it, or {START_OVER}") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the training state {path} holds NaN or inf values ({', '.join(bad[:3])}), "
+                              f"so training cannot go on from it; delete it, or {START_OVER}")
+    return meta, tensors
+
+
+def check_resume(path: Path, meta: dict, config: dict, settings: dict, max_steps: int, stage: int,
+                 warn: bool = True) -> int:
+    """The saved step, once the state is known to come from this same run: the same model
+    ``config``, the same ``settings`` (``{name: (value, where it is set)}``) and at most
+    ``max_steps`` steps done. ``warn``: say so when the file predates the settings' record."""
+    if arch(meta["model_config"]) != arch(config):
+        raise DKGMError(f"{path} was saved for another model (--preset and the model flags / the model's "
+                        f"config); use the same model to resume, or {START_OVER}")
+    missing = [k for k in settings if k not in meta]
+    if missing and warn:
+        warnings.warn(f"{path} was written by an older dkgm_aug that did not record {', '.join(missing)}: "
+                      f"resuming, but the settings could not be checked against this run's")
+    for key, (value, where) in settings.items():
+        if key in meta and meta[key] != value:
+            raise DKGMError(f"{path} was saved by a run with {key}={meta[key]!r}, this run has {key}={value!r} "
+                            f"({where}): resuming would mix the two runs. Use the saved setting to resume, "
+                            f"or {START_OVER}")
+    step = int(meta["step"])
+    if step > max_steps:
+        raise DKGMError(f"{path} is at step {step}, more than max_steps={max_steps} (--stage{stage}-steps / "
+                        f"max_steps=): give at least {step} steps to resume, or {START_OVER}")
+    return step
+
+
+def restore(tensors: dict, meta: dict, prefix: str, net, ema, opt, gen, rank: int, device) -> None:
+    """Load the stage network, EMA, optimizer and this rank's RNG states from a read state. Only
+    the trained network's weights are restored: the other DKGM stage, which older files also hold,
+    is left alone (stage 2 learns from blurred real images, independently of stage 1)."""
+    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v.to(device) if key != "step" else v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for name, set_state in (("noise", gen.set_state), ("torch", torch.set_rng_state)):
+        # "rng.noise"/"rng.torch": single-process files from before; a rank the file lacks
+        # (more processes than the run that wrote it) keeps its fresh seed
+        saved = tensors.get(f"rng.{name}.{rank}", tensors.get(f"rng.{name}") if rank == 0 else None)
+        if saved is not None:
+            set_state(saved)
+
+
+def open_log(path: Path, step: int):
+    """The CSV log, open for appending, holding only the rows up to ``step``: a run killed after
+    logging a step but before saving it logs that step again when resumed."""
+    rows = []
+    if step and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and r[0].isdigit() and int(r[0]) <= step]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([LOG_HEADER, *rows])
+    atomic_write(path, write)
+    return open(path, "a", newline="")
