@@ -376,26 +376,39 @@ def append_curves(path: Path, history: list, config: dict) -> None:
 # Each method's knobs: variants of one method are rows with other values; the converged report
 # keeps the variant with the best validation balanced accuracy.
 KNOBS = {"drw": ("drw_start",), "ldam_drw": ("drw_start", "ldam_margin", "ldam_s"), "balanced_softmax": ("la_tau",),
-         "mixup": ("mixup_alpha",), "mixup_drw": ("mixup_alpha", "drw_start"), "dkgm_augment": ("dkgm_p",),
-         "ros_dkgm": ("dkgm_p",), "loss_dkgm": ("combine_loss", "dkgm_p"), "dkgm_deferred": ("drw_start",)}
+         "mixup": ("mixup_alpha",), "mixup_drw": ("mixup_alpha", "drw_start"), "dkgm_balanced": ("generator",),
+         "dkgm_augment": ("generator", "dkgm_p"), "ros_dkgm": ("generator", "dkgm_p"),
+         "loss_dkgm": ("generator", "combine_loss", "dkgm_p"), "dkgm_deferred": ("generator", "drw_start"),
+         "evae_balanced": ("evae",), "kss_balanced": ("kss",)}
+
+
+def knob_value(name: str, args):
+    """A knob as the report shows it: the generators resolved to what the run used."""
+    if name == "generator":
+        return args.generator or SHIPPED[args.data]
+    if name == "evae":
+        return args.evae or f"fitted here ({args.evae_epochs} epochs)"
+    if name == "kss":
+        return f"h={args.kss_h}, steps={args.kss_steps}"
+    return getattr(args, name)
 
 
 def knobs_of(method: str, args) -> str:
     names = KNOBS.get(method, ())
     if method == "loss_dkgm":
         names = names + KNOBS.get(args.combine_loss, ())
-    return " ".join(f"{n}={getattr(args, n)}" for n in dict.fromkeys(names))
+    return " ".join(f"{n}={knob_value(n, args)}" for n in dict.fromkeys(names))
 
 
 def config_of(args) -> dict:
     """The settings a row depends on, but for its method's knobs; the report only pools rows
     whose settings match. The converged protocol (``--epochs``) adds its own."""
-    gen = args.generator or SHIPPED[args.data]
     cfg = dict(data=args.data, rho=args.rho, split_seed=args.split_seed, model=args.model, steps=args.steps,
-               batch=args.batch, generator=gen, evae=args.evae or f"fitted here ({args.evae_epochs} epochs)",
-               kss=f"h={args.kss_h}, steps={args.kss_steps}", dkgm_p=args.dkgm_p)
-    if getattr(args, "epochs", None):
-        del cfg["dkgm_p"]
+               batch=args.batch, generator=knob_value("generator", args), evae=knob_value("evae", args),
+               kss=knob_value("kss", args), dkgm_p=args.dkgm_p)
+    if getattr(args, "epochs", None):   # generators and dkgm_p are knobs of their methods here
+        for key in ("dkgm_p", "generator", "evae", "kss"):
+            del cfg[key]
         cfg.update(steps="", epochs=args.epochs, val_fraction=args.val_fraction, class_order=args.class_order,
                    profile=args.profile, channels=" ".join(map(str, args.channels or ())), lr=args.lr)
     return cfg
@@ -528,8 +541,9 @@ def protocol_lines(args, cfg, counts) -> list:
         lines += [f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}"]
     return lines + [
         f"- base aug: random shift <= {args.shift} px, the same for every method",
-        f"- DKGM generator: `{cfg['generator']}`, trained on: {trained_on(cfg['generator'])}",
-        f"- EVAE: {cfg['evae']}; kernel-smoothed score: {cfg['kss']}, built from the long-tailed split",
+        f"- DKGM generator: `{knob_value('generator', args)}`, trained on: {trained_on(knob_value('generator', args))}",
+        f"- EVAE: {knob_value('evae', args)}; kernel-smoothed score: {knob_value('kss', args)}, built from the "
+        "long-tailed split",
         f"- threads per run: {args.threads}; hardware: {hardware()}",
         "- mean ± std over the seeds listed; `vs best` is the paired difference in accuracy to the best "
         "non-generative method over shared seeds; `generate s` is time spent making synthetic images, "
