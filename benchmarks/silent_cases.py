@@ -235,7 +235,8 @@ def run(case, tmp: Path, gen: Path):
     signal.alarm(LIMIT_S)
     start = time.perf_counter()
     try:
-        return True, time.perf_counter() - start, case(tmp, gen)
+        text = case(tmp, gen)
+        return True, time.perf_counter() - start, text
     except Exception as exc:            # a failed check, a foreign error or the timeout
         return False, time.perf_counter() - start, f"FAIL ({type(exc).__name__}): {exc}"
     finally:
