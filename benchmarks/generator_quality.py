@@ -146,9 +146,9 @@ def neighbours(model, x, alpha, seed):
     g = torch.Generator().manual_seed(seed)
     s1, s12 = [], []
     for i in range(0, len(x), BATCH):
-        kde = model.kde(x[i:i + BATCH], alpha=alpha, generator=g)
-        s1.append(kde.clamp(-1, 1))
-        s12.append(model.debias(kde).clamp(-1, 1))   # as DKGM.sample: stage 2 sees the unclamped KDE output
+        a, b = model.sample(x[i:i + BATCH], alpha=alpha, generator=g, return_stages=True)
+        s1.append(a)
+        s12.append(b)
     return torch.cat(s1), torch.cat(s12)
 
 

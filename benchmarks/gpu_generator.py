@@ -102,11 +102,10 @@ def write_quality(model, train, evaluator, args, path: Path) -> None:
     x = to_model(x01)
     eps = noise_from_seeds([args.seed * 1_000_003 + i for i in range(len(x))], x.shape[1:], model.kernel,
                            x.device, x.dtype)
-    kde = model.kde(x, eps=eps)
+    s1, s12 = model.sample(x, eps=eps, return_stages=True)
     rows = [dict(what="real sources", **neighbour_quality(evaluator, x01, labels, ref)),
-            dict(what="stage 1", **neighbour_quality(evaluator, from_model(kde.clamp(-1, 1)), labels, ref)),
-            dict(what="stage 1+2", **neighbour_quality(evaluator, from_model(model.debias(kde).clamp(-1, 1)),
-                                                       labels, ref))]
+            dict(what="stage 1", **neighbour_quality(evaluator, from_model(s1), labels, ref)),
+            dict(what="stage 1+2", **neighbour_quality(evaluator, from_model(s12), labels, ref))]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

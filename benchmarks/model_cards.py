@@ -32,8 +32,8 @@ def card(name: str, n: int, out: Path, seed: int = 0) -> str:
     rows = [f"| real | - | {sharpness(from_model(real)):.4f} | - |"]
     with torch.inference_mode():
         for alpha in ALPHAS:
-            kde = model.kde(real, alpha=alpha, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
-            s2 = model.debias(kde).clamp(-1, 1)
+            kde, s2 = model.sample(real, alpha=alpha, generator=torch.Generator().manual_seed(seed),
+                                   return_stages=True)
             rows.append(f"| stage 1 (KDE) | {alpha} | {sharpness(from_model(kde)):.4f} | "
                         f"{(kde - real).pow(2).mean().item() / 4:.4f} |")
             rows.append(f"| stage 1 + 2 | {alpha} | {sharpness(from_model(s2)):.4f} | "

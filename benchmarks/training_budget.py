@@ -84,8 +84,8 @@ def append(path: Path, row: dict) -> None:
 def pipeline(model: DKGM, x: torch.Tensor, seed: int):
     """(stage 1, stage 1+2) outputs for sources ``x`` in [-1, 1], with fixed per-image noise."""
     seeds = [seed * 1_000_003 + i for i in range(len(x))]
-    kde = model.kde(x, eps=noise_from_seeds(seeds, x.shape[1:], model.kernel, x.device, x.dtype))
-    return kde.clamp(-1, 1), model.debias(kde).clamp(-1, 1)
+    eps = noise_from_seeds(seeds, x.shape[1:], model.kernel, x.device, x.dtype)
+    return model.sample(x, eps=eps, return_stages=True)
 
 
 def plot(csv_path: Path, png: Path) -> None:

@@ -171,8 +171,7 @@ class DKGM(nn.Module):
         """The rows of a training sample grid: the real images, their stage-1 KDE neighbours and
         those debiased by stage 2; while training stage 2 also the images blurred as stage 2
         learns from them, and stage 2 on those."""
-        kde = self.kde(x, generator=generator)
-        rows = [x, kde.clamp(-1, 1), self.debias(kde).clamp(-1, 1)]
+        rows = [x, *self.sample(x, generator=generator, return_stages=True)]
         if stage == 2:
             blurred = gaussian_blur(x, sum(self.b_range) / 2)
             rows += [blurred, self.debias(blurred).clamp(-1, 1)]
@@ -181,10 +180,13 @@ class DKGM(nn.Module):
     # -- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, x: torch.Tensor, alpha: float | None = None, steps: int | None = None,
-               generator=None, eps=None) -> torch.Tensor:
+               generator=None, eps=None, return_stages: bool = False):
         """Algorithm 2: a debiased KDE neighbour of each image, clamped to ``[-1, 1]``.
-        ``steps=0`` runs only ``u(x_kde, 0)``."""
-        return self.debias(self.kde(x, alpha, generator, eps), steps).clamp(-1, 1)
+        ``steps=0`` runs only ``u(x_kde, 0)``. ``return_stages=True`` gives ``(stage 1, stage 1+2)``,
+        both clamped; stage 2 sees the unclamped stage-1 output either way."""
+        kde = self.kde(x, alpha, generator, eps)
+        out = self.debias(kde, steps).clamp(-1, 1)
+        return (kde.clamp(-1, 1), out) if return_stages else out
 
     @torch.inference_mode()
     def neighbours_from_seeds(self, x: torch.Tensor, seeds, *, labels=None, alpha: float | None = None,

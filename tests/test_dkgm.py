@@ -132,3 +132,12 @@ def test_stage2_training_debiases_blurred_data():
     assert mse_out < 0.5 * mse_in, (mse_in, mse_out)
     to01 = lambda z: (z + 1) / 2
     assert sharpness(to01(restored)) > 2 * sharpness(to01(blurred))
+
+
+def test_sample_return_stages_matches_the_two_stages(micro):
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    s1, s12 = micro.sample(x, generator=torch.Generator().manual_seed(0), return_stages=True)
+    with torch.inference_mode():
+        kde = micro.kde(x, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(s1, kde.clamp(-1, 1)) and torch.equal(s12, micro.debias(kde).clamp(-1, 1))
+    assert torch.equal(s12, micro.sample(x, generator=torch.Generator().manual_seed(0)))
