@@ -56,6 +56,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ._validate import check_int
 from .checkpoint import register_kind
 from .dkgm import check_images, check_knobs
 from .errors import DataError, DKGMError
@@ -65,12 +66,6 @@ from .trainer import Trainer
 from .vae_nets import WIDTHS, Decoder, Encoder, from32, to32
 
 B_M = 100.0 ** (-2.0 / 9.0)   # b(100), the paper's "step size" (section 4)
-
-
-def _check_int(name, v, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
-        raise DKGMError(f"{name} must be an integer in [{lo}, {hi}], got {v!r}")
-    return int(v)
 
 
 def _check_pos(name, v):
@@ -87,11 +82,11 @@ class _LatentAutoencoder(nn.Module):
     def __init__(self, channels: int = 1, image_size=28, d_z: int = 64, widths=WIDTHS,
                  alpha: float = 1.0, info: dict | None = None):
         super().__init__()
-        self.channels = _check_int("channels", channels, 1, 64)
-        self.d_z = _check_int("d_z", d_z, 1, 4096)
+        self.channels = check_int("channels", channels, 1, 64)
+        self.d_z = check_int("d_z", d_z, 1, 4096)
         if not isinstance(widths, (tuple, list)) or len(widths) != 4:
             raise DKGMError(f"widths must be 4 channel counts (the paper's (32, 64, 128, 256)), got {widths!r}")
-        self.widths = tuple(_check_int("widths[i]", w, 1, 4096) for w in widths)
+        self.widths = tuple(check_int("widths[i]", w, 1, 4096) for w in widths)
         size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
         if len(size) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                      and 1 <= v <= 8192 for v in size):
@@ -255,7 +250,7 @@ class EVAE(_LatentAutoencoder):
                  b_m: float = B_M, widths=WIDTHS, alpha: float = 1.0, info: dict | None = None):
         super().__init__(channels, image_size, d_z, widths, alpha, info)
         self.B = _check_pos("B", B)
-        self.M = _check_int("M (number of training images)", M, 1, 2 ** 62)
+        self.M = check_int("M (number of training images)", M, 1, 2 ** 62)
         self.b_m = _check_pos("b_m", b_m)
 
     def config(self) -> dict:
@@ -333,8 +328,8 @@ def fit(model: _LatentAutoencoder, images_uint8, epochs: int = 1, batch_size: in
     the last weights); ``grad_clip`` is off by default, as BCE summed over pixels makes large
     gradients. Returns the mean loss of each epoch and records the run in ``model.info["training"]``."""
     images = _as_uint8_images(images_uint8)
-    epochs = _check_int("epochs", epochs, 0, 10 ** 6)
-    batch_size = _check_int("batch_size", batch_size, 1, 10 ** 6)
+    epochs = check_int("epochs", epochs, 0, 10 ** 6)
+    batch_size = check_int("batch_size", batch_size, 1, 10 ** 6)
     lr = _check_pos("lr", lr)
     if images.shape[1] != model.channels:
         raise DataError(f"images have {images.shape[1]} channels, the model takes {model.channels}")
@@ -342,7 +337,7 @@ def fit(model: _LatentAutoencoder, images_uint8, epochs: int = 1, batch_size: in
         model.M = len(images)
     steps = max(1, len(images) // batch_size)
     if max_batches is not None:
-        steps = min(steps, _check_int("max_batches", max_batches, 1, 10 ** 9))
+        steps = min(steps, check_int("max_batches", max_batches, 1, 10 ** 9))
     history, start = [], time.perf_counter()
     if epochs:
         trainer = _train(model, images, epochs * steps, batch_size=batch_size, lr=lr, seed=seed,
