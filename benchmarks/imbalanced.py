@@ -605,9 +605,11 @@ def plot_curves(path: Path, cfg: dict, png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    key = ";".join(f"{k}={v}" for k, v in cfg.items())
+    def matches(config: str) -> bool:   # rows written with more settings than cfg names still match
+        saved = dict(item.split("=", 1) for item in config.split(";") if "=" in item)
+        return all(saved.get(k) == str(v) for k, v in cfg.items())
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["config"] == key]
+        rows = [r for r in csv.DictReader(f) if matches(r["config"])]
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
