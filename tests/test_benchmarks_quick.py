@@ -154,3 +154,9 @@ def test_training_budget_rescore_reads_snapshots(tmp_path):
     first = (tmp_path / "budget_tiny.csv").read_text()
     assert mod.main(["--quick", "--rescore", "--evaluator", evaluator, "--out", str(tmp_path)]) == 0
     assert (tmp_path / "budget_tiny.csv").read_text() == first     # same snapshots, same yardstick: same scores
+
+
+def test_trainer_overhead_quick(tmp_path):
+    assert load_benchmark("trainer_overhead").main(["--quick", "--out", str(tmp_path / "t.md")]) == 0
+    rows = [r for r in (tmp_path / "t.md").read_text().splitlines() if r.startswith("| 1 ") or r.startswith("| 2 ")]
+    assert len(rows) == 2 and all(float(r.split("|")[5]) > 0 for r in rows)
