@@ -74,7 +74,7 @@ from tqdm import tqdm
 
 from dkgm_aug import BalancedDKGMDataset, DKGMAugment
 from dkgm_aug.nn import evaluating
-from dkgm_aug.data import PROFILES
+from dkgm_aug.data import PROFILES, stratified_holdout
 from common import SHIPPED, cpu_name, long_tailed_split, tail_classes
 
 METHODS = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw", "ros", "smote", "randaug",
@@ -153,13 +153,8 @@ def validation_split(lt, fraction: float, seed: int):
     when ``fraction > 0``, none from a class of one), seeded; ``val`` is None when fraction is 0."""
     if fraction <= 0:
         return lt, None
-    g = torch.Generator().manual_seed(seed + 7919)
-    held = torch.zeros(len(lt.targets), dtype=torch.bool)
-    for c in torch.unique(lt.targets).tolist():
-        idx = torch.nonzero(lt.targets == c).flatten()
-        n = min(len(idx) - 1, max(1, round(fraction * len(idx))))
-        held[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
-    return lt.subset(torch.nonzero(~held).flatten()), lt.subset(torch.nonzero(held).flatten())
+    kept, held = stratified_holdout(lt.targets, fraction, seed + 7919, at_least_one=True)
+    return lt.subset(kept), lt.subset(held)
 
 
 def splits(args):

@@ -21,21 +21,11 @@ from pathlib import Path
 
 import torch
 
-from dkgm_aug.data import load_dataset
+from dkgm_aug.data import load_dataset, stratified_holdout
 from dkgm_aug.features import accuracy, save_feature_net, train_feature_net
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLIP = {"fashion-mnist": True, "digits": False}
-
-
-def stratified_split(targets: torch.Tensor, fraction: float, seed: int):
-    """``(train indices, validation indices)``: ``fraction`` of each class held out, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    held = torch.zeros(len(targets), dtype=torch.bool)
-    for c in torch.unique(targets).tolist():
-        idx = torch.nonzero(targets == c).flatten()
-        held[idx[torch.randperm(len(idx), generator=g)[: round(fraction * len(idx))]]] = True
-    return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
 
 
 def main(argv=None) -> int:
@@ -57,7 +47,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     train, test = load_dataset(args.data, split="train"), load_dataset(args.data, split="test")
-    fit_idx, val_idx = stratified_split(train.targets, 0.1, args.seed)
+    fit_idx, val_idx = stratified_holdout(train.targets, 0.1, args.seed)
     fit, val = train.subset(fit_idx), train.subset(val_idx)
     if args.quick:
         fit, val, test = (d.subset(torch.arange(min(len(d), 256))) for d in (fit, val, test))

@@ -182,6 +182,22 @@ def load_dataset(name_or_path, split: str | None = None, **kwargs) -> ImageDatas
 PROFILES = ("exp", "step")
 
 
+def stratified_holdout(targets, fraction: float, seed: int, at_least_one: bool = False):
+    """``(kept indices, held-out indices)``: ``round(fraction * n_c)`` items of each class ``c`` held
+    out, chosen by a seeded permutation; with ``at_least_one``, at least one per class and never a
+    class's last item."""
+    targets = torch.as_tensor(targets).flatten()
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(targets), dtype=torch.bool)
+    for c in torch.unique(targets).tolist():
+        idx = torch.nonzero(targets == c).flatten()
+        n = round(fraction * len(idx))
+        if at_least_one:
+            n = min(len(idx) - 1, max(1, n))
+        held[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
+    return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
+
+
 def class_order(classes, order) -> list:
     """Classes from head to tail: ``None``/``"natural"`` (sorted), ``"reversed"``, ``"perm:<seed>"``
     (a seeded permutation), or an explicit list holding every class once."""

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write
 from .errors import CheckpointError, DataError
 from .images import to_unit_float
+from .metrics import frechet_distance, sharpness
 from .nn import evaluating
 
 METADATA_KEY = "dkgm_aug_featurenet"
@@ -202,7 +203,6 @@ def neighbour_quality(net: FeatureNet, images01: torch.Tensor, labels: torch.Ten
     """The yardstick's scores of images ``[N, C, H, W]`` in [0, 1] made from sources with
     ``labels``: sharpness, Frechet distance to ``ref_features`` (real images' features from the
     same ``net``), and label preservation (share that ``net`` assigns to their source's class)."""
-    from .metrics import frechet_distance, sharpness
     f = features(net, images01)
     kept = (net.head(f).argmax(1) == torch.as_tensor(labels)).double().mean()
     return dict(sharpness=sharpness(images01), frechet_distance=frechet_distance(f, ref_features),
