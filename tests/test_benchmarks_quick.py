@@ -160,3 +160,8 @@ def test_trainer_overhead_quick(tmp_path):
     assert load_benchmark("trainer_overhead").main(["--quick", "--out", str(tmp_path / "t.md")]) == 0
     rows = [r for r in (tmp_path / "t.md").read_text().splitlines() if r.startswith("| 1 ") or r.startswith("| 2 ")]
     assert len(rows) == 2 and all(float(r.split("|")[5]) > 0 for r in rows)
+
+
+def test_classifier_speed_quick(tmp_path):
+    assert load_benchmark("classifier_speed").main(["--quick", "--out", str(tmp_path / "c.md")]) == 0
+    assert (tmp_path / "c.md").read_text().count("| resnet10t |") == 2
