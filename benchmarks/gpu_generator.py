@@ -32,7 +32,8 @@ from dkgm_aug.label_filter import load_evaluator
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="a shipped dataset name or an .npz (e.g. a long-tailed split from imbalanced.py --export-split)")
     p.add_argument("--preset", default="small")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (larger batch than the paper's 3e-4 setting)")
@@ -40,14 +41,16 @@ def parse(argv):
     p.add_argument("--stage2-minutes", type=float, default=3.0)
     p.add_argument("--chunk", type=int, default=200, help="steps between time checks (and state saves)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--evaluator", default=None, help="default: <data>-evaluator")
+    p.add_argument("--evaluator", default=None, help="default: <data>-evaluator (required for an .npz)")
+    p.add_argument("--name", default=None, help="checkpoint stem (default: <data>-<preset>-gpu)")
     p.add_argument("--n", type=int, default=1000, help="training images for calibration and scoring")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="digits, tiny, a few steps: the test's dry run")
+    p.add_argument("--quick", action="store_true", help="digits (or the given .npz), tiny, a few steps: the test's dry run")
     p.add_argument("--out", default="runs/gpu_generator")
     args = p.parse_args(argv)
     if args.quick:
-        args.data, args.preset, args.batch_size, args.chunk, args.n = "digits", "tiny", 32, 2, 64
+        args.preset, args.batch_size, args.chunk, args.n = "tiny", 32, 2, 64
+        args.data = args.data if args.data.endswith(".npz") else "digits"
         args.stage1_minutes = args.stage2_minutes = 0.001
     return args
 
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train = load_dataset(args.data, split="train")
+    npz = args.data.endswith(".npz")
+    train = load_dataset(args.data, **({} if npz else dict(split="train")))
     torch.manual_seed(args.seed)
     model = DKGM.from_preset(args.preset, image_size=tuple(train.images.shape[-2:]), channels=train.images.shape[1])
     steps, start = {}, time.time()
@@ -77,17 +81,18 @@ def main(argv=None) -> int:
         steps[stage] = train_for(trainer, stage, minutes, args.chunk)
         print(f"stage {stage}: {steps[stage]} steps x {args.batch_size} in {trainer.elapsed.get(stage, 0):.0f} s",
               flush=True)
-    model = model.cpu().float().eval()
+    model = model.float().eval()
     evaluator = load_evaluator(args.evaluator or f"{args.data}-evaluator")
-    record = calibrate(model, train, evaluator, n=args.n, seed=args.seed)
-    name = out / f"{args.data}-{args.preset}-gpu.safetensors"
+    record = calibrate(model, train, evaluator, n=args.n, seed=args.seed)    # on --device: the grid is 35 samplings
+    write_quality(model, train, evaluator, args, out / "quality.csv")
+    model = model.cpu()
+    name = out / f"{args.name or Path(args.data).stem + '-' + args.preset + '-gpu'}.safetensors"
     model.save(name, training=dict(
         command="python benchmarks/gpu_generator.py " + " ".join(map(shlex.quote, argv)),
-        data=train.description, data_spec=dict(data=args.data, split="train"), stage1_steps=steps[1],
+        data=train.description, data_spec=dict(data=args.data, **({} if npz else dict(split="train"))), stage1_steps=steps[1],
         stage2_steps=steps[2], batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=str(args.device),
         hardware=torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
-        wall_time_s=round(time.time() - start, 1), torch_version=torch.__version__))
-    write_quality(model, train, evaluator, args, out / "quality.csv")
+        wall_time_s=round(time.time() - start, 1), torch_version=torch.__version__), classes=list(train.classes))
     print(f"wrote {name}: alpha {record['alpha']:g}, steps {record['steps']} (calibrated); scores in quality.csv")
     return 0
 
@@ -99,10 +104,10 @@ def write_quality(model, train, evaluator, args, path: Path) -> None:
     idx = torch.randperm(len(train), generator=g)[: args.n]
     x01, labels = train.images[idx].float() / 255, train.targets[idx]
     ref = features(evaluator, train.images[torch.randperm(len(train), generator=g)[: args.n]].float() / 255)
-    x = to_model(x01)
+    x = to_model(x01).to(next(model.parameters()).device)
     eps = noise_from_seeds([args.seed * 1_000_003 + i for i in range(len(x))], x.shape[1:], model.kernel,
                            x.device, x.dtype)
-    s1, s12 = model.sample(x, eps=eps, return_stages=True)
+    s1, s12 = (s.cpu() for s in model.sample(x, eps=eps, return_stages=True))
     rows = [dict(what="real sources", **neighbour_quality(evaluator, x01, labels, ref)),
             dict(what="stage 1", **neighbour_quality(evaluator, from_model(s1), labels, ref)),
             dict(what="stage 1+2", **neighbour_quality(evaluator, from_model(s12), labels, ref))]

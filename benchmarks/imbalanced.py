@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dkgm_aug import BalancedDKGMDataset, DKGMAugment
+from dkgm_aug import BalancedDKGMDataset, DKGMAugment, LabelFilter
 from dkgm_aug.nn import evaluating
 from dkgm_aug.data import PROFILES, stratified_holdout
 from common import SHIPPED, cpu_name, long_tailed_split, tail_classes
@@ -235,6 +235,18 @@ def generator_for(method: str, args, lt, seed: int):
     return model
 
 
+def label_filter(args):
+    """A fresh LabelFilter (its own rejection counters) for one run, or None without --label-filter."""
+    return LabelFilter(args.label_filter) if args.label_filter else None
+
+
+def rejection_share(*filters) -> str:
+    """Share of drawn neighbours the runs' label filters rejected ('' without a filter)."""
+    filters = [f for f in filters if f is not None]
+    drawn = sum(sum(f.drawn.values()) for f in filters)
+    return f"{sum(sum(f.rejected.values()) for f in filters) / drawn:.4f}" if drawn else ""
+
+
 def build_pool(method: str, args, lt, seed: int) -> Pool:
     images, targets = lt.images, lt.targets
     counts = torch.bincount(targets, minlength=10)
@@ -254,7 +266,7 @@ def build_pool(method: str, args, lt, seed: int) -> Pool:
     if method in BALANCED:
         return Pool(images, targets, balanced=BalancedDKGMDataset(
             lt, generator=generator_for(method, args, lt, seed), sampling_strategy="auto", seed=seed,
-            cache="memory", progress=False, device=args.device))
+            cache="memory", progress=False, device=args.device, label_filter=label_filter(args)))
     return Pool(images, targets)
 
 
@@ -284,8 +296,8 @@ class Augmenter:
         from torchvision.transforms import v2
         self.shift, self.minority = args.shift, counts < counts.max()   # "minority": every class but the largest
         self.randaug = v2.RandAugment() if method == "randaug" else None
-        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed, device=args.device)
-                     if method in AUGMENTED else None)
+        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed, device=args.device,
+                                 label_filter=label_filter(args)) if method in AUGMENTED else None)
         self.seconds, self.n_changed = 0.0, 0
 
     def __call__(self, x, y, g):
@@ -352,20 +364,31 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
     pred = predict(model, test.images, size)     # the test split, read once
     res = metrics(test.targets.numpy(), pred.numpy(), 10, tail_classes(counts.tolist()))
     return dict(method=method, seed=seed, **config_of(args), n_train=len(lt), n_pool=len(pool),
-                n_generated=pool.n_generated + augment.n_changed, final_loss=round(loss.item(), 4),
+                n_generated=pool.n_generated + augment.n_changed, rejected=rejection_share(
+                    pool.balanced and pool.balanced.label_filter, augment.dkgm and augment.dkgm.label_filter),
+                final_loss=round(loss.item(), 4),
                 train_s=round(train_s, 2), setup_s=round(setup_s, 2), generate_s=round(gen_s, 2),
                 knobs=knobs_of(method, args), chosen_epoch=best[1] if args.epochs else "", val_bacc=round(best[0], 5) if args.epochs else "", **res)
 
 
-def append_curves(path: Path, history: list, config: dict) -> None:
-    fields = ["method", "seed", "epoch", "train_loss", "val_bacc", "config"]
-    new = not path.exists()
+def locked_append(path: Path, fields: list, rows: list) -> None:
+    """Append ``rows`` to the CSV at ``path`` (the header first when the file is empty) under an
+    exclusive lock, so parallel runs sharing one file never write two headers or interleave."""
+    import fcntl
+    line = io.StringIO()
+    w = csv.DictWriter(line, fieldnames=fields, restval="")
+    w.writerows(rows)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        key = ";".join(f"{k}={v}" for k, v in config.items())
-        w.writerows(dict(h, config=key) for h in history)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        if os.fstat(f.fileno()).st_size == 0:     # checked under the lock: another run may have just written
+            csv.DictWriter(f, fieldnames=fields).writeheader()
+        f.write(line.getvalue())
+
+
+def append_curves(path: Path, history: list, config: dict) -> None:
+    key = ";".join(f"{k}={v}" for k, v in config.items())
+    locked_append(path, ["method", "seed", "epoch", "train_loss", "val_bacc", "config"],
+                  [dict(h, config=key) for h in history])
 
 
 # Each method's knobs: variants of one method are rows with other values; the converged report
@@ -375,6 +398,8 @@ KNOBS = {"drw": ("drw_start",), "ldam_drw": ("drw_start", "ldam_margin", "ldam_s
          "dkgm_augment": ("generator", "dkgm_p"), "ros_dkgm": ("generator", "dkgm_p"),
          "loss_dkgm": ("generator", "combine_loss", "dkgm_p"), "dkgm_deferred": ("generator", "drw_start"),
          "evae_balanced": ("evae",), "kss_balanced": ("kss",)}
+for _m in GENERATIVE:      # a label filter is a knob of every generative method (shown only when set)
+    KNOBS[_m] += ("label_filter",)
 
 
 def knob_value(name: str, args):
@@ -383,6 +408,8 @@ def knob_value(name: str, args):
         return args.generator or SHIPPED[args.data]
     if name == "evae":
         return args.evae or f"fitted here ({args.evae_epochs} epochs)"
+    if name == "label_filter":
+        return args.label_filter or "none"
     if name == "kss":
         return f"h={args.kss_h}, steps={args.kss_steps}"
     return getattr(args, name)
@@ -392,7 +419,8 @@ def knobs_of(method: str, args) -> str:
     names = KNOBS.get(method, ())
     if method == "loss_dkgm":
         names = names + KNOBS.get(args.combine_loss, ())
-    return " ".join(f"{n}={knob_value(n, args)}" for n in dict.fromkeys(names))
+    return " ".join(f"{n}={knob_value(n, args)}" for n in dict.fromkeys(names)
+                    if n != "label_filter" or args.label_filter)
 
 
 def config_of(args) -> dict:
@@ -413,15 +441,14 @@ def config_of(args) -> dict:
 FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss", "dkgm_p",
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
           "macro_f1", "tail_recall", "class_recall", "epochs", "val_fraction", "class_order", "profile", "channels",
-          "lr", "knobs", "chosen_epoch", "val_bacc"]
+          "lr", "knobs", "chosen_epoch", "val_bacc", "rejected"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
 
 
 def append_row(path: Path, row: dict) -> None:
     """One line per finished run, written in one call, so a crash loses at most the run in flight
     and two processes can share the file."""
-    new = not path.exists()
-    if not new:
+    if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             old = list(reader)
@@ -432,13 +459,7 @@ def append_row(path: Path, row: dict) -> None:
                 w.writeheader()
                 w.writerows(old)
             os.replace(tmp, path)
-    line = io.StringIO()
-    w = csv.DictWriter(line, fieldnames=FIELDS, restval="")
-    if new:
-        w.writeheader()
-    w.writerow(row)
-    with open(path, "a", newline="") as f:
-        f.write(line.getvalue())
+    locked_append(path, FIELDS, [row])
 
 
 def read_rows(path: Path, config: dict) -> list:
@@ -494,8 +515,10 @@ def summarise(rows: list) -> dict:
     return out
 
 
-def hardware() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, CPU only"
+def hardware(device="cpu") -> str:
+    where = (f"classifier on {torch.cuda.get_device_name()}" if str(device).startswith("cuda")
+             and torch.cuda.is_available() else "CPU only")
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__}, {where}"
 
 
 def trained_on(spec: str) -> str:
@@ -539,13 +562,37 @@ def protocol_lines(args, cfg, counts) -> list:
         f"- DKGM generator: `{knob_value('generator', args)}`, trained on: {trained_on(knob_value('generator', args))}",
         f"- EVAE: {knob_value('evae', args)}; kernel-smoothed score: {knob_value('kss', args)}, built from the "
         "long-tailed split",
-        f"- threads per run: {args.threads}; hardware: {hardware()}",
+        f"- threads per run: {args.threads}; hardware: {hardware(args.device)}",
         "- mean ± std over the seeds listed; `vs best` is the paired difference in accuracy to the best "
         "non-generative method over shared seeds; `generate s` is time spent making synthetic images, "
         "`train s` the rest of the training loop"]
 
 
+def variants_table(rows: list) -> list:
+    """Every knob variant of the methods that tried more than one, chosen or not (the chosen one
+    is the best mean validation balanced accuracy); test accuracy is shown for the record only."""
+    variants = {}
+    for r in rows:
+        variants.setdefault(r["method"], {}).setdefault(r["knobs"], []).append(r)
+    lines = ["", "Knob variants tried (per method, the best `val bacc` is the row above; test accuracy shown "
+             "for the record, never used to choose):", "",
+             "| method | knobs | val bacc | accuracy | tail recall | rejected by the filter | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for m, by_knobs in variants.items():
+        if len(by_knobs) < 2:
+            continue
+        for knobs, rs in by_knobs.items():
+            val = [r["val_bacc"] for r in rs if r["val_bacc"] is not None]
+            rej = [float(r["rejected"]) for r in rs if r.get("rejected")]
+            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs]):.3f}"
+            lines.append(f"| {m} | {knobs or '-'} | {f'{np.mean(val):.3f}' if val else '-'} | {ms('accuracy')} | "
+                         f"{ms('tail_recall')} | {f'{np.mean(rej):.3f}' if rej else '-'} | "
+                         f"{sorted(r['seed'] for r in rs)} |")
+    return lines if len(lines) > 5 else []
+
+
 def write_outputs(rows: list, args, out: Path) -> None:
+    all_rows = rows
     rows, chosen = select_knobs(rows)
     s = summarise(rows)
     cfg = config_of(args)
@@ -568,7 +615,7 @@ def write_outputs(rows: list, args, out: Path) -> None:
                      f"{f('tail_recall')} | {knobs or '-'}{f' (of {tried})' if tried > 1 else ''} | "
                      f"{f'{val:.3f}' if val >= 0 else '-'} | {'/'.join(ep) or '-'} | {v['train_s'][0]:.0f} | "
                      f"{v['generate_s'][0]:.0f} | {v['seeds']} |")
-    lines += class_recall_table(rows, s, counts)
+    lines += class_recall_table(rows, s, counts) + variants_table(all_rows)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(s, args, out)
     if (out / "curves.csv").exists():
@@ -644,6 +691,9 @@ def main(argv=None) -> int:
     p.add_argument("--evae-epochs", type=int, default=4)
     p.add_argument("--evae-dz", type=int, default=32)
     p.add_argument("--dkgm-p", type=float, default=0.5, help="DKGMAugment's p in dkgm_augment and ros_dkgm")
+    p.add_argument("--label-filter", metavar="EVALUATOR", default=None,
+                   help="generative methods: reject neighbours this classifier (a shipped evaluator name or a "
+                        "FeatureNet file) puts in another class; one that saw the full training split is an upper bound")
     p.add_argument("--kss-h", type=float, default=1.0, help="kernel-smoothed score bandwidth")
     p.add_argument("--kss-steps", type=int, default=10, help="kernel-smoothed score reverse steps")
     p.add_argument("--epochs", type=int, default=None,

@@ -33,7 +33,7 @@ STEPS = (0, 1, 2, 3, 4, 6, 8)
 def score_grid(model, images01: torch.Tensor, labels: torch.Tensor, evaluator, alphas=ALPHAS, steps=STEPS,
                seed: int = 0) -> list:
     """One dict per ``(alpha, steps)``: sharpness and label preservation of the neighbours of ``images01``."""
-    x = to_model(images01)
+    x = to_model(images01).to(next(model.parameters()).device)    # the grid runs where the model is
     seeds = [seed * 1_000_003 + i for i in range(len(x))]
     eps = noise_from_seeds(seeds, x.shape[1:], model.kernel, x.device, x.dtype)
     ref = features(evaluator, images01)
@@ -41,7 +41,7 @@ def score_grid(model, images01: torch.Tensor, labels: torch.Tensor, evaluator, a
     for alpha in alphas:
         kde = model.kde(x, alpha=alpha, eps=eps)
         for n in steps:
-            q = neighbour_quality(evaluator, from_model(model.debias(kde, n).clamp(-1, 1)), labels, ref)
+            q = neighbour_quality(evaluator, from_model(model.debias(kde, n).clamp(-1, 1)).cpu(), labels, ref)
             rows.append(dict(alpha=alpha, steps=n, **q))
     return rows
 

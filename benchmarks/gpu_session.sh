@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Everything a lent GPU is for in issues 11 and 14, in one call within a time budget:
+#   1. the long-tailed split's fit part (no validation images) exported as .npz;
+#   2. in the background, on the GPU: a generator trained on that split (it goes first: the
+#      DKGM rows need it), a larger Fashion-MNIST generator and a digits generator
+#      (benchmarks/gpu_generator.py: time-budgeted, calibrated, scored with the evaluator);
+#   3. the converged benchmark's non-generative rows, PARALLEL runs at a time sharing the GPU;
+#   4. once the long-tailed generator exists, the DKGM rows (dkgm_balanced, ros_dkgm), without
+#      and with the label filter;
+#   5. at the deadline, whatever is still running is stopped (its row is lost; a rerun with
+#      --resume skips the finished ones), the report is rebuilt, and everything is packed into
+#      $OUT/session.tar.gz (the device tool brings back at most 8 files).
+#
+#   OUT=$OUT bash benchmarks/gpu_session.sh                  # on the device machine
+#   QUICK=1 DEVICE=cpu OUT=/tmp/gs bash benchmarks/gpu_session.sh   # the CPU dry run (digits, 1 epoch)
+#
+# Settings (environment): DEVICE (cuda), MINUTES (7.5: the whole budget), LAUNCH_MINUTES (6: no
+# run starts after this), PARALLEL (6), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
+# of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
+DEVICE=${DEVICE:-cuda}
+MINUTES=${MINUTES:-7.5}
+LAUNCH_MINUTES=${LAUNCH_MINUTES:-6}
+PARALLEL=${PARALLEL:-6}
+EPOCHS=${EPOCHS:-30}
+SEEDS=${SEEDS:-"0 1 2"}
+PRESET=${PRESET:-small}
+OUT=${OUT:-runs/gpu_session}
+WORK=${WORK:-/tmp/gpu_session}
+START=$(date +%s)
+seconds() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 }'; }
+END=$((START + $(seconds "$MINUTES")))
+LAUNCH_END=$((START + $(seconds "$LAUNCH_MINUTES")))
+mkdir -p "$OUT" "$WORK"
+export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+log() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$WORK/session.log"; }
+
+if [ -n "${QUICK:-}" ]; then
+    DATA=digits; GQ=(--quick); LT1=${LT1:-0.01}; LT2=${LT2:-0.01}; FM1=${FM1:-0.01}; FM2=${FM2:-0.01}
+    ROWS=(--quick --epochs 1 --device "$DEVICE" --out "$WORK/lt")
+    SPLIT=(--quick --epochs 1)
+    FM_DATA=digits
+else
+    DATA=fashion-mnist; GQ=(); LT1=${LT1:-1.5}; LT2=${LT2:-1.0}; FM1=${FM1:-3.0}; FM2=${FM2:-1.5}
+    ROWS=(--data fashion-mnist --rho 100 --epochs "$EPOCHS" --batch 128 --channels 32 64 128 256
+          --val-fraction 0.1 --device "$DEVICE" --threads 2 --out "$WORK/lt")
+    SPLIT=(--data fashion-mnist --rho 100 --epochs "$EPOCHS" --val-fraction 0.1)
+    FM_DATA=fashion-mnist
+fi
+log "device $DEVICE; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
+
+# 1. the split the classifiers fit on, and nothing else
+$PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
+
+# 2. generators, in the background
+gen() {   # gen NAME ARGS...: one gpu_generator.py run, logged
+    local name=$1; shift
+    $PY benchmarks/gpu_generator.py "${GQ[@]}" --device "$DEVICE" --preset "$PRESET" --out "$WORK/$name" "$@" \
+        > "$WORK/$name.log" 2>&1 && log "generator $name done" || log "generator $name FAILED"
+}
+gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" \
+    --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
+LT_PID=$!
+gen fm_gen --data "$FM_DATA" --stage1-minutes "$FM1" --stage2-minutes "$FM2" &
+gen digits_gen --data digits --preset tiny --batch-size 256 --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
+
+# 3. + 4. the rows: one imbalanced.py process per (method, knobs, seed), launched until LAUNCH_END
+rows() {   # rows FILE: run its lines, PARALLEL at a time; a line not started by LAUNCH_END is skipped
+    xargs -P "$PARALLEL" -I{} sh -c '[ "$(date +%s)" -lt "$1" ] && { {} >> "$2/rows.log" 2>&1 || echo "FAILED: {}" >> "$2/rows.log"; }' \
+        _ "$LAUNCH_END" "$WORK" < "$1"
+}
+: > "$WORK/plain.txt"
+for group in "ros balanced_softmax ldam_drw ce" "cb_loss drw randaug mixup smote mixup_drw"; do
+    for seed in $SEEDS; do
+        for m in $group; do
+            echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --methods $m --seeds $seed" >> "$WORK/plain.txt"
+        done
+    done
+done
+rows "$WORK/plain.txt" &
+PLAIN_PID=$!
+wait "$LT_PID"
+GEN=$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)
+if [ -n "$GEN" ]; then
+    : > "$WORK/dkgm.txt"
+    for seed in $SEEDS; do
+        for filter in "" "--label-filter $DATA-evaluator"; do
+            for m in dkgm_balanced ros_dkgm; do
+                echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
+            done
+        done
+    done
+    log "DKGM rows start with $GEN"
+    rows "$WORK/dkgm.txt" &
+fi
+
+# 5. the deadline, the report, the pack
+while [ "$(date +%s)" -lt "$END" ] && [ -n "$(jobs -pr)" ]; do sleep 5; done
+log "deadline or all done; stopping what is left: $(jobs -pr | wc -l) job(s)"
+pkill -TERM -f benchmarks/imbalanced.py; pkill -TERM -f benchmarks/gpu_generator.py; sleep 3
+pkill -KILL -f benchmarks/imbalanced.py; pkill -KILL -f benchmarks/gpu_generator.py
+$PY benchmarks/imbalanced.py "${ROWS[@]}" ${GEN:+--generator "$GEN"} --report-only --methods ros balanced_softmax ldam_drw ce cb_loss drw \
+    randaug mixup smote mixup_drw dkgm_balanced ros_dkgm --seeds $SEEDS > "$WORK/report.log" 2>&1 || log "report failed"
+log "rows finished: $(($(wc -l < "$WORK/lt/runs.csv" 2>/dev/null || echo 1) - 1))"
+cp "$WORK/session.log" "$OUT/session.log"
+tar -czf "$OUT/session.tar.gz" -C "$WORK" --exclude='work' --exclude='*.npz' . && log "packed $(du -h "$OUT/session.tar.gz" | cut -f1)"
+cp "$WORK/session.log" "$OUT/session.log"
