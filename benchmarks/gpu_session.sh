@@ -15,7 +15,7 @@
 #   QUICK=1 DEVICE=cpu OUT=/tmp/gs bash benchmarks/gpu_session.sh   # the CPU dry run (digits, 1 epoch)
 #
 # Settings (environment): DEVICE (cuda), MINUTES (7.5: the whole budget), LAUNCH_MINUTES (6: no
-# run starts after this), PARALLEL (6), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
+# run starts after this), PARALLEL (5 plain + 5 DKGM), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
 # of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,7 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v pytho
 DEVICE=${DEVICE:-cuda}
 MINUTES=${MINUTES:-7.5}
 LAUNCH_MINUTES=${LAUNCH_MINUTES:-6}
-PARALLEL=${PARALLEL:-6}
+PARALLEL=${PARALLEL:-5}
 EPOCHS=${EPOCHS:-30}
 SEEDS=${SEEDS:-"0 1 2"}
 PRESET=${PRESET:-small}
@@ -45,11 +45,14 @@ if [ -n "${QUICK:-}" ]; then
 else
     DATA=fashion-mnist; GQ=(); LT1=${LT1:-1.5}; LT2=${LT2:-1.0}; FM1=${FM1:-3.0}; FM2=${FM2:-1.5}
     ROWS=(--data fashion-mnist --rho 100 --epochs "$EPOCHS" --batch 128 --channels 32 64 128 256
-          --val-fraction 0.1 --device "$DEVICE" --threads 2 --out "$WORK/lt")
+          --val-fraction 0.1 --device "$DEVICE" --threads 1 --out "$WORK/lt")
     SPLIT=(--data fashion-mnist --rho 100 --epochs "$EPOCHS" --val-fraction 0.1)
     FM_DATA=fashion-mnist
 fi
 log "device $DEVICE; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
+
+command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
+    --format=csv -l 15 > "$WORK/gpu_util.csv" 2>&1 & }
 
 # 1. the split the classifiers fit on, and nothing else
 $PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
@@ -80,10 +83,9 @@ for group in "ros balanced_softmax ldam_drw ce" "cb_loss drw randaug mixup smote
     done
 done
 rows "$WORK/plain.txt" &
-PLAIN_PID=$!
-wait "$LT_PID"
-GEN=$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)
-if [ -n "$GEN" ]; then
+dkgm_rows() {   # once the long-tailed generator exists: its rows, without and with the label filter
+    GEN=$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)
+    [ -n "$GEN" ] || { log "no long-tailed generator: no DKGM rows"; return; }
     : > "$WORK/dkgm.txt"
     for seed in $SEEDS; do
         for filter in "" "--label-filter $DATA-evaluator"; do
@@ -94,13 +96,18 @@ if [ -n "$GEN" ]; then
     done
     log "DKGM rows start with $GEN"
     rows "$WORK/dkgm.txt" &
-fi
+}
 
-# 5. the deadline, the report, the pack
-while [ "$(date +%s)" -lt "$END" ] && [ -n "$(jobs -pr)" ]; do sleep 5; done
+# 5. the deadline (never blocking on a job), the report, the pack
+GEN=; DKGM_STARTED=
+while [ "$(date +%s)" -lt "$END" ]; do
+    if [ -z "$DKGM_STARTED" ] && ! kill -0 "$LT_PID" 2>/dev/null; then DKGM_STARTED=1; dkgm_rows; fi
+    [ -n "$DKGM_STARTED" ] && [ -z "$(jobs -pr)" ] && break
+    sleep 5
+done
 log "deadline or all done; stopping what is left: $(jobs -pr | wc -l) job(s)"
 pkill -TERM -f benchmarks/imbalanced.py; pkill -TERM -f benchmarks/gpu_generator.py; sleep 3
-pkill -KILL -f benchmarks/imbalanced.py; pkill -KILL -f benchmarks/gpu_generator.py
+pkill -KILL -f benchmarks/imbalanced.py; pkill -KILL -f benchmarks/gpu_generator.py; pkill -f "nvidia-smi --query"
 $PY benchmarks/imbalanced.py "${ROWS[@]}" ${GEN:+--generator "$GEN"} --report-only --methods ros balanced_softmax ldam_drw ce cb_loss drw \
     randaug mixup smote mixup_drw dkgm_balanced ros_dkgm --seeds $SEEDS > "$WORK/report.log" 2>&1 || log "report failed"
 log "rows finished: $(($(wc -l < "$WORK/lt/runs.csv" 2>/dev/null || echo 1) - 1))"
