@@ -16,7 +16,8 @@
 #
 # Settings (environment): DEVICE (cuda), MINUTES (7.5: the whole budget), LAUNCH_MINUTES (6: no
 # run starts after this), PARALLEL (5 plain + 5 DKGM), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
-# of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small).
+# of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small);
+# GENERATOR=path: a second call that runs only the DKGM rows with that generator (DKGM_PARALLEL).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
@@ -54,6 +55,9 @@ log "device $DEVICE; $($PY -c 'import torch; print(torch.__version__, torch.cuda
 command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
     --format=csv -l 15 > "$WORK/gpu_util.csv" 2>&1 & }
 
+if [ -n "${GENERATOR:-}" ]; then   # a second call: only the DKGM rows, with a generator made earlier
+    LT_PID=; GEN=$GENERATOR
+else
 # 1. the split the classifiers fit on, and nothing else
 $PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
 
@@ -83,25 +87,26 @@ for group in "ros balanced_softmax ldam_drw ce" "cb_loss drw randaug mixup smote
     done
 done
 rows "$WORK/plain.txt" &
+fi
 dkgm_rows() {   # once the long-tailed generator exists: its rows, without and with the label filter
-    GEN=$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)
+    GEN=${GENERATOR:-$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)}
     [ -n "$GEN" ] || { log "no long-tailed generator: no DKGM rows"; return; }
     : > "$WORK/dkgm.txt"
-    for seed in $SEEDS; do
-        for filter in "" "--label-filter $DATA-evaluator"; do
-            for m in dkgm_balanced ros_dkgm; do
+    for m in dkgm_balanced ros_dkgm; do     # dkgm_balanced first: it generates far fewer images
+        for seed in $SEEDS; do
+            for filter in "" "--label-filter $DATA-evaluator"; do
                 echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
             done
         done
     done
     log "DKGM rows start with $GEN"
-    rows "$WORK/dkgm.txt" &
+    PARALLEL=${DKGM_PARALLEL:-$PARALLEL} rows "$WORK/dkgm.txt" &
 }
 
 # 5. the deadline (never blocking on a job), the report, the pack
-GEN=; DKGM_STARTED=
+DKGM_STARTED=
 while [ "$(date +%s)" -lt "$END" ]; do
-    if [ -z "$DKGM_STARTED" ] && ! kill -0 "$LT_PID" 2>/dev/null; then DKGM_STARTED=1; dkgm_rows; fi
+    if [ -z "$DKGM_STARTED" ] && { [ -z "$LT_PID" ] || ! kill -0 "$LT_PID" 2>/dev/null; }; then DKGM_STARTED=1; dkgm_rows; fi
     [ -n "$DKGM_STARTED" ] && [ -z "$(jobs -pr)" ] && break
     sleep 5
 done

@@ -236,8 +236,13 @@ def generator_for(method: str, args, lt, seed: int):
 
 
 def label_filter(args):
-    """A fresh LabelFilter (its own rejection counters) for one run, or None without --label-filter."""
-    return LabelFilter(args.label_filter) if args.label_filter else None
+    """A fresh LabelFilter (its own rejection counters) for one run, or None without --label-filter;
+    its classifier runs where the generator does."""
+    if not args.label_filter:
+        return None
+    f = LabelFilter(args.label_filter)
+    f.classifier.to(args.device)
+    return f
 
 
 def rejection_share(*filters) -> str:
