@@ -37,6 +37,10 @@ LAUNCH_END=$((START + $(seconds "$LAUNCH_MINUTES")))
 mkdir -p "$OUT" "$WORK"
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 log() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$WORK/session.log"; }
+rows() {   # rows FILE: run its lines, PARALLEL at a time; a line not started by LAUNCH_END is skipped
+    xargs -P "$PARALLEL" -I{} sh -c '[ "$(date +%s)" -lt "$1" ] && { {} >> "$2/rows.log" 2>&1 || echo "FAILED: {}" >> "$2/rows.log"; }' \
+        _ "$LAUNCH_END" "$WORK" < "$1"
+}
 
 if [ -n "${QUICK:-}" ]; then
     DATA=digits; GQ=(--quick); LT1=${LT1:-0.01}; LT2=${LT2:-0.01}; FM1=${FM1:-0.01}; FM2=${FM2:-0.01}
@@ -74,10 +78,6 @@ gen fm_gen --data "$FM_DATA" --stage1-minutes "$FM1" --stage2-minutes "$FM2" &
 gen digits_gen --data digits --preset tiny --batch-size 256 --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
 
 # 3. + 4. the rows: one imbalanced.py process per (method, knobs, seed), launched until LAUNCH_END
-rows() {   # rows FILE: run its lines, PARALLEL at a time; a line not started by LAUNCH_END is skipped
-    xargs -P "$PARALLEL" -I{} sh -c '[ "$(date +%s)" -lt "$1" ] && { {} >> "$2/rows.log" 2>&1 || echo "FAILED: {}" >> "$2/rows.log"; }' \
-        _ "$LAUNCH_END" "$WORK" < "$1"
-}
 : > "$WORK/plain.txt"
 for group in "ros balanced_softmax ldam_drw ce" "cb_loss drw randaug mixup smote mixup_drw"; do
     for seed in $SEEDS; do
