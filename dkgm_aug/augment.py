@@ -8,6 +8,7 @@ generated in.
 A generator is an ``nn.Module`` that follows :class:`Generator`; generation itself needs
 only its :class:`NeighbourSource` part.
 """
+import copy
 import warnings
 from typing import Protocol, runtime_checkable
 
@@ -105,6 +106,36 @@ def load_generator(spec, device=None):
     return model.to(device) if device is not None else model
 
 
+def check_acceleration(dtype, compile, device) -> tuple:
+    """The opt-in ``(dtype, compile)`` of generation on ``device``, checked: ``dtype`` is ``None``
+    (the generator's own), ``torch.float32`` or ``torch.float16``, and fp16 needs a CUDA device
+    (CPUs gain nothing from it: benchmarks/RESULTS.md, section 3)."""
+    if dtype is not None and dtype not in (torch.float32, torch.float16):
+        raise DKGMError(f"dtype must be None, torch.float32 or torch.float16, got {dtype!r}")
+    if dtype == torch.float16 and (device is None or torch.device(device).type != "cuda"):
+        raise DKGMError(f"dtype=torch.float16 runs on CUDA only and needs device='cuda' (got device={device}); "
+                        "on a CPU leave dtype=None (float32)")
+    if not isinstance(compile, bool):
+        raise DKGMError(f"compile must be True or False, got {compile!r}")
+    return dtype, compile
+
+
+def accelerate(model, dtype=None, compile: bool = False):
+    """``model`` itself, or, when ``dtype`` or ``compile`` is set, a copy cast to ``dtype`` whose
+    networks (its child modules: a DKGM's two U-Nets) are compiled in place by ``torch.compile``
+    (the model given is never changed). Compilation happens at the first call, and once more at
+    the first new batch size (then the batch size is symbolic)."""
+    if dtype is None and not compile:
+        return model
+    if compile and next(model.children(), None) is None:
+        raise DKGMError(f"compile=True: {type(model).__name__} has no networks (child modules) to compile")
+    fast = copy.deepcopy(model)
+    fast = fast.to(dtype) if dtype is not None else fast
+    for net in fast.children() if compile else ():
+        net.compile()
+    return fast
+
+
 def model_device(model) -> torch.device:
     """Where a generator lives: its first parameter, or its first buffer for
     training-free generators that hold only data (the kernel-smoothed score)."""
@@ -117,8 +148,8 @@ def model_device(model) -> torch.device:
 
 def model_dtype(model) -> torch.dtype:
     """The floating dtype a generator computes in: that of its first floating parameter
-    (or buffer); ``float32`` when it has none. ``model.half()`` on a GPU is the library's
-    way to generate in fp16 (benchmarks/RESULTS.md, section 3)."""
+    (or buffer); ``float32`` when it has none. ``dtype=torch.float16`` (:func:`accelerate`, on a
+    GPU) is the library's way to generate in fp16 (benchmarks/RESULTS.md, section 3)."""
     for t in (*model.parameters(), *model.buffers()):
         if t.is_floating_point():
             return t.dtype
@@ -154,8 +185,15 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
     device = model_device(model)
     x = to_model(match_channels(x01.to(device, torch.float32), model.channels, convert_channels)).to(model_dtype(model))
     n = cpu_chunk(*x.shape[-2:]) if device.type == "cpu" else len(x)
-    parts = [model.neighbours_from_seeds(x[i:i + n], seeds[i:i + n], labels=None if labels is None else labels[i:i + n],
-                                         alpha=alpha, steps=steps) for i in range(0, len(x), n)]
+    try:
+        parts = [model.neighbours_from_seeds(x[i:i + n], seeds[i:i + n], alpha=alpha, steps=steps,
+                                             labels=None if labels is None else labels[i:i + n])
+                 for i in range(0, len(x), n)]
+    except RuntimeError as exc:   # torch._dynamo's BackendCompilerFailed, e.g. no C++ compiler for a CPU
+        if "BackendCompilerFailed" not in (c.__name__ for c in type(exc).__mro__):
+            raise
+        raise DKGMError(f"compile=True: torch.compile could not compile the generator on {device} "
+                        f"({str(exc).strip().splitlines()[0][:300]}); pass compile=False") from exc
     out = from_model((parts[0] if len(parts) == 1 else torch.cat(parts)).float())
     return match_channels(out, x01.shape[1], True).to(x01.device)
 

@@ -21,13 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cache as cache_file
-from ._validate import check_device, check_seed
-from .augment import filtered_generate, load_generator
+from ._validate import check_device, check_int, check_seed
+from .bank import bank_for
+from .augment import accelerate, check_acceleration, filtered_generate, load_generator
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
 from .images import to_unit_float
+from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
+from .shards import read_folder
 from .sampling import class_names, index_plan, oversampling_targets, read_labels
 
 __all__ = ["BalancedDKGMDataset", "oversampling_targets"]
@@ -75,6 +78,17 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     classifier's class indices, or be mapped by the filter's ``class_index``); ``precompute()``
     logs the rejection rate per class, which the filter also keeps (``label_filter.rejection_rate``).
 
+    ``bank``: ``None``, or ``k`` (an int) to draw synthetic images from a neighbour bank
+    (:mod:`dkgm_aug.bank`) of ``k`` neighbours per source item, made once by ``precompute()`` and kept
+    in the ``cache`` file; synthetic item ``j`` shows another of its source's neighbours each epoch
+    (``set_epoch``), a function of ``seed``, ``j`` and the epoch. Or a ``NeighbourBank`` made with the
+    same generator and knobs whose items include every source item.
+
+    ``dtype=torch.float16`` (needs ``device="cuda"``) and ``compile=True``: as in
+    :class:`dkgm_aug.DKGMAugment`, for ``precompute()`` and on-demand generation alike; the cache
+    fingerprint records ``dtype`` (fp16 changes pixels by up to one uint8 step), not ``compile``
+    (float rounding, like running on another device).
+
     ``class_values`` are the sorted distinct labels, the keys of ``class_counts``; ``classes``
     are the base dataset's class names when its labels index its ``classes`` (torchvision's
     convention), else the same as ``class_values``.
@@ -86,15 +100,17 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds, generator, sampling_strategy="auto", alpha=None, steps=None, transform=None,
                  seed: int = 0, cache="memory", device=None, convert_channels: bool = False,
-                 progress: bool = True, labels=None, image_key="image", label_key="label", label_filter=None):
+                 progress: bool = True, labels=None, image_key="image", label_key="label", label_filter=None,
+                 bank=None, dtype=None, compile: bool = False):
         self.alpha, self.steps = check_knobs(alpha=alpha), check_knobs(steps=steps)   # it checks one per call
         self.seed, self.device = check_seed(seed), check_device(device)
+        self.dtype, self.compile = check_acceleration(dtype, compile, self.device)
         self.label_filter = check_label_filter(label_filter)
         if isinstance(generator, (str, os.PathLike)):
             read_metadata(resolve(generator))   # a wrong name or path fails here, not in a worker
             self.generator, self._model = os.fspath(generator), None   # loaded on first use
         elif isinstance(generator, torch.nn.Module):
-            self.generator = self._model = load_generator(generator, self.device)
+            self.generator, self._model = load_generator(generator, self.device), None   # cast/compiled on first use
         else:
             raise DKGMError(f"generator must be a shipped name, a checkpoint path or a model, "
                             f"got {type(generator).__name__}")
@@ -121,7 +137,11 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         # digests not compared yet came from the cache file at _cache_path.
         self._digests = self._checked = self._cache_path = None
         self._cache_file_ok = self._warned = False
-        if isinstance(self.cache, Path):
+        # bank mode (dkgm_aug/bank.py): synthetic images come from a neighbour bank, one per epoch
+        self.bank, self._epoch = bank_for(self, bank), torch.zeros((), dtype=torch.int64)
+        if self.bank is not None:
+            self._epoch.share_memory_()   # so that set_epoch reaches persistent DataLoader workers
+        elif isinstance(self.cache, Path):
             self._open_cache_file()
 
     def _open_cache_file(self):
@@ -155,6 +175,11 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     def noise_seed(self, j: int) -> int:
         """Noise seed of synthetic item ``j`` (counted from 0 among the synthetic items)."""
         return (self.seed * 1_000_003 + j) % 2 ** 63
+
+    def set_epoch(self, epoch: int) -> None:
+        """With ``bank``: show each synthetic item's neighbour of epoch ``epoch`` (call it before each
+        epoch, like ``DistributedSampler.set_epoch``; persistent workers see it too). Else no effect."""
+        self._epoch.fill_(check_int("epoch", epoch, 0))
 
     @property
     def targets(self) -> list:
@@ -201,9 +226,12 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         idx = [self._index(i) for i in indices]
         sources = {i - self.n_real: self.ds[int(self._sources[i - self.n_real])] for i in idx if i >= self.n_real}
         images = {j: self._image(item) for j, item in sources.items()}
-        self._check_sources({j: image for j, image in images.items() if j in self._cache})
-        todo = [j for j in images if j not in self._cache]
-        made = self._on_demand(todo, [images[j] for j in todo]) if todo else {}
+        if self.bank is not None:
+            made = self.bank.pick({j: int(self._sources[j]) for j in images}, images, self.seed, int(self._epoch))
+        else:
+            self._check_sources({j: image for j, image in images.items() if j in self._cache})
+            todo = [j for j in images if j not in self._cache]
+            made = self._on_demand(todo, [images[j] for j in todo]) if todo else {}
         items = []
         for i in idx:
             if i < self.n_real:
@@ -268,14 +296,19 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     def _generator(self, device=None):
         if self._model is None:
-            self._model = load_generator(self.generator, self.device)
+            self._model = accelerate(load_generator(self.generator, self.device), self.dtype, self.compile)
         return self._model if device is None else self._model.to(device)
 
     def precompute(self, batch_size: int = 256, device=None, progress: bool = True):
         """Generate every synthetic image not made yet, ``batch_size`` at a time on ``device``
         (default: the dataset's), with the same per-image seeds as on-demand access. Keeps
-        them in memory (even with ``cache=None``) and writes the cache file if one was given."""
+        them in memory (even with ``cache=None``) and writes the cache file if one was given.
+        With ``bank``: builds the bank instead (and writes it to the cache file)."""
+        if self.bank is not None:
+            self.bank.build(batch_size, device, progress)
+            return self
         todo = [j for j in range(self.n_synthetic) if j not in self._cache]
+        check_acceleration(self.dtype, self.compile, check_device(device) or self.device)
         model = self._generator(check_device(device))
         with tqdm(total=len(todo), desc="generating", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
@@ -302,7 +335,8 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                   counts_after=[[repr(c), n] for c, n in self.class_counts.items()],
                   plan_sha256=hashlib.sha256(plan.tobytes()).hexdigest(), generator=name,
                   generator_sha256=generator_hash, alpha=self.alpha, steps=self.steps,
-                  convert_channels=bool(self.convert_channels),
+                  convert_channels=bool(self.convert_channels), noise_scheme=NOISE_SCHEME,
+                  dtype=None if self.dtype is None else str(self.dtype).removeprefix("torch."),
                   label_filter=None if self.label_filter is None else self.label_filter.fingerprint())
         return json.loads(json.dumps(fp))
 
@@ -327,7 +361,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         """Read images written by ``save_cache``: a file for another plan raises DKGMError, a
         truncated or corrupt one CheckpointError. Their sources are compared with the digests
         saved beside them as they are served (the first one now)."""
-        images, digests = cache_file.read(path, self.fingerprint())
+        if Path(path).is_dir():   # a folder of shards written by dkgm-aug precompute (dkgm_aug/shards.py)
+            images, digests = read_folder(path, "balanced", self.fingerprint(), self.n_synthetic)
+        else:
+            images, digests = cache_file.read(path, self.fingerprint())
         self._cache.update(enumerate(images))
         self._digests, self._checked = digests.clone(), torch.zeros(self.n_synthetic, dtype=torch.bool)
         self._cache_path = path
@@ -338,6 +375,6 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        if isinstance(self.generator, str):
-            state["_model"] = None   # DataLoader workers reload it from the file: keeps the pickle small
+        if state["_model"] is not self.generator:
+            state["_model"] = None   # workers reload (and cast/compile) it: keeps the pickle small
         return state

@@ -1,4 +1,4 @@
-"""The ``dkgm-aug`` command line: ``train``, ``sample``, ``calibrate``, ``info`` and ``demo``.
+"""The ``dkgm-aug`` command line: ``train``, ``sample``, ``calibrate``, ``info``, ``demo`` and ``precompute``.
 
     dkgm-aug train --data fashion-mnist --preset tiny --stage1-steps 2000 --stage2-steps 1000 --out gen.safetensors
     dkgm-aug train --kind evae --data fashion-mnist --d-z 64 --stage1-steps 3000 --out evae.safetensors
@@ -6,12 +6,13 @@
     dkgm-aug calibrate gen.safetensors --out gen-calibrated.safetensors
     dkgm-aug info gen.safetensors
     dkgm-aug demo --rho 100 --out demo_out
+    dkgm-aug precompute fashion-mnist-tiny --data fashion-mnist --rho 100 --out synth/
 
 ``train`` keeps its state in ``--work-dir`` (default ``runs/<name of --out>``) and resumes from
 it when run again with the same settings; ``--no-resume`` starts over. ``sample`` takes its
 images from the data the checkpoint was trained on unless ``--data`` says otherwise.
 ``train`` also runs on several processes: ``torchrun --nproc_per_node=8 -m dkgm_aug.cli train ...``
-(docs/distributed.md).
+(docs/distributed.md); so does ``precompute``, which splits its shards over the processes (docs/scale.md).
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import __version__, demo
+from . import __version__, demo, precompute
 from ._validate import check_int
 from .augment import model_device
 from .checkpoint import load, read_metadata, resolve
@@ -192,6 +193,13 @@ def cmd_calibrate(args) -> None:
     print(f"wrote {out} with alpha={record['alpha']:g}, steps={record['steps']} as its defaults")
 
 
+def cmd_precompute(args) -> None:
+    """Under torchrun every process runs this and writes its share of the shards."""
+    name = args.data if args.data in DATASETS else str(Path(args.data).resolve())   # the same data from anywhere
+    spec = dict(data=name, split=args.split, limit=check_int("--limit", args.limit, 0))
+    precompute.run(args, load_data(spec), spec)
+
+
 def cmd_info(args) -> None:
     path = resolve(args.checkpoint)
     meta = read_metadata(path)
@@ -295,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="picks the images and draws the noise")
     c.add_argument("--out", default=None, help="the calibrated checkpoint (default: <name>-calibrated.safetensors)")
     c.set_defaults(func=cmd_calibrate)
+    r = sub.add_parser("precompute", help="write the synthetic set of a BalancedDKGMDataset, or a neighbour bank, "
+                       "as shards (torchrun splits them over processes)", description=precompute.__doc__,
+                       formatter_class=HelpFormatter)
+    precompute.add_arguments(r)
+    r.set_defaults(func=cmd_precompute)
     i = sub.add_parser("info", help="print a checkpoint's config and metadata", formatter_class=HelpFormatter)
     i.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     i.set_defaults(func=cmd_info)

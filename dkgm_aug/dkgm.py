@@ -138,9 +138,12 @@ class DKGM(nn.Module):
         """
         check_images(x_in, self.channels, "x_in")
         steps = self.steps if steps is None else check_knobs(steps=steps)
-        x_hat = self.stage2(x_in, 0)
+        # time steps go in as tensors, not ints: torch.compile (compile=True in DKGMAugment and
+        # BalancedDKGMDataset) would specialise stage 2 on, and recompile it for, each int
+        ts = torch.arange(steps + 1, device=x_in.device)
+        x_hat = self.stage2(x_in, ts[0])
         for t in range(1, steps + 1):
-            x_hat = x_hat + self.stage2(x_in - x_hat, t) / t
+            x_hat = x_hat + self.stage2(x_in - x_hat, ts[t]) / t
         return x_hat
 
     def stage2_loss(self, x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -192,8 +195,9 @@ class DKGM(nn.Module):
     def neighbours_from_seeds(self, x: torch.Tensor, seeds, *, labels=None, alpha: float | None = None,
                               steps: int | None = None) -> torch.Tensor:
         """The generator interface used by the augmentation API: one neighbour per image,
-        image ``i``'s noise drawn from ``torch.Generator().manual_seed(seeds[i])`` so that the
-        result does not depend on the batch it was made in."""
+        image ``i``'s noise a counter-based draw from ``seeds[i]`` alone, made on ``x``'s device
+        (:func:`dkgm_aug.kernels.noise_from_seeds`), so that the result does not depend on the
+        batch it was made in."""
         if len(seeds) != len(x):
             raise DKGMError(f"{len(seeds)} seeds for {len(x)} images")
         eps = noise_from_seeds(seeds, x.shape[1:], self.kernel, x.device, x.dtype)

@@ -46,6 +46,16 @@ def _two_writers(ckpt, folder: Path):
     second.precompute(progress=False)
 
 
+def _old_noise_cache(ckpt, folder: Path):
+    """A cache file as dkgm_aug wrote it before the counter-based seeded noise (no noise_scheme)."""
+    from dkgm_aug import cache as cache_file
+    path = folder / "old-noise.safetensors"
+    ds = BalancedDKGMDataset(Pixels(), ckpt, progress=False).precompute(progress=False)
+    old = {k: v for k, v in ds.fingerprint().items() if k not in ("noise_scheme", "dtype")}
+    cache_file.write(path, torch.stack([ds._cache[j] for j in range(ds.n_synthetic)]), ds._digests, old)
+    return BalancedDKGMDataset(Pixels(), ckpt, cache=path, progress=False)
+
+
 def rows(ckpt, model, tmp):
     folder = Path(tmp) / "balanced"
     folder.mkdir(exist_ok=True)
@@ -72,4 +82,11 @@ def rows(ckpt, model, tmp):
          "ok: labels taken as given, no item read"),
         ("balanced: seed=2**70", lambda: BalancedDKGMDataset(Pixels(), ckpt, seed=2 ** 70, progress=False),
          (DKGMError, "seed must be an integer in [0, 2**63)")),
+        ("balanced: cache file made before the counter-based noise", lambda: _old_noise_cache(ckpt, folder),
+         (DKGMError, "differs in ['noise_scheme']")),
+        ("balanced: dtype=torch.float16 without device='cuda'",
+         lambda: BalancedDKGMDataset(Pixels(), ckpt, dtype=torch.float16, progress=False),
+         (DKGMError, "runs on CUDA only")),
+        ("balanced: compile=1", lambda: BalancedDKGMDataset(Pixels(), ckpt, compile=1, progress=False),
+         (DKGMError, "compile must be True or False")),
     ]

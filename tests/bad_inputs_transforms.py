@@ -29,6 +29,14 @@ def _bicubic(x):
     return v2.Resize((16, 16), interpolation=v2.InterpolationMode.BICUBIC)(x)
 
 
+class NoNetworks(torch.nn.Module):
+    """A generator with no child modules: nothing for compile=True to compile."""
+    channels = 1
+
+    def neighbours_from_seeds(self, x, seeds, *, labels=None, alpha=None, steps=None):
+        return x
+
+
 def rows(ckpt, model, tmp):
     aug = DKGMAugment(ckpt, seed=0)
     nan = torch.full((1, 8, 8), float("nan"))
@@ -66,6 +74,16 @@ def rows(ckpt, model, tmp):
         ("HWC tensor (28, 28, 1) (transform)", lambda: aug(torch.rand(28, 28, 1)), (DataError, "looks like HWC")),
         ("albumentations to_dict of a transform built from a model object",
          lambda: __import__("albumentations").to_dict(dalb.DKGMAugment(model)), (DKGMError, "model object")),
+        ("dtype=torch.float16 on the CPU (transform)", lambda: DKGMAugment(ckpt, dtype=torch.float16),
+         (DKGMError, "runs on CUDA only")),
+        ("dtype=torch.bfloat16 (transform)", lambda: DKGMAugment(ckpt, dtype=torch.bfloat16),
+         (DKGMError, "dtype must be None, torch.float32 or torch.float16")),
+        ("dtype='fp16', a string (transform)", lambda: DKGMAugment(ckpt, dtype="fp16"),
+         (DKGMError, "dtype must be None, torch.float32 or torch.float16")),
+        ("compile='yes' (transform)", lambda: DKGMAugment(ckpt, compile="yes"),
+         (DKGMError, "compile must be True or False")),
+        ("compile=True, a generator without networks (transform)",
+         lambda: DKGMAugment(NoNetworks(), compile=True)(torch.rand(1, 8, 8)), (DKGMError, "no networks")),
     ]
     if not torch.cuda.is_available():
         table.append(("device='cuda' on a machine without CUDA (transform)", lambda: DKGMAugment(ckpt, device="cuda"),

@@ -31,6 +31,18 @@ def shapes_batch(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return x
 
 
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory) -> str:
+    """An 8x8 micro generator file whose outputs depend on the input and the noise (banks, precompute)."""
+    torch.manual_seed(0)
+    m = micro_model(image_size=8)
+    for stage in (m.stage1, m.stage2):   # zero-initialised output convs would give constant images
+        torch.nn.init.normal_(stage.conv_out.weight, std=0.5)
+    path = tmp_path_factory.mktemp("gen") / "g.safetensors"
+    m.save(path)
+    return str(path)
+
+
 @pytest.fixture
 def micro():
     torch.manual_seed(0)

@@ -147,7 +147,6 @@ def test_silent_cases_all_pass(tmp_path):
 
 
 def test_training_budget_rescore_reads_snapshots(tmp_path):
-    import csv
     mod = load_benchmark("training_budget")
     evaluator = str(Path(dkgm_aug.__file__).parent / "pretrained" / "evaluators" / "digits-evaluator.safetensors")
     assert mod.main(["--quick", "--evaluator", evaluator, "--out", str(tmp_path)]) == 0
@@ -165,3 +164,19 @@ def test_trainer_overhead_quick(tmp_path):
 def test_classifier_speed_quick(tmp_path):
     assert load_benchmark("classifier_speed").main(["--quick", "--out", str(tmp_path / "c.md")]) == 0
     assert (tmp_path / "c.md").read_text().count("| resnet10t |") == 2
+
+
+@needs_fmnist
+def test_bank_speed_quick(tmp_path):
+    import csv
+    assert load_benchmark("bank_speed").main(["--quick", "--out", str(tmp_path / "b")]) == 0
+    text = (tmp_path / "b.md").read_text()
+    for row in ("| (a) no augmentation |", "| (b) RandAugment per item", "| (c) DKGMAugment(p=0.5) on the collated batch |",
+                "| (d) DKGMAugment(p=0.5) per item", "| (e) BankAugment(p=0.5, k=2) per item", "| 1 |", "| 2 |"):
+        assert row in text, row
+    assert "took" in text and ("within the 1.3x target" in text or "OVER the 1.3x target" in text)
+    with open(tmp_path / "b.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["table"] for r in rows] == ["epoch"] * 5 + ["bank build", "k", "k"]
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    assert [float(r["spread"]) > 0 for r in rows if r["table"] == "k"] == [False, True]   # k=1: one neighbour

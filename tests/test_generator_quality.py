@@ -68,7 +68,7 @@ def test_novelty_flags_copies_and_not_noise(bench):
 
 
 def test_label_preservation_follows_the_labels(bench):
-    train, test = digits(split="train"), digits(split="test")
+    test = digits(split="test")
     net, _ = bench.yardstick("digits")
     x = to_model(test.images[:100].float() / 255)
     ref = bench.features(net, test.images[100:200])

@@ -5,7 +5,7 @@ import torch
 
 from dkgm_aug import DKGMError, sharpness
 from dkgm_aug.blur import gaussian_blur, random_blur
-from dkgm_aug.kernels import noise, noise_from_seeds, standard_epanechnikov
+from dkgm_aug.kernels import noise, standard_epanechnikov
 
 
 def test_epanechnikov_moments_and_support():
@@ -28,13 +28,7 @@ def test_noise_has_unit_variance_and_is_seeded(kernel):
         assert a.abs().max() <= math.sqrt(5) + 1e-6
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "epanechnikov"])
-def test_noise_from_seeds_equals_one_generator_per_seed(kernel):
-    seeds = [3, 0, 3, 2 ** 64 - 1, 123456789]
-    want = torch.stack([noise((2, 5, 4), kernel, torch.Generator().manual_seed(s)) for s in seeds])
-    got = noise_from_seeds(seeds, (2, 5, 4), kernel, dtype=torch.float64)
-    assert got.dtype == torch.float64 and torch.equal(got, want.double())
-    assert torch.equal(got[0], got[2]) and not torch.equal(got[0], got[1])
+# noise_from_seeds (the per-image seeded, counter-based noise) is tested in test_seeded_noise.py
 
 
 def test_unknown_kernel():

@@ -9,9 +9,11 @@ import torch
 import dkgm_aug
 from dkgm_aug.augment import generate
 
+# The DKGM rows changed deliberately with the counter-based seeded noise (kernels.NOISE_SCHEME
+# "philox4x32-10/v1"; before: 79cb43a0d9e793e7 and a71fc6b819dd5709). EVAE draws its own noise.
 PINNED = {
-    "digits-tiny": "79cb43a0d9e793e7",
-    "fashion-mnist-tiny": "a71fc6b819dd5709",
+    "digits-tiny": "d46978c07f9fb6e1",
+    "fashion-mnist-tiny": "b500e12c372f42eb",
     "fashion-mnist-evae": "d5249bf1f15ce5ed",
 }
 

@@ -1,0 +1,328 @@
+"""Neighbour banks: ``k`` DKGM neighbours per source image, made once, drawn from every epoch.
+
+Online augmentation pays for a generator call on every epoch; a bank pays once. Its rows hold
+``k`` neighbours of each source item, made in batches on the device by the one generation path
+(:func:`dkgm_aug.augment.filtered_generate`), neighbour ``r`` of item ``i`` from the noise seed
+:func:`neighbour_seed` ``(seed, i, r)`` (independent of ``k``: a bank of 8 starts with the bank of
+4). Kept in memory, in one ``.safetensors`` file, or in a folder of shards (``dkgm-aug precompute``,
+:mod:`dkgm_aug.shards`), reopened when its fingerprint (generator, knobs, seed, ``k``, items)
+matches, memory-mapped read-only so that DataLoader workers and epochs share one copy. Two uses:
+
+* :class:`dkgm_aug.BankAugment` (:mod:`dkgm_aug.bank_augment`): a transform that replaces an image, with
+  probability ``p``, by one of its ``k`` neighbours. It finds the image's row by a digest of its
+  pixels, so it must see the images the bank was made from (put it first in the pipeline);
+* ``BalancedDKGMDataset(..., bank=k)``: synthetic items that change each epoch (``set_epoch``).
+
+>>> bank = NeighbourBank(train_set, "fashion-mnist-tiny", k=8, path="bank.safetensors").build()  # doctest: +SKIP
+>>> train_set.transform = BankAugment(bank, p=0.5, seed=0)                                        # doctest: +SKIP
+"""
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import cache as cache_file
+from . import shards
+from ._validate import check_device, check_int, check_seed
+from .augment import accelerate, check_acceleration, filtered_generate, load_generator
+from .checkpoint import read_metadata, resolve
+from .dkgm import check_knobs
+from .errors import CheckpointError, DataError, DKGMError
+from .images import to_unit_float
+from .kernels import NOISE_SCHEME
+from .label_filter import check_label_filter
+from .sampling import plain_label
+
+__all__ = ["NeighbourBank", "neighbour_seed"]
+
+FORMAT = 1
+MAX_K = 4096
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def mix(*parts) -> np.ndarray:
+    """A 64-bit hash of non-negative integers (arrays broadcast): the bank's only randomness."""
+    with np.errstate(over="ignore"):
+        h = np.zeros(np.broadcast(*[np.asarray(p) for p in parts]).shape, dtype=np.uint64)
+        for p in parts:
+            h = _splitmix(h ^ np.asarray(p, dtype=np.uint64))
+    return h
+
+
+def neighbour_seed(seed: int, index: int, r: int) -> int:
+    """Noise seed of neighbour ``r`` of item ``index`` in a bank seeded ``seed``, in [0, 2**63)."""
+    return int(mix(seed, index, r) >> np.uint64(1))
+
+
+def source_unit(image) -> torch.Tensor:
+    """A source image as the generator takes it: float CHW in [0, 1]. The model sees gray or
+    RGB; other PIL modes (palette, alpha, 1-bit, 16-bit) go through those."""
+    if not isinstance(image, (torch.Tensor, np.ndarray)) and getattr(image, "mode", "L") not in ("L", "RGB"):
+        image = image.convert("L" if image.mode in ("1", "LA", "La", "I", "I;16", "F") else "RGB")
+    return to_unit_float(image)
+
+
+def _field(item, key, index):
+    """An item's image (``index`` 0) or label (1): ``(image, label, ...)``, a dict, or a bare image (no label)."""
+    if isinstance(item, Mapping):
+        if key not in item:
+            raise DataError(f"dataset items are dicts without the key {key!r} (their keys: {list(item)}); "
+                            f"pass {'image_key' if index == 0 else 'label_key'}= naming the right one")
+        return item[key]
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return item[index]
+    return item if index == 0 else None
+
+
+def _indices(ds, indices) -> torch.Tensor:
+    n = len(ds)
+    idx = torch.arange(n) if indices is None else torch.as_tensor(indices).flatten()
+    if idx.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8) or not len(idx):
+        raise DataError(f"a bank needs at least one item: indices must be item indices of the dataset "
+                        f"({n} items), got {indices!r:.80}")
+    idx = torch.unique(idx.long())           # sorted, distinct: row r is item idx[r]
+    if idx[0] < 0 or idx[-1] >= n:
+        raise DataError(f"indices must lie in [0, {n}) (the dataset's items), got {int(idx[0])} .. {int(idx[-1])}")
+    return idx
+
+
+def _bank_path(path):
+    if path is None:
+        return None
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        cache_file.check_path(path)
+    elif path.exists() and not path.is_dir():
+        raise DKGMError(f"bank path {os.fspath(path)!r} is a file without .safetensors: pass a .safetensors "
+                        "file, or a folder for shards")
+    return path
+
+
+class NeighbourBank:
+    """``k`` neighbours of each item of ``ds`` (of ``indices`` only, if given), made once.
+
+    ``generator``, ``alpha``, ``steps``, ``convert_channels``, ``label_filter``, ``dtype`` and
+    ``compile`` as in ``BalancedDKGMDataset``; items are ``(image, label, ...)`` tuples, dicts (``image_key``,
+    ``label_key``) or bare images. ``path``: ``None`` (in memory), a ``.safetensors`` file, or a
+    folder of shards; an existing bank there is opened if it was made with the same settings
+    (else DKGMError), and ``build()`` makes whatever is missing (a folder resumes shard by shard).
+    The bank must be built before a DataLoader forks: workers never generate.
+    """
+
+    def __init__(self, ds, generator, k: int = 4, *, indices=None, alpha=None, steps=None, seed: int = 0,
+                 path=None, device=None, convert_channels: bool = False, label_filter=None,
+                 image_key="image", label_key="label", dtype=None, compile: bool = False):
+        self.k = check_int("k (neighbours per image)", k, 1, MAX_K)
+        self.alpha, self.steps = check_knobs(alpha=alpha), check_knobs(steps=steps)
+        self.seed, self.device = check_seed(seed), check_device(device)
+        self.dtype, self.compile = check_acceleration(dtype, compile, self.device)
+        self.label_filter, self.convert_channels = check_label_filter(label_filter), bool(convert_channels)
+        if isinstance(generator, (str, os.PathLike)):
+            read_metadata(resolve(generator))       # a wrong name or path fails here
+            self.generator, self._model = os.fspath(generator), None
+        elif isinstance(generator, torch.nn.Module):
+            self.generator, self._model = load_generator(generator, self.device), None   # cast/compiled on first use
+        else:
+            raise DKGMError(f"generator must be a shipped name, a checkpoint path or a model, "
+                            f"got {type(generator).__name__}")
+        self.ds, self.image_key, self.label_key = ds, image_key, label_key
+        self.indices, self.path = _indices(ds, indices), _bank_path(path)
+        self._fp = self._store = self._images = self._sources = self._by_digest = self._checked = None
+        if self.path is not None and self.path.exists():
+            self._open()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def built(self) -> bool:
+        return self._store is not None or self._images is not None
+
+    def fingerprint(self) -> dict:
+        """What the rows depend on besides the source pixels (whose digests the file keeps per row)."""
+        if self._fp is None:
+            name, sha = cache_file.generator_digest(self.generator)
+            fp = dict(format=FORMAT, kind="bank", k=self.k, seed=self.seed, n_rows=len(self),
+                      indices_sha256=hashlib.sha256(self.indices.numpy().tobytes()).hexdigest(),
+                      generator=name, generator_sha256=sha, alpha=self.alpha, steps=self.steps,
+                      convert_channels=self.convert_channels, noise_scheme=NOISE_SCHEME,
+                      dtype=None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+                      label_filter=None if self.label_filter is None else self.label_filter.fingerprint())
+            self._fp = json.loads(json.dumps(fp))
+        return self._fp
+
+    def _open(self) -> None:
+        if self.path.is_dir() and not shards.folder_complete(self.path, "bank", self.fingerprint()):
+            return                        # a stopped precompute: build() finishes it
+        try:
+            self._store = shards.Store(self.path, "bank", self.fingerprint(), len(self))
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; ignoring it, build() will make the bank again", stacklevel=3)
+
+    # -- making rows ---------------------------------------------------------------------------------
+    def _generator(self, device=None):
+        if self._model is None:
+            self._model = accelerate(load_generator(self.generator, self.device), self.dtype, self.compile)
+        return self._model if device is None else self._model.to(device)
+
+    def make_rows(self, start: int, stop: int, model, batch_size: int = 256, bar=None) -> tuple:
+        """``(images [n, k, C, H, W] uint8, source digests [n, 16])`` of rows ``start .. stop - 1``,
+        about ``batch_size`` images per generator call. Depends on nothing but the rows."""
+        if self.ds is None:
+            raise DKGMError("this bank was copied without its dataset (into a DataLoader worker?) and cannot make "
+                            "rows; build() it before the DataLoader starts")
+        idx, parts, digests = self.indices[start:stop].tolist(), [], []
+        per_call = max(1, batch_size // self.k)
+        for b in range(0, len(idx), per_call):
+            rows = idx[b:b + per_call]
+            items = [self.ds[i] for i in rows]
+            xs = [source_unit(_field(it, self.image_key, 0)) for it in items]
+            if len({tuple(x.shape) for x in xs} | {tuple(p.shape[2:]) for p in parts[:1]}) > 1:
+                raise DataError("the bank's source images differ in size; resize them to one size first")
+            labels = [_field(it, self.label_key, 1) for it in items]
+            labels = None if any(y is None for y in labels) else [plain_label(y) for y in labels for _ in range(self.k)]
+            seeds = [neighbour_seed(self.seed, i, r) for i in rows for r in range(self.k)]
+            made = filtered_generate(model, torch.stack(xs).repeat_interleave(self.k, 0), seeds, self.alpha,
+                                     self.steps, self.convert_channels, labels=labels, label_filter=self.label_filter)
+            parts.append((made * 255).round().to(torch.uint8).cpu().view(len(rows), self.k, *made.shape[1:]))
+            digests += [cache_file.digest(x) for x in xs]
+            if bar is not None:
+                bar.update(len(rows))
+        return torch.cat(parts), cache_file.digest_rows(digests)
+
+    def build(self, batch_size: int = 256, device=None, progress: bool = True, shard_size: int = 4096):
+        """Make every row not made yet, ``batch_size`` images per generator call on ``device`` (default:
+        the bank's), and write them to ``path``: a ``.safetensors`` file at once, a folder shard by shard
+        (``shard_size`` rows each; a rerun skips finished shards). Returns the bank."""
+        if self.built:
+            return self
+        batch_size = check_int("batch_size", batch_size, 1)
+        model = self._generator(check_device(device))
+        if self.path is not None and self.path.suffix != ".safetensors":
+            shards.write_shards(self.path, "bank", self.fingerprint(), len(self), shard_size,
+                                lambda a, b: self.make_rows(a, b, model, batch_size), progress=progress)
+        else:
+            with tqdm(total=len(self), desc=f"bank: {self.k} neighbours per image", disable=not progress) as bar:
+                images, sources = self.make_rows(0, len(self), model, batch_size, bar)
+            if self.path is None:
+                self._images, self._sources = images, sources
+                return self
+            if self.path.exists():        # a damaged bank is replaced, another program's file refused
+                with contextlib.suppress(CheckpointError):
+                    shards._layout(self.path)
+            shards.write_shard(self.path, images, sources, self.fingerprint(), 0, len(self))
+        self._store = shards.Store(self.path, "bank", self.fingerprint(), len(self))
+        return self
+
+    def _ensure_built(self) -> None:
+        if not self.built:
+            if torch.utils.data.get_worker_info() is not None:
+                raise DKGMError("the neighbour bank is not built and a DataLoader worker would build its own copy; "
+                                "call build() (or BalancedDKGMDataset.precompute()) before creating the DataLoader")
+            self.build()
+
+    # -- lookups -------------------------------------------------------------------------------------
+    @property
+    def sources(self) -> torch.Tensor:
+        """``[rows, 16]`` digests of the source images, row by row."""
+        self._ensure_built()
+        return self._store.sources if self._store is not None else self._sources
+
+    def neighbour(self, row: int, r: int) -> torch.Tensor:
+        """Neighbour ``r`` of row ``row``, a uint8 CHW tensor."""
+        self._ensure_built()
+        if self._store is not None:
+            return torch.from_numpy(np.array(self._store.row(row)[r]))
+        return self._images[row, r]
+
+    def row_of_index(self, index: int) -> int:
+        """The row of dataset item ``index``."""
+        row = int(np.searchsorted(self.indices.numpy(), index))
+        if row >= len(self.indices) or int(self.indices[row]) != index:
+            raise DKGMError(f"the bank holds no neighbours of item {index}; build it over that item (indices=)")
+        return row
+
+    def row_of_digest(self, digest: bytes):
+        """The row whose source image has this :func:`dkgm_aug.cache.digest`, or None."""
+        if self._by_digest is None:
+            self._by_digest = {bytes(d): r for r, d in reversed(list(enumerate(self.sources.numpy())))}
+        return self._by_digest.get(digest)
+
+    def check_source(self, row: int, image) -> None:
+        """Refuse a source image other than the one row ``row`` was made from (checked once per row)."""
+        if self._checked is None:
+            self._checked = torch.zeros(len(self), dtype=torch.bool)
+        if not self._checked[row]:
+            if cache_file.digest(source_unit(image)) != bytes(self.sources[row].numpy()):
+                raise DKGMError(f"the neighbour bank {self.path or '(in memory)'} was made from other images (item "
+                                f"{int(self.indices[row])} differs); delete it or pass another path")
+            self._checked[row] = True
+
+    def pick(self, sources: dict, images: dict, seed: int, epoch: int) -> dict:
+        """For ``BalancedDKGMDataset``: synthetic item ``j`` (source item ``sources[j]``, image
+        ``images[j]``) shows neighbour ``(h(seed, j) + epoch) % k``: another one each epoch, all ``k``
+        every ``k`` epochs, the same ones for the same seed and epoch."""
+        js = np.fromiter(sources, dtype=np.int64, count=len(sources))
+        with np.errstate(over="ignore"):
+            rs = ((mix(seed, js) + np.uint64(epoch)) % np.uint64(self.k)).tolist()
+        out = {}
+        for j, r in zip(js.tolist(), rs):
+            row = self.row_of_index(sources[j])
+            self.check_source(row, images[j])
+            out[j] = self.neighbour(row, r)
+        return out
+
+    def check_covers(self, owner_fp: dict, indices: torch.Tensor) -> None:
+        """Refuse to serve a dataset whose generator or knobs differ, or with sources the bank lacks."""
+        mine = self.fingerprint()
+        keys = [k for k in ("generator_sha256", "alpha", "steps", "convert_channels", "label_filter", "dtype")
+                if mine.get(k) != owner_fp.get(k)]
+        if keys:
+            raise DKGMError(f"the neighbour bank was made with another {', '.join(keys)} than the dataset's; "
+                            "pass the same generator and knobs to both")
+        lacking = indices[~torch.isin(indices, self.indices)]
+        if len(lacking):
+            raise DKGMError(f"the neighbour bank holds no neighbours of {len(lacking)} source item(s) of the dataset "
+                            f"(the first: item {int(lacking[0])}); build it over every item (indices=None)")
+
+    def __getstate__(self):
+        state = {**self.__dict__, "_by_digest": None, "_checked": None}
+        state["_model"] = None            # made again from the generator if ever needed
+        if self.built:
+            state["ds"] = None            # lookups need no dataset; workers never generate
+        return state
+
+
+def bank_for(owner, bank):
+    """The bank behind ``BalancedDKGMDataset(..., bank=)``: None; an int ``k``, for a bank of ``k``
+    neighbours of each source item made with the dataset's generator, knobs, seed and label filter
+    and kept in its ``cache`` file; or a :class:`NeighbourBank` covering every source item."""
+    if bank is None:
+        return None
+    sources = torch.unique(owner._sources.long())
+    if isinstance(bank, NeighbourBank):
+        bank.check_covers(owner.fingerprint(), sources)
+        return bank
+    if isinstance(bank, bool) or not isinstance(bank, int):
+        raise DKGMError(f"bank must be None, an integer k >= 1 or a NeighbourBank, got {bank!r}")
+    k = check_int("bank (neighbours per source image)", bank, 1, MAX_K)
+    if not len(sources):
+        return None                           # nothing to add: no synthetic item to draw
+    return NeighbourBank(owner.ds, owner.generator, k, indices=sources, alpha=owner.alpha, steps=owner.steps,
+                         seed=owner.seed, path=owner.cache if isinstance(owner.cache, Path) else None,
+                         device=owner.device, convert_channels=owner.convert_channels,
+                         label_filter=owner.label_filter, image_key=owner.image_key, label_key=owner.label_key,
+                         dtype=getattr(owner, "dtype", None), compile=getattr(owner, "compile", False))

@@ -1,0 +1,194 @@
+"""Neighbour banks: made once through the generation path, reopened by fingerprint, drawn from by
+BankAugment and by BalancedDKGMDataset(bank=k) (another neighbour each epoch), shared by workers."""
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import micro_model
+from PIL import Image
+
+import dkgm_aug.balanced
+import dkgm_aug.bank
+from dkgm_aug import BalancedDKGMDataset, BankAugment, DataError, DKGMError, NeighbourBank
+from dkgm_aug.augment import generate, load_generator
+from dkgm_aug.bank import neighbour_seed
+
+LABELS = [0] * 6 + [1] * 3 + [2] * 1
+
+
+class Items(torch.utils.data.Dataset):
+    """Random 8x8 gray uint8 images with LABELS; ``transform`` applies to the image."""
+
+    def __init__(self, labels=LABELS, seed=0, transform=None):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (len(labels), 1, 8, 8), generator=g, dtype=torch.uint8)
+        self.targets, self.transform = torch.as_tensor(labels), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (x if self.transform is None else self.transform(x)), int(self.targets[i])
+
+
+def test_rows_come_from_the_generation_path_with_per_neighbour_seeds(gen):
+    ds = Items()
+    bank = NeighbourBank(ds, gen, k=3, seed=5).build(batch_size=3, progress=False)   # one item per call
+    model = load_generator(gen)
+    for i in (0, 7):
+        x = ds.images[i].float().div(255)[None].expand(3, -1, -1, -1)
+        want = (generate(model, x, [neighbour_seed(5, i, r) for r in range(3)]) * 255).round().to(torch.uint8)
+        assert all(torch.equal(bank.neighbour(i, r), want[r]) for r in range(3))
+    assert len({bank.neighbour(0, r).numpy().tobytes() for r in range(3)}) == 3   # k distinct neighbours
+
+
+def test_seeds_do_not_depend_on_k_or_the_batch(gen):
+    ds = Items()
+    small = NeighbourBank(ds, gen, k=2).build(batch_size=256, progress=False)
+    large = NeighbourBank(ds, gen, k=4).build(batch_size=4, progress=False)
+    for i in range(len(ds)):
+        for r in range(2):   # the same noise: at most one grey level of float rounding apart
+            diff = (small.neighbour(i, r).int() - large.neighbour(i, r).int()).abs().max()
+            assert diff <= 1, (i, r, diff)
+
+
+def test_file_is_reopened_and_never_regenerated(gen, tmp_path, monkeypatch):
+    path = tmp_path / "bank.safetensors"
+    bank = NeighbourBank(Items(), gen, k=2, path=path)
+    assert not bank.built
+    bank.build(progress=False)
+    monkeypatch.setattr(dkgm_aug.bank, "filtered_generate", lambda *a, **k: pytest.fail("regenerated"))
+    again = NeighbourBank(Items(), gen, k=2, path=path)
+    assert again.built and torch.equal(again.neighbour(9, 1), bank.neighbour(9, 1))
+    with pytest.raises(DKGMError, match=r"differs in \['k'"):
+        NeighbourBank(Items(), gen, k=3, path=path)
+    with pytest.raises(DKGMError, match=r"was made from other images \(item 9"):
+        other = NeighbourBank(Items(seed=1), gen, k=2, path=path)
+        b = BalancedDKGMDataset(Items(seed=1), gen, progress=False, bank=other)
+        b[len(b) - 1]
+
+
+def test_damaged_file_is_rebuilt(gen, tmp_path):
+    path = tmp_path / "bank.safetensors"
+    good = NeighbourBank(Items(), gen, k=2, path=path).build(progress=False)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="checksum"):
+        bank = NeighbourBank(Items(), gen, k=2, path=path)
+    assert not bank.built
+    bank.build(progress=False)
+    assert torch.equal(bank.neighbour(9, 1), good.neighbour(9, 1))
+
+
+def test_bank_augment_types_p_and_seed(gen):
+    ds = Items()
+    bank = NeighbourBank(ds, gen, k=4).build(progress=False)
+    rows = {bank.neighbour(3, r).numpy().tobytes() for r in range(4)}
+    x = ds.images[3]
+    assert BankAugment(bank, p=0.0, seed=0)(x) is x
+    for kind, as_uint8 in (("uint8", lambda y: y), ("float", lambda y: (y * 255).round().to(torch.uint8)),
+                           ("pil", lambda y: torch.from_numpy(np.array(y))[None])):
+        inpt = {"uint8": x, "float": x.float() / 255, "pil": Image.fromarray(x[0].numpy())}[kind]
+        out = BankAugment(bank, p=1.0, seed=0)(inpt)
+        assert type(out) is type(inpt) and as_uint8(out).numpy().tobytes() in rows, kind
+    draws = [BankAugment(bank, p=1.0, seed=s)(x) for s in range(12)]
+    assert len({d.numpy().tobytes() for d in draws}) > 1                         # picks among the k
+    assert torch.equal(BankAugment(bank, p=1.0, seed=3)(x), draws[3])             # seeded
+    batch = BankAugment(bank, p=1.0, seed=0)(ds.images[:5])                       # a BCHW batch
+    assert all(batch[i].numpy().tobytes() in {bank.neighbour(i, r).numpy().tobytes() for r in range(4)}
+               for i in range(5))
+
+
+def test_bank_augment_refuses_images_it_does_not_hold(gen):
+    bank = NeighbourBank(Items(), gen, k=2).build(progress=False)
+    flipped = Items().images[3].flip(-1)
+    with pytest.raises(DataError, match="must come before any transform"):
+        BankAugment(bank, p=0.0, seed=0)(flipped)                                 # at any p
+    assert torch.equal(BankAugment(bank, p=1.0, missing="keep")(flipped), flipped)
+
+
+def test_balanced_bank_changes_per_epoch_deterministically(gen):
+    a = BalancedDKGMDataset(Items(), gen, progress=False, bank=3).precompute(progress=False)
+    b = BalancedDKGMDataset(Items(), gen, progress=False, bank=3)
+    synthetic = range(a.n_real, len(a))
+    assert len(a.bank) == len(torch.unique(a._sources))       # one row per distinct source item
+
+    def epoch(ds, e):
+        ds.set_epoch(e)
+        return [ds[i][0].numpy().tobytes() for i in synthetic]
+    seen = [epoch(a, e) for e in range(4)]
+    assert seen[0] == epoch(b, 0) and seen[2] == epoch(b, 2)                  # same seed and epoch: same items
+    assert all(x != y for x, y in zip(seen[0], seen[1]))                       # another neighbour every epoch
+    assert seen[3] == seen[0]                                                  # all k, then again
+    for i, e0, e1, e2 in zip(synthetic, *seen[:3]):
+        row = a.bank.row_of_index(a.source_index(i))
+        assert {e0, e1, e2} == {a.bank.neighbour(row, r).numpy().tobytes() for r in range(3)}
+        assert a[i][1] == a[a.source_index(i)][1]                              # the source's label
+    other = BalancedDKGMDataset(Items(), gen, seed=1, progress=False, bank=3)
+    other.set_epoch(0)
+    assert [other[i][0].numpy().tobytes() for i in synthetic] != seen[0]
+
+
+def test_balanced_takes_a_shared_bank_and_checks_it(gen):
+    bank = NeighbourBank(Items(), gen, k=2).build(progress=False)
+    b = BalancedDKGMDataset(Items(), gen, progress=False, bank=bank)
+    i = len(b) - 1
+    assert b[i][0].numpy().tobytes() in {bank.neighbour(b.source_index(i), r).numpy().tobytes() for r in range(2)}
+    with pytest.raises(DKGMError, match="another alpha"):
+        BalancedDKGMDataset(Items(), gen, alpha=0.9, progress=False, bank=bank)
+    part = NeighbourBank(Items(), gen, k=2, indices=[0, 1]).build(progress=False)
+    with pytest.raises(DKGMError, match="holds no neighbours of"):
+        BalancedDKGMDataset(Items(), gen, progress=False, bank=part)
+
+
+def _counting(calls):
+    def wrap(fn):
+        def counted(*args, **kwargs):
+            with calls.get_lock():
+                calls.value += 1
+            return fn(*args, **kwargs)
+        return counted
+    return wrap
+
+
+@pytest.mark.parametrize("use", ["transform", "balanced"])
+def test_dataloader_workers_share_the_bank_and_never_generate(use, gen, tmp_path, monkeypatch):
+    calls = multiprocessing.get_context("fork").Value("i", 0)
+    for module in (dkgm_aug.bank, dkgm_aug.balanced):
+        monkeypatch.setattr(module, "filtered_generate", _counting(calls)(module.filtered_generate))
+    if use == "transform":
+        bank = NeighbourBank(Items(), gen, k=32, path=tmp_path / "b.safetensors").build(progress=False)
+        ds = Items(transform=BankAugment(bank, p=1.0, seed=0))
+    else:
+        ds = BalancedDKGMDataset(Items(), gen, cache=tmp_path / "b.safetensors", progress=False, bank=32)
+        bank = ds.precompute(progress=False).bank
+    built = calls.value
+    assert built > 0 and len(pickle.dumps(bank)) < len(bank) * 32 * 64 // 2   # workers get a path, not the images
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork",
+                                         persistent_workers=True)
+    epochs = []
+    for e in range(2):
+        if use == "balanced":
+            ds.set_epoch(e)                       # reaches the persistent workers
+        epochs.append(torch.cat([x for x, _ in loader]))
+    assert calls.value == built                   # nothing generated in the workers, in any epoch
+    held = {bank.neighbour(r, n).numpy().tobytes() for r in range(len(bank)) for n in range(32)}
+    first = 0 if use == "transform" else ds.n_real
+    assert all(x.numpy().tobytes() in held for x in epochs[0][first:])
+    if use == "balanced":
+        assert torch.equal(epochs[0][:first], epochs[1][:first])            # real items unchanged
+        assert all(not torch.equal(x, y) for x, y in zip(epochs[0][first:], epochs[1][first:]))
+        ds.set_epoch(1)
+        assert torch.equal(epochs[1][first:], torch.stack([ds[i][0] for i in range(first, len(ds))]))
+
+
+def test_worker_refuses_to_build():
+    bank = NeighbourBank(Items(), micro_model(image_size=8), k=2)
+    loader = torch.utils.data.DataLoader(Items(transform=BankAugment(bank, p=1.0)), batch_size=4, num_workers=1,
+                                         multiprocessing_context="fork")
+    with pytest.raises(DKGMError, match="before creating the DataLoader"):
+        next(iter(loader))
