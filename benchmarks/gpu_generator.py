@@ -82,17 +82,19 @@ def main(argv=None) -> int:
         print(f"stage {stage}: {steps[stage]} steps x {args.batch_size} in {trainer.elapsed.get(stage, 0):.0f} s",
               flush=True)
     model = model.float().eval()
+    name = out / f"{args.name or Path(args.data).stem + '-' + args.preset + '-gpu'}.safetensors"
+    training = dict(
+        command="python benchmarks/gpu_generator.py " + " ".join(map(shlex.quote, argv)),
+        data=train.description, data_spec=dict(data=args.data, **({} if npz else dict(split="train"))),
+        stage1_steps=steps[1], stage2_steps=steps[2], batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=str(args.device), wall_time_s=round(time.time() - start, 1), torch_version=torch.__version__,
+        hardware=torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu")
+    model.save(name, training=training, classes=list(train.classes))   # kept even if a deadline stops what follows
+    print(f"wrote {name} (not calibrated yet)", flush=True)
     evaluator = load_evaluator(args.evaluator or f"{args.data}-evaluator")
     record = calibrate(model, train, evaluator, n=args.n, seed=args.seed)    # on --device: the grid is 35 samplings
     write_quality(model, train, evaluator, args, out / "quality.csv")
-    model = model.cpu()
-    name = out / f"{args.name or Path(args.data).stem + '-' + args.preset + '-gpu'}.safetensors"
-    model.save(name, training=dict(
-        command="python benchmarks/gpu_generator.py " + " ".join(map(shlex.quote, argv)),
-        data=train.description, data_spec=dict(data=args.data, **({} if npz else dict(split="train"))), stage1_steps=steps[1],
-        stage2_steps=steps[2], batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=str(args.device),
-        hardware=torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
-        wall_time_s=round(time.time() - start, 1), torch_version=torch.__version__), classes=list(train.classes))
+    model.save(name)      # now with the calibrated alpha and steps
     print(f"wrote {name}: alpha {record['alpha']:g}, steps {record['steps']} (calibrated); scores in quality.csv")
     return 0
 

@@ -17,7 +17,8 @@
 # Settings (environment): DEVICE (cuda), MINUTES (7.5: the whole budget), LAUNCH_MINUTES (6: no
 # run starts after this), PARALLEL (5 plain + 5 DKGM), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
 # of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small);
-# GENERATOR=path: a second call that runs only the DKGM rows with that generator (DKGM_PARALLEL).
+# GENERATOR=path: a second call that runs only the DKGM rows with that generator (DKGM_PARALLEL);
+# GENERATORS ("lt fm digits": which to train), PLAIN_METHODS, DKGM_METHODS (the rows to run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
@@ -28,6 +29,9 @@ PARALLEL=${PARALLEL:-5}
 EPOCHS=${EPOCHS:-30}
 SEEDS=${SEEDS:-"0 1 2"}
 PRESET=${PRESET:-small}
+GENERATORS=${GENERATORS:-"lt fm digits"}
+PLAIN_METHODS=${PLAIN_METHODS:-"ros balanced_softmax ldam_drw ce | cb_loss drw randaug mixup smote mixup_drw"}
+DKGM_METHODS=${DKGM_METHODS:-"dkgm_balanced ros_dkgm"}
 OUT=${OUT:-runs/gpu_session}
 WORK=${WORK:-/tmp/gpu_session}
 START=$(date +%s)
@@ -71,15 +75,16 @@ gen() {   # gen NAME ARGS...: one gpu_generator.py run, logged
     $PY benchmarks/gpu_generator.py "${GQ[@]}" --device "$DEVICE" --preset "$PRESET" --out "$WORK/$name" "$@" \
         > "$WORK/$name.log" 2>&1 && log "generator $name done" || log "generator $name FAILED"
 }
-gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" \
+[[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" \
     --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
 LT_PID=$!
-gen fm_gen --data "$FM_DATA" --stage1-minutes "$FM1" --stage2-minutes "$FM2" &
-gen digits_gen --data digits --preset tiny --batch-size 256 --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
+[[ " $GENERATORS " == *" fm "* ]] && gen fm_gen --data "$FM_DATA" --stage1-minutes "$FM1" --stage2-minutes "$FM2" &
+[[ " $GENERATORS " == *" digits "* ]] && gen digits_gen --data digits --preset tiny --batch-size 256 --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
 
 # 3. + 4. the rows: one imbalanced.py process per (method, knobs, seed), launched until LAUNCH_END
 : > "$WORK/plain.txt"
-for group in "ros balanced_softmax ldam_drw ce" "cb_loss drw randaug mixup smote mixup_drw"; do
+IFS='|' read -ra GROUPS_ <<< "$PLAIN_METHODS"     # groups run seed-major: the first group's seeds first
+for group in "${GROUPS_[@]}"; do
     for seed in $SEEDS; do
         for m in $group; do
             echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --methods $m --seeds $seed" >> "$WORK/plain.txt"
@@ -92,7 +97,7 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
     GEN=${GENERATOR:-$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)}
     [ -n "$GEN" ] || { log "no long-tailed generator: no DKGM rows"; return; }
     : > "$WORK/dkgm.txt"
-    for m in dkgm_balanced ros_dkgm; do     # dkgm_balanced first: it generates far fewer images
+    for m in $DKGM_METHODS; do     # dkgm_balanced first: it generates far fewer images
         for seed in $SEEDS; do
             for filter in "" "--label-filter $DATA-evaluator"; do
                 echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
@@ -113,8 +118,7 @@ done
 log "deadline or all done; stopping what is left: $(jobs -pr | wc -l) job(s)"
 pkill -TERM -f benchmarks/imbalanced.py; pkill -TERM -f benchmarks/gpu_generator.py; sleep 3
 pkill -KILL -f benchmarks/imbalanced.py; pkill -KILL -f benchmarks/gpu_generator.py; pkill -f "nvidia-smi --query"
-$PY benchmarks/imbalanced.py "${ROWS[@]}" ${GEN:+--generator "$GEN"} --report-only --methods ros balanced_softmax ldam_drw ce cb_loss drw \
-    randaug mixup smote mixup_drw dkgm_balanced ros_dkgm --seeds $SEEDS > "$WORK/report.log" 2>&1 || log "report failed"
+$PY benchmarks/imbalanced.py "${ROWS[@]}" ${GEN:+--generator "$GEN"} --report-only --seeds $SEEDS > "$WORK/report.log" 2>&1 || log "report failed"
 log "rows finished: $(($(wc -l < "$WORK/lt/runs.csv" 2>/dev/null || echo 1) - 1))"
 cp "$WORK/session.log" "$OUT/session.log"
 tar -czf "$OUT/session.tar.gz" -C "$WORK" --exclude='work' --exclude='*.npz' . && log "packed $(du -h "$OUT/session.tar.gz" | cut -f1)"

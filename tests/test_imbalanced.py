@@ -175,10 +175,16 @@ def test_converged_quick_run_chooses_the_epoch_on_validation(imb, tmp_path):
     assert "(of 2)" in (tmp_path / "results.md").read_text()
 
 
-def test_gpu_script_dry_run_on_cpu(tmp_path):
+def test_gpu_session_dry_run_on_cpu(tmp_path):
+    """The device script end to end on CPU: the long-tailed split, a generator trained on it,
+    a plain row, then its DKGM rows without and with the label filter, all in the report."""
     import os
     import subprocess
-    env = dict(os.environ, QUICK="1", DEVICE="cpu", METHODS="ce", SEEDS="0", PARALLEL="1", MINUTES="5",
-               OUT=str(tmp_path))
-    subprocess.run(["bash", "benchmarks/gpu_converged.sh"], check=True, env=env, capture_output=True)
-    assert "| ce |" in (tmp_path / "results.md").read_text()
+    env = dict(os.environ, QUICK="1", DEVICE="cpu", SEEDS="0", PARALLEL="2", MINUTES="8", LAUNCH_MINUTES="7",
+               GENERATORS="lt", PLAIN_METHODS="ce", DKGM_METHODS="dkgm_balanced", OUT=str(tmp_path / "out"),
+               WORK=str(tmp_path / "work"))
+    subprocess.run(["bash", "benchmarks/gpu_session.sh"], check=True, env=env, capture_output=True, timeout=600)
+    report = (tmp_path / "work" / "lt" / "results.md").read_text()
+    assert "| ce |" in report and "| dkgm_balanced |" in report
+    assert "label_filter=digits-evaluator" in report                 # both variants ran: the variants table
+    assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0
