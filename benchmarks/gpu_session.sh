@@ -60,8 +60,11 @@ else
 fi
 log "device $DEVICE; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
 
-command -v nvidia-smi > /dev/null && { nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used \
-    --format=csv -l 15 > "$WORK/gpu_util.csv" 2>&1 & }
+SMI_PID=
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$WORK/gpu_util.csv" 2>&1 &
+    SMI_PID=$!
+fi
 
 if [ -n "${GENERATOR:-}" ]; then   # a second call: only the DKGM rows, with a generator made earlier
     LT_PID=; GEN=$GENERATOR
@@ -116,8 +119,9 @@ while [ "$(date +%s)" -lt "$END" ]; do
     sleep 5
 done
 log "deadline or all done; stopping what is left: $(jobs -pr | wc -l) job(s)"
-pkill -TERM -f benchmarks/imbalanced.py; pkill -TERM -f benchmarks/gpu_generator.py; sleep 3
-pkill -KILL -f benchmarks/imbalanced.py; pkill -KILL -f benchmarks/gpu_generator.py; pkill -f "nvidia-smi --query"
+# only this session's runs: each names an --out under $WORK (other runs on the machine are left alone)
+pkill -TERM -f -- "--out $WORK/"; sleep 3; pkill -KILL -f -- "--out $WORK/"
+[ -n "$SMI_PID" ] && kill "$SMI_PID"
 $PY benchmarks/imbalanced.py "${ROWS[@]}" ${GEN:+--generator "$GEN"} --report-only --seeds $SEEDS > "$WORK/report.log" 2>&1 || log "report failed"
 log "rows finished: $(($(wc -l < "$WORK/lt/runs.csv" 2>/dev/null || echo 1) - 1))"
 cp "$WORK/session.log" "$OUT/session.log"
