@@ -27,7 +27,7 @@ from .augment import accelerate, check_acceleration, filtered_generate, load_gen
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
-from .images import to_unit_float
+from .images import source_unit
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .shards import read_folder
@@ -49,14 +49,6 @@ def _like(q: torch.Tensor, like):
     from PIL import Image
     out = Image.fromarray(np.ascontiguousarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc))
     return out if out.mode == like.mode else out.convert(like.mode)
-
-
-def _unit(image) -> torch.Tensor:
-    """A source image as the generator takes it: float CHW in [0, 1]. The model sees gray or
-    RGB; other PIL modes (palette, alpha, 1-bit, 16-bit) go through those."""
-    if not isinstance(image, (torch.Tensor, np.ndarray)) and getattr(image, "mode", "L") not in ("L", "RGB"):
-        image = image.convert("L" if image.mode in ("1", "LA", "La", "I", "I;16", "F") else "RGB")
-    return to_unit_float(image)
 
 
 class BalancedDKGMDataset(torch.utils.data.Dataset):
@@ -257,7 +249,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     def _make(self, js: list, images: list, model):
         """Synthetic images ``js`` (from source ``images``) as uint8 CHW tensors, generated in one
         batch per image size, and the digests of their sources."""
-        xs = [_unit(image) for image in images]
+        xs = [source_unit(image) for image in images]
         out = [None] * len(js)
         for shape in dict.fromkeys(tuple(x.shape) for x in xs):
             ks = [k for k, x in enumerate(xs) if tuple(x.shape) == shape]
@@ -284,7 +276,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         for j, image in images.items():
             if self._checked[j]:
                 continue
-            if cache_file.digest(_unit(image)) != bytes(self._digests[j].numpy()):
+            if cache_file.digest(source_unit(image)) != bytes(self._digests[j].numpy()):
                 raise DKGMError(f"cache file {self._cache_path} was made from other images (source item "
                                 f"{self.source_index(self.n_real + j)} differs); delete it or pass a new cache "
                                 "path (if the base dataset applies random transforms, move them to transform=)")

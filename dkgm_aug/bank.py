@@ -35,7 +35,7 @@ from .augment import accelerate, check_acceleration, filtered_generate, load_gen
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
-from .images import to_unit_float
+from .images import source_unit
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .sampling import plain_label
@@ -65,14 +65,6 @@ def mix(*parts) -> np.ndarray:
 def neighbour_seed(seed: int, index: int, r: int) -> int:
     """Noise seed of neighbour ``r`` of item ``index`` in a bank seeded ``seed``, in [0, 2**63)."""
     return int(mix(seed, index, r) >> np.uint64(1))
-
-
-def source_unit(image) -> torch.Tensor:
-    """A source image as the generator takes it: float CHW in [0, 1]. The model sees gray or
-    RGB; other PIL modes (palette, alpha, 1-bit, 16-bit) go through those."""
-    if not isinstance(image, (torch.Tensor, np.ndarray)) and getattr(image, "mode", "L") not in ("L", "RGB"):
-        image = image.convert("L" if image.mode in ("1", "LA", "La", "I", "I;16", "F") else "RGB")
-    return to_unit_float(image)
 
 
 def _field(item, key, index):

@@ -63,6 +63,14 @@ def to_unit_float(img) -> torch.Tensor:
     return check_unit_range(x.float())
 
 
+def source_unit(image) -> torch.Tensor:
+    """A source image as the generator takes it: float CHW in [0, 1]. The model sees gray or
+    RGB; other PIL modes (palette, alpha, 1-bit, 16-bit) go through those."""
+    if not isinstance(image, (torch.Tensor, np.ndarray)) and getattr(image, "mode", "L") not in ("L", "RGB"):
+        image = image.convert("L" if image.mode in ("1", "LA", "La", "I", "I;16", "F") else "RGB")
+    return to_unit_float(image)
+
+
 def to_model(x01: torch.Tensor) -> torch.Tensor:
     return x01 * 2 - 1
 
