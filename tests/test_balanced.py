@@ -6,7 +6,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import micro_model
 from imblearn.utils import check_sampling_strategy
 from PIL import Image
 
@@ -15,18 +14,6 @@ from dkgm_aug import CheckpointError, DataError, DKGMError
 from dkgm_aug.balanced import BalancedDKGMDataset, oversampling_targets
 
 LABELS = [0] * 6 + [1] * 3 + [2] * 1   # three classes: 6 + 3 + 1 items
-
-
-@pytest.fixture(scope="module")
-def gen(tmp_path_factory) -> str:
-    """A micro generator whose outputs depend on the input and the noise."""
-    torch.manual_seed(0)
-    m = micro_model(image_size=8)
-    for stage in (m.stage1, m.stage2):   # zero-initialised output convs would give constant images
-        torch.nn.init.normal_(stage.conv_out.weight, std=0.5)
-    path = tmp_path_factory.mktemp("gen") / "g.safetensors"
-    m.save(path)
-    return str(path)
 
 
 class Images(torch.utils.data.Dataset):
