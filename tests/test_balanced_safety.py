@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import SafetensorError
-import test_balanced
 from test_balanced import LABELS, Images
 
 import dkgm_aug.cache as cache_file
@@ -20,7 +19,6 @@ from dkgm_aug import CheckpointError, DataError, DKGMError
 from dkgm_aug.balanced import BalancedDKGMDataset
 from dkgm_aug.sampling import read_labels
 
-gen = test_balanced.gen   # the micro generator fixture
 
 
 def inverted(ds: Images, only=None) -> Images:
