@@ -15,10 +15,11 @@
 #   QUICK=1 DEVICE=cpu OUT=/tmp/gs bash benchmarks/gpu_session.sh   # the CPU dry run (digits, 1 epoch)
 #
 # Settings (environment): DEVICE (cuda), MINUTES (7.5: the whole budget), LAUNCH_MINUTES (6: no
-# run starts after this), PARALLEL (5 plain + 5 DKGM), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
+# run starts after this), PARALLEL (5 plain rows at a time), DKGM_PARALLEL (3), EPOCHS (30), SEEDS ("0 1 2"), LT1/LT2 (stage budgets
 # of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small);
-# GENERATOR=path: a second call that runs only the DKGM rows with that generator (DKGM_PARALLEL);
-# GENERATORS ("lt fm digits": which to train), PLAIN_METHODS, DKGM_METHODS (the rows to run).
+# GENERATOR=path: a second call that runs the DKGM rows with that generator (DKGM_PARALLEL);
+# GENERATORS ("lt fm digits", none with GENERATOR: which to train; lt is ignored with GENERATOR),
+# CHUNK (200: a generator's steps between time checks), PLAIN_METHODS, DKGM_METHODS (the rows to run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
@@ -29,7 +30,8 @@ PARALLEL=${PARALLEL:-5}
 EPOCHS=${EPOCHS:-30}
 SEEDS=${SEEDS:-"0 1 2"}
 PRESET=${PRESET:-small}
-GENERATORS=${GENERATORS:-"lt fm digits"}
+GENERATORS=${GENERATORS-$( [ -n "${GENERATOR:-}" ] || echo "lt fm digits")}
+CHUNK=${CHUNK:-200}
 PLAIN_METHODS=${PLAIN_METHODS:-"ros balanced_softmax ldam_drw ce | cb_loss drw randaug mixup smote mixup_drw"}
 DKGM_METHODS=${DKGM_METHODS:-"dkgm_balanced ros_dkgm"}
 OUT=${OUT:-runs/gpu_session}
@@ -66,23 +68,28 @@ if command -v nvidia-smi > /dev/null; then
     SMI_PID=$!
 fi
 
-if [ -n "${GENERATOR:-}" ]; then   # a second call: only the DKGM rows, with a generator made earlier
+gen() {   # gen NAME ARGS...: one gpu_generator.py run, logged
+    local name=$1; shift
+    $PY benchmarks/gpu_generator.py "${GQ[@]}" --device "$DEVICE" --preset "$PRESET" --chunk "$CHUNK" --out "$WORK/$name" "$@" \
+        > "$WORK/$name.log" 2>&1 && log "generator $name done" || log "generator $name FAILED"
+}
+other_gens() {   # the generators that the rows do not wait for: full Fashion-MNIST, digits
+    [[ " $GENERATORS " == *" fm "* ]] && gen fm_gen --data "$FM_DATA" --stage1-minutes "$FM1" --stage2-minutes "$FM2" &
+    [[ " $GENERATORS " == *" digits "* ]] && gen digits_gen --data digits --preset tiny --batch-size 256 --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
+}
+
+if [ -n "${GENERATOR:-}" ]; then   # a second call: the DKGM rows with a generator made earlier (and GENERATORS, if named)
     LT_PID=; GEN=$GENERATOR
+    other_gens
 else
 # 1. the split the classifiers fit on, and nothing else
 $PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
 
 # 2. generators, in the background
-gen() {   # gen NAME ARGS...: one gpu_generator.py run, logged
-    local name=$1; shift
-    $PY benchmarks/gpu_generator.py "${GQ[@]}" --device "$DEVICE" --preset "$PRESET" --out "$WORK/$name" "$@" \
-        > "$WORK/$name.log" 2>&1 && log "generator $name done" || log "generator $name FAILED"
-}
 [[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" \
     --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
 LT_PID=$!
-[[ " $GENERATORS " == *" fm "* ]] && gen fm_gen --data "$FM_DATA" --stage1-minutes "$FM1" --stage2-minutes "$FM2" &
-[[ " $GENERATORS " == *" digits "* ]] && gen digits_gen --data digits --preset tiny --batch-size 256 --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
+other_gens
 
 # 3. + 4. the rows: one imbalanced.py process per (method, knobs, seed), launched until LAUNCH_END
 : > "$WORK/plain.txt"
@@ -108,7 +115,7 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
         done
     done
     log "DKGM rows start with $GEN"
-    PARALLEL=${DKGM_PARALLEL:-$PARALLEL} rows "$WORK/dkgm.txt" &
+    PARALLEL=${DKGM_PARALLEL:-3} rows "$WORK/dkgm.txt" &   # 12 at once saturated an H200: none finished in 8.5 min
 }
 
 # 5. the deadline (never blocking on a job), the report, the pack

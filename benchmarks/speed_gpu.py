@@ -7,7 +7,7 @@ of a few timed calls after a warm-up, variants taking turns, ``torch.cuda.synchr
 
 1. ``DKGMAugment`` per image and on batches of 64 to 16,384 uint8 images on the GPU, next to
    torchvision's ``RandAugment`` on the same batch, and the share of the time spent drawing
-   each image's seeded noise on the CPU.
+   each image's seeded noise (Philox counters in torch ops, on the device).
 2. Precision and compilation: fp32 (the default), fp16/bf16 autocast, fp16/bf16 weights
    (``model.half()``: the library path follows the model's dtype), channels-last and
    ``torch.compile`` (default and ``mode="reduce-overhead"``, i.e. CUDA graphs), with the
@@ -51,8 +51,8 @@ def section_batches(gen_name, model, batches, reps, dev, sync):
     t = race({"one": lambda: [aug(single) for _ in range(k)]}, reps, sync)["one"]
     lines = ["### Throughput vs batch size on the GPU", "",
              f"{h}x{w} uint8 images already on the device, `{gen_name}` ({unet_calls(model)} U-Net calls per image). "
-             "`noise share` = time to draw each image's seeded noise on the CPU and copy it over "
-             "(part of every DKGM call: it makes an image's neighbour independent of its batch), "
+             "`noise share` = time to draw each image's seeded noise on the device "
+             "(Philox counters in torch ops; part of every DKGM call: it makes an image's neighbour independent of its batch), "
              "over the fp32 call's time.", "",
              "| input | batch | DKGMAugment fp32 images/s | DKGMAugment fp16 weights images/s | noise share (fp32) | "
              "RandAugment images/s | DKGM fp32 / RandAugment |", "|---|---|---|---|---|---|---|",
