@@ -53,6 +53,13 @@ and keep it: with per-item noise seeds this gives the same images as ``precomput
 uniform sampling, but only the items the run draws are made. ``--generator`` defaults to the
 shipped model for ``--data``, which was trained on the *full* training split and so has seen
 tail-class images the classifiers have not; the report prints each generator's training data.
+``--bank K`` makes the augmented rows (dkgm_augment, ros_dkgm, loss_dkgm) draw each neighbour from
+a ``NeighbourBank`` of K neighbours per minority-class training image instead of generating it:
+made once (bank seed 0, so every classifier seed sees the same neighbours, and with the label
+filter when one is set) into ``<out>/banks/``, resumable shard by shard and reopened by its
+fingerprint, so the generator's cost is paid once per generator and split, not per row. The
+neighbour then replaces the image *before* the base shift (the bank knows images by their
+pixels), where online generation works on the shifted image. ``bank=K`` is a knob of those rows.
 Rows are appended to ``runs.csv`` as each run ends (``--resume`` skips the done ones), and the
 report is rebuilt from every row of that file with the same settings.
 
@@ -72,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dkgm_aug import BalancedDKGMDataset, DKGMAugment, LabelFilter
+from dkgm_aug import BalancedDKGMDataset, BankAugment, DKGMAugment, LabelFilter
 from dkgm_aug.nn import evaluating
 from dkgm_aug.data import PROFILES, stratified_holdout
 from common import SHIPPED, cpu_name, long_tailed_split, tail_classes
@@ -245,6 +252,19 @@ def label_filter(args):
     return f
 
 
+def neighbour_bank(args, lt, minority):
+    """``--bank K``: K neighbours of every minority-class training image, made once with bank seed 0
+    (so every classifier seed sees the same neighbours) into a resumable folder of shards under
+    ``--out``, reopened by its fingerprint (generator, knobs, filter, images) by later runs."""
+    from dkgm_aug import NeighbourBank
+    indices = torch.nonzero(minority[lt.targets]).flatten()
+    gen = generator_for("ros_dkgm", args, lt, 0)
+    stem = f"{Path(str(gen)).stem}-k{args.bank}" + ("-filtered" if args.label_filter else "")
+    bank = NeighbourBank(lt, gen, k=args.bank, indices=indices, seed=0, device=args.device,
+                         label_filter=label_filter(args), path=Path(args.out) / "banks" / stem)
+    return bank.build(progress=not args.quick)
+
+
 def rejection_share(*filters) -> str:
     """Share of drawn neighbours the runs' label filters rejected ('' without a filter)."""
     filters = [f for f in filters if f is not None]
@@ -301,11 +321,20 @@ class Augmenter:
         from torchvision.transforms import v2
         self.shift, self.minority = args.shift, counts < counts.max()   # "minority": every class but the largest
         self.randaug = v2.RandAugment() if method == "randaug" else None
+        self.bank = neighbour_bank(args, lt, self.minority) if method in AUGMENTED and args.bank else None
         self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed, device=args.device,
-                                 label_filter=label_filter(args)) if method in AUGMENTED else None)
+                                 label_filter=label_filter(args)) if method in AUGMENTED and not args.bank else None)
+        self.picker = BankAugment(self.bank, p=args.dkgm_p, seed=seed) if self.bank is not None else None
         self.seconds, self.n_changed = 0.0, 0
 
     def __call__(self, x, y, g):
+        if self.picker is not None and self.minority[y].any():   # the bank knows the unshifted pixels: first
+            t, m = time.perf_counter(), self.minority[y]
+            before = x[m]
+            x = x.clone()
+            x[m] = self.picker(before)
+            self.seconds += time.perf_counter() - t
+            self.n_changed += int((x[m] != before).flatten(1).any(1).sum())
         x = random_shift(x, self.shift, g)
         if self.randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
             x = torch.stack([self.randaug(im) for im in x])
@@ -405,6 +434,8 @@ KNOBS = {"drw": ("drw_start",), "ldam_drw": ("drw_start", "ldam_margin", "ldam_s
          "evae_balanced": ("evae",), "kss_balanced": ("kss",)}
 for _m in GENERATIVE:      # a label filter is a knob of every generative method (shown only when set)
     KNOBS[_m] += ("label_filter",)
+for _m in AUGMENTED:       # so is a neighbour bank of the methods that augment batches (shown only when set)
+    KNOBS[_m] += ("bank",)
 
 
 def knob_value(name: str, args):
@@ -425,7 +456,7 @@ def knobs_of(method: str, args) -> str:
     if method == "loss_dkgm":
         names = names + KNOBS.get(args.combine_loss, ())
     return " ".join(f"{n}={knob_value(n, args)}" for n in dict.fromkeys(names)
-                    if n != "label_filter" or args.label_filter)
+                    if (n != "label_filter" or args.label_filter) and (n != "bank" or args.bank))
 
 
 def config_of(args) -> dict:
@@ -699,6 +730,9 @@ def main(argv=None) -> int:
     p.add_argument("--evae-epochs", type=int, default=4)
     p.add_argument("--evae-dz", type=int, default=32)
     p.add_argument("--dkgm-p", type=float, default=0.5, help="DKGMAugment's p in dkgm_augment and ros_dkgm")
+    p.add_argument("--bank", type=int, default=0, metavar="K",
+                   help="augmented rows (dkgm_augment, ros_dkgm, loss_dkgm) draw from a bank of K neighbours per "
+                        "minority image, made once and shared by seeds and methods, instead of generating online")
     p.add_argument("--label-filter", metavar="EVALUATOR", default=None,
                    help="generative methods: reject neighbours this classifier (a shipped evaluator name or a "
                         "FeatureNet file) puts in another class; one that saw the full training split is an upper bound")

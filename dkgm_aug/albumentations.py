@@ -16,8 +16,8 @@ from albumentations.core.transforms_interface import ImageOnlyTransform
 
 from .augment import filtered_generate
 from .dkgm import check_knobs
-from .errors import DataError, DKGMError
-from .images import check_unit_range
+from .errors import DKGMError
+from .images import numpy_batch, to_unit_hwc
 from .label_filter import check_label_filter
 from .transforms import GeneratorHandle, check_p
 
@@ -47,15 +47,9 @@ class DKGMAugment(ImageOnlyTransform):
         return {"noise_seed": int(self.random_generator.integers(0, 2 ** 62))}
 
     def apply(self, img: np.ndarray, noise_seed: int = 0, **params) -> np.ndarray:
-        x01 = to_unit_hwc(img)
-        if img.ndim not in (2, 3):
-            raise DataError(f"expected a numpy HxW or HxWxC image, got shape {img.shape}")
-        x01 = (x01[..., None] if img.ndim == 2 else x01).permute(2, 0, 1)[None]
-        out = filtered_generate(self.handle.get(), x01, [noise_seed], self.alpha, self.steps, self.convert_channels,
-                                label_filter=self.label_filter)
-        out = out[0].permute(1, 2, 0).numpy()
-        out = out[..., 0] if img.ndim == 2 else out
-        return (out * 255).round().astype(np.uint8) if img.dtype == np.uint8 else out.astype(np.float32)
+        x01, restore = numpy_batch(img)
+        return restore(filtered_generate(self.handle.get(), x01, [noise_seed], self.alpha, self.steps,
+                                         self.convert_channels, label_filter=self.label_filter))
 
     @property
     def ckpt(self):
@@ -73,15 +67,3 @@ class DKGMAugment(ImageOnlyTransform):
             raise DKGMError("a DKGMAugment built from a model object cannot be serialised; build it from a "
                             "checkpoint path or shipped name (save the model with model.save(path))")
         return super().to_dict_private()
-
-
-def to_unit_hwc(img) -> torch.Tensor:
-    """A numpy image or batch (uint8, or float32 in [0, 1]) as float32 in [0, 1], same layout."""
-    if not isinstance(img, np.ndarray) or img.size == 0:
-        got = getattr(img, "shape", type(img).__name__)
-        raise DataError(f"expected a non-empty numpy HxW or HxWxC image, got {got}")
-    if img.dtype == np.uint8:
-        return torch.from_numpy(img.astype(np.float32) / 255.0)
-    if img.dtype != np.float32:
-        raise DataError(f"images must be uint8 or float32 in [0, 1], got {img.dtype}")
-    return check_unit_range(torch.from_numpy(img.copy()))

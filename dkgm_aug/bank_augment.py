@@ -10,13 +10,13 @@ not hold raises a ``DataError`` at any ``p`` (``missing="keep"`` passes it throu
 >>> bank = NeighbourBank(train_set, "fashion-mnist-tiny", k=8, path="bank.safetensors").build()  # doctest: +SKIP
 >>> train_set.transform = v2.Compose([BankAugment(bank, p=0.5, seed=0), v2.RandomHorizontalFlip()])  # doctest: +SKIP
 """
-import torch
 from torchvision.transforms import v2
 
 from . import cache as cache_file
 from .bank import NeighbourBank
 from .errors import DataError, DKGMError
-from .transforms import DKGMAugment, SeedSource, batch_size, check_p, to_batch
+from .images import tensor_unit, to_batch
+from .transforms import DKGMAugment, SeedSource, batch_size, check_p
 
 __all__ = ["BankAugment"]
 
@@ -61,7 +61,7 @@ class BankAugment(v2.Transform):
         out = x01.clone()
         for i in todo:
             q = self.bank.neighbour(rows[i], params["pick"][i] % self.bank.k)
-            out[i] = q.to(out.device, torch.float32) / 255
+            out[i] = tensor_unit(q.to(out.device))
         return restore(out)
 
     def extra_repr(self) -> str:

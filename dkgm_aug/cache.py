@@ -1,6 +1,7 @@
 """The cache file of :class:`~dkgm_aug.balanced.BalancedDKGMDataset`: every synthetic image (uint8
 CHW) in one safetensors file, with the fingerprint of what made them (plan, generator, knobs)
-in its metadata and, per image, a digest of the source image it was generated from."""
+in its metadata and, per image, a digest of the source image it was generated from (the format
+``balanced-cache`` of :data:`dkgm_aug.checkpoint.FORMATS`)."""
 import contextlib
 import hashlib
 import json
@@ -9,19 +10,19 @@ import stat
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, resolve
+from .checkpoint import FORMATS, FormatError, read_tensors, resolve, write_tensors
 from .errors import CheckpointError, DKGMError
+from .files import _cause
 
 try:
     import fcntl
 except ImportError:   # not POSIX (Windows): writes go unlocked
     fcntl = None
 
-FORMAT = 2
-KEY = "dkgm_aug_balanced"
+FORMAT = FORMATS["balanced-cache"].version
+KEY = FORMATS["balanced-cache"].key
 DIGEST_BYTES = 16
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
           (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
@@ -85,20 +86,19 @@ def read(path, expected: dict):
     DKGMError for a file that is not such a cache, CheckpointError for a damaged one."""
     check_path(Path(path))
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if KEY not in meta:   # someone else's file: never overwrite it
-                raise DKGMError(f"{path} is not a BalancedDKGMDataset cache; pass another cache path")
-            saved = json.loads(meta[KEY])
-            if saved.get("format") != FORMAT:
-                raise DKGMError(f"cache file {path} is in cache format {saved.get('format')}, this dkgm_aug uses "
-                                f"{FORMAT}; delete it or pass a new cache path")
-            images, digests = f.get_tensor("images"), f.get_tensor("sources")
+        meta, tensors = read_tensors(path, "balanced-cache", names=("images", "sources"))
+        saved = json.loads(meta[KEY])
+        if saved.get("format") != FORMAT:
+            raise DKGMError(f"cache file {path} is in cache format {saved.get('format')}, this dkgm_aug uses "
+                            f"{FORMAT}; delete it or pass a new cache path")
+        images, digests = tensors["images"], tensors["sources"]
         ok = (images.dtype == digests.dtype == torch.uint8 and _sha256(images) == meta["images_sha256"]
               and _sha256(digests) == meta["sources_sha256"])
-    except DKGMError:
+    except FormatError as exc:   # someone else's file: a DKGMError, so that it is never overwritten
+        raise DKGMError(f"{exc}; pass another cache path") from None
+    except DKGMError:            # a damaged file (CheckpointError), or a cache of another format
         raise
-    except Exception as exc:   # safetensors raises its own error types on damaged files
+    except Exception as exc:     # metadata that is not what write() writes
         raise CheckpointError(f"cache file {path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
     if not ok:
         raise CheckpointError(f"cache file {path} is corrupt (its images do not match their checksum)")
@@ -116,19 +116,14 @@ def write(path, images: torch.Tensor, digests: torch.Tensor, fingerprint: dict) 
     path = Path(path)
     check_path(path)
     meta = {KEY: json.dumps(fingerprint), "images_sha256": _sha256(images), "sources_sha256": _sha256(digests)}
-
-    def save(tmp):
-        try:
-            save_file({"images": images.contiguous(), "sources": digests.contiguous()}, tmp, metadata=meta)
-        except SafetensorError as exc:   # e.g. "No space left on device", which names no file
-            raise CheckpointError(f"could not write cache file {path}: {exc}") from None
-
+    tensors = {"images": images.contiguous(), "sources": digests.contiguous()}
     try:
         with _locked(path):
             _check_overwrite(path, meta)
-            atomic_write(path, save)
-    except OSError as exc:
-        raise CheckpointError(f"could not write cache file {path}: {exc}") from None
+            # serialize: this module's save_file, which tests replace (a full disk, the lock held)
+            write_tensors(path, tensors, meta, "balanced-cache", serialize=save_file)
+    except (OSError, CheckpointError) as exc:   # the lock file, or the write (e.g. "No space left on device")
+        raise CheckpointError(f"could not write cache file {path}: {_cause(exc.__cause__ or exc)}") from None
 
 
 @contextlib.contextmanager
@@ -148,13 +143,12 @@ def _check_overwrite(path: Path, meta: dict) -> None:
     """Refuse to replace a file that is not a cache, or a cache of another plan or other sources:
     another process (or dataset) wrote it since this one looked, and would silently lose it."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            old = f.metadata() or {}
-        other = (json.loads(old[KEY]), old.get("sources_sha256")) if KEY in old else None
+        old, _ = read_tensors(path, "balanced-cache", names=())
+        other = (json.loads(old[KEY]), old.get("sources_sha256"))
+    except FormatError as exc:   # someone else's file
+        raise DKGMError(f"{exc}; pass another cache path") from None
     except Exception:   # missing, or damaged: nothing to lose
         return
-    if other is None:
-        raise DKGMError(f"{path} is not a BalancedDKGMDataset cache; pass another cache path")
     if other != (json.loads(meta[KEY]), meta["sources_sha256"]):
         raise DKGMError(f"cache file {path} now holds the images of another dataset plan or other source images "
                         "(written by another process or dataset since this one checked it); give each dataset "

@@ -27,22 +27,22 @@ Errors: every problem reading or writing a checkpoint, OS errors included (a mis
 file, a directory, no permission, a full disk), raises :class:`~dkgm_aug.errors.CheckpointError`
 naming the file; the OS or safetensors error is kept as ``__cause__``.
 
-Writes go through :func:`atomic_write`: a temp file ``.{name}.{host}.{pid}.XXXXXXXX.tmp``
-beside the destination, renamed onto it when complete. A writer killed mid-write
-(SIGKILL, power loss) leaves its temp file behind; the next write to the same path
-deletes it once its writer (same host) is no longer running, and deletes temp files
-of older dkgm_aug versions (no pid in the name) after an hour.
+Writes go through :func:`dkgm_aug.files.atomic_write`: a reader sees the old file or the whole new one.
+
+Every file the library writes, not only generators, goes through one file layer here:
+:data:`FORMATS` names each format (metadata key, version), :func:`write_tensors` writes a file
+atomically with the tag ``"dkgm_aug_format": "<name>/<version>"`` beside the format's own key,
+:func:`read_tensors` refuses a file of another format with a :class:`FormatError` naming both, and
+:func:`describe` says what any such file is, older files without the tag included.
 """
 import json
 import os
 import re
-import socket
 import struct
-import tempfile
-import time
 import warnings
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,20 +50,15 @@ from safetensors.torch import save_file
 
 from ._validate import check_int
 from .errors import CheckpointError, DKGMError
+from .files import OLD_TEMP_AGE_S, _HOST, _cause, atomic_write  # noqa: F401  (here for older imports and tests)
 
 FORMAT_VERSION = 1
 METADATA_KEY = "dkgm_aug"
 MAX_HEADER_BYTES = 16 * 2 ** 20
 MAX_METADATA_CHARS = 2 ** 20
 MAX_MODEL_BYTES = 2 * 2 ** 30
-OLD_TEMP_AGE_S = 3600
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# The writer's host in temp names, without dots so that the name splits unambiguously.
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-# What follows ".{name}." in a temp name: "{host}.{pid}." (absent in older versions), then
-# mkstemp's 8 random characters and ".tmp".
-_TEMP_TAIL = re.compile(r"^(?:([A-Za-z0-9-]+)\.(\d{1,10})\.)?[a-z0-9_]{8}\.tmp$")
 
 
 # The model classes checkpoints may hold, by kind. Filled by @register_kind as their modules
@@ -88,81 +83,6 @@ def model_kinds() -> dict:
     """Every model class that checkpoints may hold, by its ``kind``."""
     from . import dkgm, kss, vae  # noqa: F401  (importing them registers their classes)
     return dict(_KINDS)
-
-
-def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: readers never see half a file.
-
-    OS and safetensors errors (a full disk, a read-only folder) raise CheckpointError naming ``path``.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_HOST}.{os.getpid()}.",
-                                   suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"could not write {path}: {_cause(exc)}; {path.name} is unchanged "
-                              "(the write is all or nothing)") from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete the temp files that writers of ``path`` killed mid-write left beside it (best effort)."""
-    prefix = f".{path.name}."
-    try:
-        with os.scandir(path.parent) as entries:
-            tails = [e.name[len(prefix):] for e in entries if e.name.startswith(prefix)]
-    except OSError:          # an unlistable folder: nothing to clean, and the write may still work
-        return
-    for tail in tails:
-        file = path.parent / (prefix + tail)
-        with suppress(OSError):    # removed by another writer meanwhile, or not ours to remove
-            if _is_stale(file, tail):
-                file.unlink()
-
-
-def _is_stale(file: Path, tail: str) -> bool:
-    match = _TEMP_TAIL.match(tail)
-    if match is None:
-        return False
-    host, pid = match.groups()
-    if host is None:        # written by an older version: no writer to ask, so go by age
-        return time.time() - file.stat().st_mtime > OLD_TEMP_AGE_S
-    return host == _HOST and not _running(int(pid))
-
-
-def _running(pid: int) -> bool:
-    if os.name == "nt":     # os.kill(pid, 0) would interrupt the process there, not probe it
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):   # another user's process, or not a pid at all: leave it
-        return True
-    return True
-
-
-def save(model, path, **info) -> None:
-    """Write ``model`` to ``path`` (safetensors). ``info`` is merged into ``model.info`` first."""
-    from . import __version__
-    model.info.update(info)
-    meta = dict(format_version=FORMAT_VERSION, kind=model.kind, library_version=__version__,
-                value_range=[-1.0, 1.0], config=model.config())
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
 def list_pretrained() -> list:
@@ -207,11 +127,6 @@ def _reading(path):
         raise CheckpointError(f"could not read checkpoint {path}: {_cause(exc)}") from exc
 
 
-def _cause(exc) -> str:
-    """An OS error's reason without its file name (a temp file's, or the one already named)."""
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-
-
 def _header(path: Path) -> tuple:
     """``(header length, file size)`` of a safetensors file, the length checked against both."""
     with _reading(path):
@@ -227,19 +142,139 @@ def _header(path: Path) -> tuple:
     return header_len, size
 
 
-def read_metadata(path) -> dict:
-    """Parse and check the JSON metadata of a checkpoint without reading its tensors."""
+# -- the file layer: every file the library writes ---------------------------------------------------
+
+FORMAT_KEY = "dkgm_aug_format"
+
+
+class FormatError(CheckpointError):
+    """A file of another format than the one asked for (the message names both), or no dkgm_aug file."""
+
+
+class Format(NamedTuple):
+    key: str                  # the metadata key that holds the format's JSON
+    version: int              # written as FORMAT_KEY = "<name>/<version>"
+    title: str                # what messages call such a file
+    writer: str               # what writes it
+    version_field: str = ""   # where files from before FORMAT_KEY keep their version in the JSON (else 1)
+
+
+# Every file the library writes, by format name (docs/design.md, section 3).
+FORMATS = {
+    "generator": Format(METADATA_KEY, FORMAT_VERSION, "dkgm_aug checkpoint", "dkgm_aug.checkpoint.save",
+                        "format_version"),
+    "trainer-state": Format("state", 1, "training state", "dkgm_aug.train.state.write_state"),
+    "feature-net": Format("dkgm_aug_featurenet", 1, "FeatureNet file", "dkgm_aug.features.save_feature_net"),
+    "balanced-cache": Format("dkgm_aug_balanced", 2, "BalancedDKGMDataset cache", "dkgm_aug.cache.write", "format"),
+    "shard": Format("dkgm_aug_shard", 1, "dkgm_aug shard or bank file", "dkgm_aug.shards.write_shard", "format"),
+}
+
+
+def write_tensors(path, tensors: dict, meta: dict, fmt: str, serialize=None) -> None:
+    """Write ``tensors`` and the metadata ``meta`` (``{key: string}``) to ``path`` atomically, as a file
+    of format ``fmt``: ``meta`` gains ``FORMAT_KEY``, and its keys are sorted, so that the file's bytes
+    depend on its content alone. ``serialize`` (tests: a full disk) replaces safetensors' ``save_file``."""
+    meta = {**meta, FORMAT_KEY: f"{fmt}/{FORMATS[fmt].version}"}
+
+    def write(tmp):
+        (serialize or save_file)(tensors, tmp, metadata=meta)
+        _sort_metadata(tmp)
+    atomic_write(path, write)
+
+
+def _sort_metadata(file) -> None:
+    """Rewrite a safetensors header in place with its metadata keys sorted (safetensors writes them in a
+    random order). The same JSON reordered has the same length, so no tensor moves."""
+    with open(file, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text.ljust(n))
+
+
+def format_of(meta: dict) -> tuple:
+    """``(name, version)`` of a file's format from its metadata: its ``FORMAT_KEY``, or for a file from
+    before it, the format whose key it holds (version None); ``(None, None)`` for other files."""
+    name, _, version = meta.get(FORMAT_KEY, "").partition("/")
+    if name:
+        return name, int(version) if version.isdigit() else None
+    return next(((name, None) for name, f in FORMATS.items() if f.key in meta), (None, None))
+
+
+def check_format(path, meta: dict, fmt: str) -> None:
+    """Raise FormatError unless the metadata ``meta`` of ``path`` is of format ``fmt`` at a version this
+    dkgm_aug reads. A file without ``FORMAT_KEY`` that holds the format's key has its older layout."""
+    name, version = format_of(meta)
+    want = FORMATS[fmt]
+    if name not in (None, fmt):
+        other = f"{FORMATS[name].title} ({name})" if name in FORMATS else f"file of an unknown format {name!r}"
+        raise FormatError(f"{path} is a {other}, not a {want.title} ({fmt})")
+    if want.key not in meta:
+        raise FormatError(f"{path} is a safetensors file but not a {want.title} (no {want.key!r} metadata)")
+    if version is not None and version > want.version:
+        raise FormatError(f"{path} was written in {fmt} format {version}; this dkgm_aug reads up to format "
+                          f"{want.version}: upgrade with `pip install -U dkgm-aug`")
+
+
+def read_tensors(path, fmt: str, names=None) -> tuple:
+    """``(metadata, tensors)`` of a file of format ``fmt`` (:func:`check_format`): the metadata as written
+    (``{key: string}``) and the tensors ``names`` (default: all; ``()``: none, for the metadata alone).
+    Every problem, OS errors included, raises CheckpointError naming the file."""
     path = Path(path)
     _header(path)
     with _reading(path):
         try:
             with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get(METADATA_KEY)
+                meta = f.metadata() or {}
+                check_format(path, meta, fmt)
+                tensors = {name: f.get_tensor(name) for name in (f.keys() if names is None else names)}
         except SafetensorError as exc:
-            raise CheckpointError(f"{path} is not a valid safetensors checkpoint: {exc}") from exc
-    if raw is None:
-        raise CheckpointError(f"{path} is a safetensors file but not a dkgm_aug checkpoint "
-                              f"(no {METADATA_KEY!r} metadata)")
+            raise CheckpointError(f"{path} is not a valid safetensors checkpoint (truncated or corrupt): "
+                                  f"{exc}") from exc
+    return meta, tensors
+
+
+def describe(path) -> dict:
+    """What a file the library wrote is, files from before ``FORMAT_KEY`` included: ``format`` (None:
+    not a dkgm_aug file), ``version``, ``tagged`` (it holds ``FORMAT_KEY``), ``tensors`` (how many),
+    ``meta`` (its format's JSON) and a one-line ``summary``."""
+    path = Path(path)
+    _header(path)
+    with _reading(path), safe_open(str(path), framework="pt") as f:
+        raw, n = f.metadata() or {}, len(list(f.keys()))
+    name, version = format_of(raw)
+    out = dict(format=name, version=version, tagged=FORMAT_KEY in raw, tensors=n, meta=None)
+    if name not in FORMATS or FORMATS[name].key not in raw:
+        return dict(out, summary=f"{path.name}: {n} tensors, not a file this dkgm_aug writes")
+    fmt = FORMATS[name]
+    try:
+        out["meta"] = json.loads(raw[fmt.key])
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: its {fmt.key!r} metadata is not valid JSON") from None
+    if version is None:
+        version = out["meta"].get(fmt.version_field, 1) if isinstance(out["meta"], dict) else 1
+    layout = "" if out["tagged"] else ", an older layout without a format tag"
+    return dict(out, version=version, summary=f"{path.name}: {fmt.title} ({name}/{version}{layout}), "
+                                               f"written by {fmt.writer}; {n} tensors")
+
+
+def save(model, path, **info) -> None:
+    """Write ``model`` to ``path`` (safetensors). ``info`` is merged into ``model.info`` first."""
+    from . import __version__
+    model.info.update(info)
+    meta = dict(format_version=FORMAT_VERSION, kind=model.kind, library_version=__version__,
+                value_range=[-1.0, 1.0], config=model.config())
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    write_tensors(path, tensors, {METADATA_KEY: json.dumps(meta)}, "generator")
+
+
+def read_metadata(path) -> dict:
+    """Parse and check the JSON metadata of a checkpoint without reading its tensors."""
+    path = Path(path)
+    raw = read_tensors(path, "generator", names=())[0][METADATA_KEY]
     if len(raw) > MAX_METADATA_CHARS:
         raise CheckpointError(f"{path}: checkpoint metadata is {len(raw):,} characters, over the "
                               f"{MAX_METADATA_CHARS:,} limit")
@@ -285,8 +320,8 @@ def load(path_or_name, device=None, max_bytes=MAX_MODEL_BYTES):
                               f"{_bytes(max_bytes)} limit (the largest preset, 'cifar', is 262 MiB); if you "
                               "trust this file, load it with dkgm_aug.load(path, max_bytes=None) (or a larger "
                               "max_bytes) and pass the model itself")
-    state = _read_tensors(path, {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()},
-                          model_bytes)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
+    state = _read_model_tensors(path, expected, model_bytes)
     model = cls.from_config(meta["config"])
     model.load_state_dict(state)
     return model.to(device).eval() if device is not None else model.eval()
@@ -296,7 +331,7 @@ def _bytes(n: int) -> str:
     return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
-def _read_tensors(path: Path, expected: dict, model_bytes: int) -> dict:
+def _read_model_tensors(path: Path, expected: dict, model_bytes: int) -> dict:
     """The tensors of ``path``, checked against ``expected`` (name: (shape, dtype)) and, before
     anything is read, against the ``model_bytes`` the config describes."""
     with _reading(path), safe_open(str(path), framework="pt") as f:

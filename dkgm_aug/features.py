@@ -25,17 +25,15 @@ import time
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import FORMATS, read_tensors, write_tensors
 from .errors import CheckpointError, DataError
 from .images import to_unit_float
 from .metrics import frechet_distance, sharpness
 from .nn import evaluating
 
-METADATA_KEY = "dkgm_aug_featurenet"
+METADATA_KEY = FORMATS["feature-net"].key
 
 
 def _block(c_in, c_out):
@@ -176,24 +174,17 @@ def accuracy(net: FeatureNet, dataset, batch_size: int = 500) -> float:
 def save_feature_net(net: FeatureNet, path) -> None:
     """Write ``net`` to a safetensors file (config in the metadata), atomically."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-    meta = {METADATA_KEY: json.dumps(net.config())}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_tensors(path, tensors, {METADATA_KEY: json.dumps(net.config())}, "feature-net")
 
 
 def load_feature_net(path, device=None) -> FeatureNet:
-    """Read a net written by :func:`save_feature_net`; returns it in eval mode."""
+    """Read a net written by :func:`save_feature_net`; returns it in eval mode. A file of another
+    format raises a FormatError naming both (a CheckpointError, as every unreadable file does)."""
+    meta, state = read_tensors(path, "feature-net")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            if raw is None:
-                raise CheckpointError(f"{path} is not a FeatureNet file (no {METADATA_KEY!r} metadata)")
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        cfg = json.loads(raw)
-        net = FeatureNet(**cfg)
+        net = FeatureNet(**json.loads(meta[METADATA_KEY]))
         net.load_state_dict(state)
-    except CheckpointError:
-        raise
-    except Exception as exc:   # safetensors / json / shape mismatches
+    except Exception as exc:   # json / config / shape mismatches
         raise CheckpointError(f"{path}: not a valid FeatureNet file ({type(exc).__name__}: {exc})") from None
     return net.to(device).eval() if device is not None else net.eval()
 

@@ -1,6 +1,18 @@
-"""Conversions at the library's edges: user images <-> the model's ``[-1, 1]`` floats."""
+"""The one place for image conversions: user images <-> [0, 1] floats <-> the model's ``[-1, 1]``.
+
+* ``tensor_unit`` / ``to_uint8``: the dtype rule (uint8, or float in [0, 1] checked by
+  ``check_unit_range``) and its inverse; every path below goes through them.
+* ``to_unit_float`` / ``source_unit``: one PIL image, numpy HWC array or CHW tensor -> float CHW.
+* ``collate_images``: dataset items -> a ``[B, C, H, W]`` batch in [0, 1].
+* ``to_unit_hwc``: albumentations' numpy images (uint8 or float32), any layout -> float in [0, 1].
+* ``to_batch``: a transform's input (CHW/BCHW tensor, PIL L/RGB, numpy HxW/HxWxC) -> a
+  ``[B, C, H, W]`` batch in [0, 1], with ``restore`` back to the input's type, dtype and shape.
+* ``to_model`` / ``from_model``: [0, 1] <-> [-1, 1].
+"""
 import numpy as np
+import PIL.Image
 import torch
+from torchvision import tv_tensors
 
 from .errors import DataError
 
@@ -36,6 +48,21 @@ def _range_hint(lo: float, hi: float) -> str:
     return "this looks like a [0, 255] image: divide by 255 (or pass it as uint8)"
 
 
+def tensor_unit(x: torch.Tensor, what: str = "images") -> torch.Tensor:
+    """A uint8 tensor (any shape) divided by 255, or a float one range-checked, as float32 in [0, 1]; the
+    one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range)."""
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise DataError(f"{what} must be uint8 or float in [0, 1], got {x.dtype}")
+    return check_unit_range(x.float())
+
+
+def to_uint8(x01: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] as uint8 in [0, 255], rounded half to even: the inverse of :func:`tensor_unit`."""
+    return (x01 * 255).round().to(torch.uint8)
+
+
 def check_chw(x: torch.Tensor) -> None:
     """Refuse a ``[..., H, W, C]`` tensor given where ``[..., C, H, W]`` is expected (a 28x28x1 image
     would otherwise be read as 28 channels of 28x1)."""
@@ -44,23 +71,28 @@ def check_chw(x: torch.Tensor) -> None:
                         "use .permute(2, 0, 1) (.permute(0, 3, 1, 2) for a batch) or transforms.v2.ToImage()")
 
 
+def _own_tensor(arr: np.ndarray) -> torch.Tensor:
+    # a C-order copy: never aliases the caller's array, and takes read-only (PIL's) and flipped arrays
+    return torch.from_numpy(arr.copy())
+
+
+def _with_channels(hw):
+    """An HxW image (array or tensor) as HxWx1; HxWxC ones as they are."""
+    return hw[..., None] if hw.ndim == 2 else hw
+
+
 def to_unit_float(img) -> torch.Tensor:
     """A PIL image, numpy HWC array or CHW tensor (uint8, or float in [0, 1]) as a float32 CHW tensor in [0, 1]."""
     if isinstance(img, torch.Tensor):
         check_chw(img)
         x = img
     elif isinstance(img, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(img[..., None] if img.ndim == 2 else img)).permute(2, 0, 1)
-    elif hasattr(img, "mode") and hasattr(img, "size"):   # PIL, without importing it here
-        arr = np.array(img)   # a copy: PIL's buffer is read-only
-        x = torch.from_numpy(np.ascontiguousarray(arr[..., None] if arr.ndim == 2 else arr)).permute(2, 0, 1)
+        x = _own_tensor(_with_channels(img)).permute(2, 0, 1)
+    elif hasattr(img, "mode") and hasattr(img, "size"):   # PIL, or anything that looks like it
+        x = _own_tensor(_with_channels(np.asarray(img))).permute(2, 0, 1)
     else:
         raise DataError(f"cannot read an image from {type(img).__name__}; give a PIL image, numpy array or tensor")
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
-    if not x.is_floating_point():
-        raise DataError(f"images must be uint8 or float in [0, 1], got {x.dtype}")
-    return check_unit_range(x.float())
+    return tensor_unit(x)
 
 
 def source_unit(image) -> torch.Tensor:
@@ -71,14 +103,6 @@ def source_unit(image) -> torch.Tensor:
     return to_unit_float(image)
 
 
-def to_model(x01: torch.Tensor) -> torch.Tensor:
-    return x01 * 2 - 1
-
-
-def from_model(x: torch.Tensor) -> torch.Tensor:
-    return ((x + 1) / 2).clamp(0, 1)
-
-
 def collate_images(items) -> torch.Tensor:
     """Collate dataset items (``image`` or ``(image, label, ...)``) into a ``[B, C, H, W]`` batch in [0, 1]."""
     imgs = [to_unit_float(it[0] if isinstance(it, (tuple, list)) else it) for it in items]
@@ -86,3 +110,82 @@ def collate_images(items) -> torch.Tensor:
     if len(shapes) != 1:
         raise DataError(f"images in a batch have different shapes {sorted(shapes)[:3]}; resize them first")
     return torch.stack(imgs)
+
+
+def to_unit_hwc(img) -> torch.Tensor:
+    """A numpy image or batch, albumentations' kind (uint8, or float32 in [0, 1]), as float32 in [0, 1], same layout."""
+    if not isinstance(img, np.ndarray) or img.size == 0:
+        got = getattr(img, "shape", type(img).__name__)
+        raise DataError(f"expected a non-empty numpy HxW or HxWxC image, got {got}")
+    if img.dtype not in (np.uint8, np.float32):
+        raise DataError(f"images must be uint8 or float32 in [0, 1], got {img.dtype}")
+    return tensor_unit(_own_tensor(img))
+
+
+def to_batch(inpt):
+    """``inpt`` as a float32 ``[B, C, H, W]`` batch in [0, 1], and a function ``restore`` that turns such a
+    batch back into ``inpt``'s type, dtype, shape and range (``tv_tensors`` stay wrapped).
+
+    Takes CHW or BCHW tensors (uint8, or float in [0, 1]), PIL images of mode L or RGB, and numpy
+    HxW or HxWxC arrays (uint8, or float32 in [0, 1]: :func:`numpy_batch`).
+
+    >>> x01, restore = to_batch(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    >>> tuple(x01.shape), restore(x01).dtype
+    ((1, 3, 8, 8), torch.uint8)
+    """
+    if isinstance(inpt, tv_tensors.Video):
+        raise DataError("DKGMAugment does not augment a tv_tensors.Video; to give each frame its own "
+                        "neighbour, pass the frames as tv_tensors.Image(video.flatten(0, -4))")
+    if isinstance(inpt, torch.Tensor):
+        return _tensor_batch(inpt)
+    if isinstance(inpt, PIL.Image.Image):
+        return _pil_batch(inpt)
+    if isinstance(inpt, np.ndarray):
+        return numpy_batch(inpt)
+    raise DataError(f"cannot augment a {type(inpt).__name__}; give a PIL image, a tensor or a numpy array")
+
+
+def _tensor_batch(inpt: torch.Tensor):
+    if inpt.ndim not in (3, 4):
+        raise DataError(f"tensor images must be CHW or BCHW, got shape {tuple(inpt.shape)}")
+    if min(inpt.shape[-2:]) == 0 or (inpt.ndim == 4 and inpt.shape[0] == 0):
+        raise DataError(f"empty image tensor of shape {tuple(inpt.shape)}")
+    check_chw(inpt)
+    x01 = tensor_unit(inpt if inpt.ndim == 4 else inpt[None], what="tensor images")
+
+    def restore(out):
+        y = to_uint8(out) if inpt.dtype == torch.uint8 else out.to(inpt.dtype)
+        y = y if inpt.ndim == 4 else y[0]
+        return tv_tensors.wrap(y, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else y
+    return x01, restore
+
+
+def _pil_batch(inpt: PIL.Image.Image):
+    if inpt.mode not in ("L", "RGB"):
+        raise DataError(f"PIL images must be mode 'L' or 'RGB', got {inpt.mode!r}; call .convert('RGB')")
+
+    def restore(out):
+        arr = to_uint8(out[0]).permute(1, 2, 0).cpu().numpy()
+        return PIL.Image.fromarray(arr[..., 0] if inpt.mode == "L" else arr, mode=inpt.mode)
+    return to_unit_float(inpt)[None], restore
+
+
+def numpy_batch(img: np.ndarray):
+    """:func:`to_batch` for one numpy HxW or HxWxC image (uint8, or float32 in [0, 1]), albumentations' kind."""
+    x01 = to_unit_hwc(img)
+    if img.ndim not in (2, 3):
+        raise DataError(f"expected a numpy HxW or HxWxC image, got shape {img.shape}")
+
+    def restore(out):
+        y = out[0].permute(1, 2, 0).cpu()
+        y = y[..., 0] if img.ndim == 2 else y
+        return to_uint8(y).numpy() if img.dtype == np.uint8 else y.numpy().astype(np.float32)
+    return _with_channels(x01).permute(2, 0, 1)[None], restore
+
+
+def to_model(x01: torch.Tensor) -> torch.Tensor:
+    return x01 * 2 - 1
+
+
+def from_model(x: torch.Tensor) -> torch.Tensor:
+    return ((x + 1) / 2).clamp(0, 1)

@@ -3,10 +3,11 @@
 A shard is one safetensors file holding rows ``start .. stop - 1`` of a precomputed set:
 ``images`` (uint8: ``[n, C, H, W]`` synthetic items of a ``BalancedDKGMDataset``, or
 ``[n, k, C, H, W]`` rows of a ``NeighbourBank``) and ``sources`` (per row, the digest of the source
-image it was made from, :func:`dkgm_aug.cache.digest`). Its metadata is one JSON value: the
-fingerprint of what made the rows, ``start``, ``stop`` and both tensors' checksums. One key, because
-safetensors writes several metadata keys in a random order: this way a shard's bytes depend on its
-content alone, so a run split over processes writes the same files as one process.
+image it was made from, :func:`dkgm_aug.cache.digest`). Its metadata is one JSON value (the format
+``shard`` of :data:`dkgm_aug.checkpoint.FORMATS`): the fingerprint of what made the rows, ``start``,
+``stop`` and both tensors' checksums. :func:`~dkgm_aug.checkpoint.write_tensors` sorts the metadata
+keys, so a shard's bytes depend on its content alone: a run split over processes writes the same
+files as one process.
 
 A folder (``dkgm-aug precompute``, or a bank ``path`` without ``.safetensors``) holds
 ``manifest.json`` (kind, fingerprint, row count, shard size) and ``shard-00000-of-00008.safetensors``
@@ -20,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ._validate import check_int
 from .cache import DIGEST_BYTES, check_path
-from .checkpoint import _header, atomic_write
+from .checkpoint import FORMATS, FormatError, _header, check_format, write_tensors
 from .errors import CheckpointError, DKGMError
+from .files import atomic_write
 
-KEY = "dkgm_aug_shard"
-FORMAT = 1
+KEY = FORMATS["shard"].key
+FORMAT = FORMATS["shard"].version
 MANIFEST = "manifest.json"
 _KINDS = {"bank": "a neighbour bank", "balanced": "the synthetic set of a BalancedDKGMDataset"}
 
@@ -55,7 +56,7 @@ def write_shard(path, images: torch.Tensor, sources: torch.Tensor, fingerprint: 
                 images_sha256=_sha256(images.numpy()), sources_sha256=_sha256(sources.numpy()))
     text = json.dumps(meta, sort_keys=True)
     check_path(Path(path))
-    atomic_write(path, lambda tmp: save_file({"images": images, "sources": sources}, tmp, metadata={KEY: text}))
+    write_tensors(path, {"images": images, "sources": sources}, {KEY: text}, "shard")
 
 
 def _layout(path: Path) -> tuple:
@@ -69,9 +70,11 @@ def _layout(path: Path) -> tuple:
         raise CheckpointError(f"could not read shard {path}: {exc}") from None
     except ValueError:
         raise CheckpointError(f"shard {path} is corrupt (its header is not JSON)") from None
-    raw = (header.pop("__metadata__", None) or {}).get(KEY)
-    if raw is None:
-        raise DKGMError(f"{path} is not a dkgm_aug shard or bank file; pass another path")
+    meta = header.pop("__metadata__", None) or {}
+    try:
+        check_format(path, meta, "shard")
+    except FormatError as exc:   # someone else's file: a DKGMError, so that it is never overwritten
+        raise DKGMError(f"{exc}; pass another path") from None
     tensors, end = {}, 0
     for name in ("images", "sources"):
         info = header.get(name) or {}
@@ -82,7 +85,7 @@ def _layout(path: Path) -> tuple:
     if 8 + header_len + end != size:
         raise CheckpointError(f"shard {path} is truncated or corrupt ({size} bytes, its header says "
                               f"{8 + header_len + end})")
-    return json.loads(raw), tensors
+    return json.loads(meta[KEY]), tensors
 
 
 def _array(path: Path, shape: tuple, offset: int) -> np.ndarray:

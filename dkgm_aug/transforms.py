@@ -37,7 +37,6 @@ The generator checkpoint loads lazily, so the transform pickles small for worker
 import numbers
 import threading
 
-import numpy as np
 import PIL.Image
 import torch
 from torchvision import tv_tensors
@@ -47,8 +46,8 @@ from torchvision.transforms.v2.functional import is_pure_tensor
 from ._validate import check_device, check_seed
 from .augment import accelerate, check_acceleration, check_image_size, filtered_generate, load_generator, model_device
 from .dkgm import check_knobs
-from .errors import DataError, DKGMError
-from .images import check_chw, check_unit_range, to_unit_float
+from .errors import DKGMError
+from .images import to_batch
 from .label_filter import check_label_filter
 
 _SEED_MAX = 2 ** 62
@@ -213,39 +212,3 @@ class DKGMAugment(v2.Transform):
 
 def batch_size(inpt) -> int:
     return inpt.shape[0] if isinstance(inpt, torch.Tensor) and inpt.ndim == 4 else 1
-
-
-def to_batch(inpt):
-    """``inpt`` as a float ``[B, C, H, W]`` batch in [0, 1], and a function that turns such a
-    batch back into ``inpt``'s type, dtype, shape and range."""
-    if isinstance(inpt, tv_tensors.Video):
-        raise DataError("DKGMAugment does not augment a tv_tensors.Video; to give each frame its own "
-                        "neighbour, pass the frames as tv_tensors.Image(video.flatten(0, -4))")
-    if isinstance(inpt, torch.Tensor):
-        if inpt.ndim not in (3, 4):
-            raise DataError(f"tensor images must be CHW or BCHW, got shape {tuple(inpt.shape)}")
-        if inpt.dtype != torch.uint8 and not inpt.is_floating_point():
-            raise DataError(f"tensor images must be uint8 or float in [0, 1], got {inpt.dtype}")
-        if min(inpt.shape[-2:]) == 0 or (inpt.ndim == 4 and inpt.shape[0] == 0):
-            raise DataError(f"empty image tensor of shape {tuple(inpt.shape)}")
-        check_chw(inpt)
-        x = inpt if inpt.ndim == 4 else inpt[None]
-        x01 = x.float() / 255.0 if x.dtype == torch.uint8 else check_unit_range(x.float())
-
-        def restore(out):
-            y = (out * 255).round().to(torch.uint8) if inpt.dtype == torch.uint8 else out.to(inpt.dtype)
-            y = y if inpt.ndim == 4 else y[0]
-            return tv_tensors.wrap(y, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else y
-        return x01, restore
-    if isinstance(inpt, PIL.Image.Image):
-        if inpt.mode not in ("L", "RGB"):
-            raise DataError(f"PIL images must be mode 'L' or 'RGB', got {inpt.mode!r}; call .convert('RGB')")
-        x01 = to_unit_float(inpt)[None]
-
-        def restore(out):
-            arr = (out[0] * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            return PIL.Image.fromarray(arr[..., 0] if inpt.mode == "L" else arr, mode=inpt.mode)
-        return x01, restore
-    if isinstance(inpt, np.ndarray):
-        raise DataError("numpy images go through dkgm_aug.albumentations.DKGMAugment (HWC), not the torchvision transform")
-    raise DataError(f"cannot augment a {type(inpt).__name__}; give a PIL image or a tensor")

@@ -175,6 +175,21 @@ def test_converged_quick_run_chooses_the_epoch_on_validation(imb, tmp_path):
     assert "(of 2)" in (tmp_path / "results.md").read_text()
 
 
+def test_bank_rows_draw_neighbours_from_one_shared_bank(imb, tmp_path):
+    """--bank K: the augmented rows take neighbours from a bank made once under --out and reused
+    by the next method (not remade), and the row records bank=K as a knob."""
+    assert imb.main(["--quick", "--methods", "ros_dkgm", "--bank", "2", "--out", str(tmp_path)]) == 0
+    banks = list((tmp_path / "banks").iterdir())
+    assert [b.name for b in banks] == ["digits-tiny-k2"]
+    made = {f.name: f.stat().st_mtime_ns for f in banks[0].iterdir()}
+    assert imb.main(["--quick", "--methods", "loss_dkgm", "--bank", "2", "--out", str(tmp_path)]) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in banks[0].iterdir()} == made
+    with open(tmp_path / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["ros_dkgm", "loss_dkgm"]
+    assert all("bank=2" in r["knobs"] and int(r["n_generated"]) > 0 for r in rows)
+
+
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     """The device script end to end on CPU: the long-tailed split, a generator trained on it,
     a plain row, then its DKGM rows without and with the label filter, all in the report."""

@@ -4,9 +4,10 @@ must share; and the CSV log that a resume trims to the saved step.
 
 Tensor names: ``model.<the network's place in the model>.*`` (``model.stage1.*`` for DKGM's
 stage 1, ``model.*`` when a stage trains the whole model), ``ema.*``, ``opt.<param>.<key>``,
-``rng.noise.<rank>`` and ``rng.torch.<rank>``; the metadata ``state`` is JSON. Files from older
-versions, which hold both DKGM stages and single-process RNG states (``rng.noise``, ``rng.torch``)
-and record no settings, still resume.
+``rng.noise.<rank>`` and ``rng.torch.<rank>``; the metadata ``state`` is JSON (the format
+``trainer-state`` of :data:`dkgm_aug.checkpoint.FORMATS`). Files from older versions, which hold
+both DKGM stages and single-process RNG states (``rng.noise``, ``rng.torch``) and record no
+settings, still resume.
 """
 import csv
 import json
@@ -14,14 +15,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..checkpoint import atomic_write
+from ..checkpoint import FORMATS, FormatError, read_tensors, write_tensors
 from ..errors import CheckpointError, DKGMError
+from ..files import atomic_write
 
 LOG_HEADER = ["step", "loss", "images_per_s", "elapsed_s"]
 START_OVER = "start over with --no-resume (Python: resume=False) or another --work-dir (Python: out_dir=)"
+KEY = FORMATS["trainer-state"].key
 
 
 def arch(config: dict) -> dict:
@@ -47,18 +48,20 @@ def write_state(path: Path, prefix: str, net, ema, opt, rngs: list, meta: dict) 
         tensors[f"rng.noise.{r}"], tensors[f"rng.torch.{r}"] = noise_state, torch_state
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = dict(meta, param_groups=opt_state["param_groups"])
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
+    write_tensors(path, tensors, {KEY: json.dumps(meta)}, "trainer-state")
 
 
 def read_state(path: Path) -> tuple[dict, dict]:
-    """The metadata and tensors of a state file, refused when it is unreadable or not finite."""
+    """The metadata and tensors of a state file, refused when it is unreadable, of another format
+    (a FormatError naming both) or not finite."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw, tensors = read_tensors(path, "trainer-state")
+        meta = json.loads(raw[KEY])
         if not {"step", "model_config", "param_groups"} <= set(meta):
             raise KeyError("step, model_config or param_groups")
-    except Exception as exc:   # safetensors raises its own error types on a cut-off file
+    except FormatError as exc:
+        raise FormatError(f"{exc}; delete it, or {START_OVER}") from None
+    except Exception as exc:   # a cut-off file, or metadata that is not what write_state writes
         raise CheckpointError(f"cannot read the training state {path} ({type(exc).__name__}: {exc}): it is "
                               f"truncated or corrupt; delete it, or {START_OVER}") from None
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
