@@ -180,7 +180,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     @property
     def n_generated(self) -> int:
-        """How many synthetic images are made (or read from the cache file) so far."""
+        """How many synthetic images are made (or read from the cache file) so far; with ``bank``,
+        the neighbours the bank holds (``k`` per source item, 0 until it is built)."""
+        if self.bank is not None:
+            return len(self.bank) * self.bank.k if self.bank.built else 0
         return len(self._cache)
 
     # -- items: (image, label, ...) tuples or dicts -------------------------------------------------
@@ -335,6 +338,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     def save_cache(self, path) -> None:
         """Write every synthetic image (uint8) and its source's digest to one safetensors file,
         atomically; refuses to replace a cache that another writer made for another plan."""
+        self._refuse_in_bank_mode("save_cache")
         missing = self.n_synthetic - len(self._cache)
         if missing:
             raise DKGMError(f"{missing} of {self.n_synthetic} synthetic images are not generated yet; "
@@ -349,10 +353,17 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         cache_file.write(path, images, digests, self.fingerprint())
         self._cache_file_ok = self._cache_file_ok or Path(path) == self.cache
 
+    def _refuse_in_bank_mode(self, call: str) -> None:
+        if self.bank is not None:
+            raise DKGMError(f"{call}() serves the synthetic images of a dataset without bank=; with bank= they are "
+                            "the neighbour bank's: precompute() writes the bank to cache= (a .safetensors file or "
+                            "a folder) and reopens it from there")
+
     def load_cache(self, path):
         """Read images written by ``save_cache``: a file for another plan raises DKGMError, a
         truncated or corrupt one CheckpointError. Their sources are compared with the digests
         saved beside them as they are served (the first one now)."""
+        self._refuse_in_bank_mode("load_cache")
         if Path(path).is_dir():   # a folder of shards written by dkgm-aug precompute (dkgm_aug/shards.py)
             images, digests = read_folder(path, "balanced", self.fingerprint(), self.n_synthetic)
         else:

@@ -192,3 +192,16 @@ def test_worker_refuses_to_build():
                                          multiprocessing_context="fork")
     with pytest.raises(DKGMError, match="before creating the DataLoader"):
         next(iter(loader))
+
+
+def test_balanced_bank_reports_its_neighbours_and_refuses_the_cache_calls(gen, tmp_path):
+    """Bank mode keeps its images in the bank: n_generated counts them (it said 0), and
+    save_cache/load_cache, which serve the non-bank mode, say so instead of failing misleadingly
+    or loading images that would never be shown."""
+    b = BalancedDKGMDataset(Items(), gen, progress=False, bank=3)
+    assert b.n_generated == 0
+    b.precompute(progress=False)
+    assert b.n_generated == len(b.bank) * 3 > 0
+    for call in (b.save_cache, b.load_cache):
+        with pytest.raises(DKGMError, match="bank"):
+            call(tmp_path / "c.safetensors")
