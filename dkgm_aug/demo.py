@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ._validate import check_int
+from ._validate import check_float, check_int
 from .augment import generate, load_generator
 from .balanced import BalancedDKGMDataset
 from .data import fashion_mnist, long_tailed_indices
+from .errors import DataError
 
 ALPHAS = (0.25, 0.5, 1.0)
 
@@ -61,8 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     check_int("--timed", args.timed, 1)
+    check_float("--rho", args.rho, 1)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from exc
 
     train = fashion_mnist(split="train")
     lt = train.subset(long_tailed_indices(train.targets, args.rho, args.seed))
@@ -95,8 +100,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return run(add_arguments(p).parse_args(argv))
+    """``python -m dkgm_aug.demo``: the same as ``dkgm-aug demo`` (a bad argument is one line, exit 2)."""
+    import sys
+
+    from .cli import main as cli_main
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

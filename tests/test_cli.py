@@ -106,9 +106,22 @@ def test_demo_is_a_real_subcommand(tmp_path, capsys):
         main(["demo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert exit_.value.code == 0 and "--rho" in out and "--out" in out and "(default: 100.0)" in out
-    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        assert main(["demo", "--rho", "0.5", "--out", str(tmp_path / "d")]) == 2
-        assert "rho must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--rho", "0.5", "--out", str(tmp_path / "d")]) == 2   # checked before any data is read
+    assert "--rho must be a number >= 1" in capsys.readouterr().err
+
+
+def test_python_m_demo_gives_one_line_errors_not_tracebacks(tmp_path, capsys):
+    """``python -m dkgm_aug.demo`` (what ``make demo`` runs) printed tracebacks for a bad --rho, --timed
+    or an --out it cannot create; it now answers like ``dkgm-aug demo``: one line, exit status 2."""
+    from dkgm_aug.demo import main as demo_main
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv, message in ((["--rho", "0"], "--rho must be a number >= 1"),
+                          (["--timed", "0"], "--timed must be an integer >= 1"),
+                          (["--out", str(blocker / "sub")], "cannot create the folder")):
+        assert demo_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_size_channels_and_sample_on_the_training_data(tmp_path, capsys):
