@@ -19,7 +19,8 @@
 # of the long-tailed generator, minutes), FM1/FM2 (the Fashion-MNIST one's), PRESET (small);
 # GENERATOR=path: a second call that runs the DKGM rows with that generator (DKGM_PARALLEL);
 # GENERATORS ("lt fm digits", none with GENERATOR: which to train; lt is ignored with GENERATOR),
-# CHUNK (200: a generator's steps between time checks), PLAIN_METHODS, DKGM_METHODS (the rows to run).
+# CHUNK (200: a generator's steps between time checks), PLAIN_METHODS, DKGM_METHODS (the rows to run),
+# BANK (unset: online generation; K: the augmented rows draw from one shared bank of K neighbours).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
@@ -110,7 +111,7 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
     for m in $DKGM_METHODS; do     # dkgm_balanced first: it generates far fewer images
         for seed in $SEEDS; do
             for filter in "" "--label-filter $DATA-evaluator"; do
-                echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
+                echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter ${BANK:+--bank $BANK} --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
             done
         done
     done

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import __version__, demo, precompute
 from ._validate import check_int
 from .augment import model_device
-from .checkpoint import load, read_metadata, resolve
+from .checkpoint import describe, load, read_metadata, resolve
 from .data import DATASETS, ImageDataset, load_dataset
 from .dkgm import DKGM
 from .errors import DataError, DKGMError
@@ -202,6 +202,10 @@ def cmd_precompute(args) -> None:
 
 def cmd_info(args) -> None:
     path = resolve(args.checkpoint)
+    what = describe(path)
+    if what["format"] != "generator":    # a trainer state, FeatureNet, cache or shard file: what it is
+        print(json.dumps(what, indent=2, default=str))
+        return
     meta = read_metadata(path)
     model = load(path)
     meta["parameters"] = {name: sum(p.numel() for p in child.parameters())
@@ -308,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     precompute.add_arguments(r)
     r.set_defaults(func=cmd_precompute)
-    i = sub.add_parser("info", help="print a checkpoint's config and metadata", formatter_class=HelpFormatter)
+    i = sub.add_parser("info", help="print a checkpoint's config and metadata (other dkgm_aug files: what they are)",
+                       formatter_class=HelpFormatter)
     i.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     i.set_defaults(func=cmd_info)
     return p

@@ -33,6 +33,15 @@ def test_train_info_sample(tmp_path, capsys):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_info_says_what_any_library_file_is(capsys):
+    """A FeatureNet (here the shipped evaluator) is not a generator: `info` says what it is instead of
+    failing with a format error."""
+    from dkgm_aug.checkpoint import PRETRAINED_DIR
+    assert main(["info", str(PRETRAINED_DIR / "evaluators" / "fashion-mnist-evaluator.safetensors")]) == 0
+    what = json.loads(capsys.readouterr().out)
+    assert what["format"] == "feature-net" and "FeatureNet" in what["summary"]
+
+
 def test_errors_exit_2(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope.safetensors")]) == 2
     assert "no checkpoint file" in capsys.readouterr().err
