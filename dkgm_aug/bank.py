@@ -190,7 +190,7 @@ class NeighbourBank:
             made = filtered_generate(model, torch.stack(xs).repeat_interleave(self.k, 0), seeds, self.alpha,
                                      self.steps, self.convert_channels, labels=labels, label_filter=self.label_filter)
             parts.append((made * 255).round().to(torch.uint8).cpu().view(len(rows), self.k, *made.shape[1:]))
-            digests += [cache_file.digest(x) for x in xs]
+            digests += cache_file.batch_digests(torch.stack(xs))
             if bar is not None:
                 bar.update(len(rows))
         return torch.cat(parts), cache_file.digest_rows(digests)

@@ -49,7 +49,7 @@ class BankAugment(v2.Transform):
         apply = params["apply"]
         if len(apply) != len(x01):
             raise DKGMError(f"params were drawn for {len(apply)} images, the input has {len(x01)}")
-        rows = [self.bank.row_of_digest(cache_file.digest(x)) for x in x01]   # at any p: a stray image fails now
+        rows = [self.bank.row_of_digest(d) for d in cache_file.batch_digests(x01)]   # at any p: a stray image fails now
         if self.missing == "error" and None in rows:
             i = rows.index(None)
             raise DataError(f"image {i} of the input (shape {tuple(x01.shape[1:])}) is not in the neighbour bank: "

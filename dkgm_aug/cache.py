@@ -30,8 +30,15 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, 
 
 def digest(x01: torch.Tensor) -> bytes:
     """A digest of an image in [0, 1] as the generator saw it: its shape and its 256-level pixels."""
-    q = (x01 * 255).round().to(torch.uint8).cpu().contiguous()
-    return hashlib.blake2b(repr(tuple(q.shape)).encode() + q.numpy().tobytes(), digest_size=DIGEST_BYTES).digest()
+    return batch_digests(x01[None])[0]
+
+
+def batch_digests(x01: torch.Tensor) -> list:
+    """:func:`digest` of each image of a ``[B, C, H, W]`` batch in [0, 1], with one conversion and one
+    copy to the CPU for the whole batch (a GPU batch is not synchronised once per image)."""
+    q = (x01 * 255).round().to(torch.uint8).cpu().contiguous().numpy()
+    shape = repr(tuple(q.shape[1:])).encode()
+    return [hashlib.blake2b(shape + row.tobytes(), digest_size=DIGEST_BYTES).digest() for row in q]
 
 
 def digest_rows(digests: list) -> torch.Tensor:

@@ -5,6 +5,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from conftest import micro_model
 from PIL import Image
@@ -205,3 +207,18 @@ def test_balanced_bank_reports_its_neighbours_and_refuses_the_cache_calls(gen, t
     for call in (b.save_cache, b.load_cache):
         with pytest.raises(DKGMError, match="bank"):
             call(tmp_path / "c.safetensors")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2 ** 31))
+def test_batch_digests_are_the_per_image_digests_files_hold(b, c, h, w, seed):
+    """Banks and caches on disk hold these digests: the batched form must give the per-image
+    bytes exactly (shape of one image, then its 256-level pixels, blake2b-16)."""
+    import hashlib
+
+    from dkgm_aug import cache
+    x = torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+    q = (x * 255).round().to(torch.uint8)
+    want = [hashlib.blake2b(repr((c, h, w)).encode() + q[i].numpy().tobytes(), digest_size=16).digest()
+            for i in range(b)]
+    assert cache.batch_digests(x) == want and [cache.digest(xi) for xi in x] == want
