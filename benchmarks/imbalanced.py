@@ -321,29 +321,29 @@ class Augmenter:
         from torchvision.transforms import v2
         self.shift, self.minority = args.shift, counts < counts.max()   # "minority": every class but the largest
         self.randaug = v2.RandAugment() if method == "randaug" else None
-        self.bank = neighbour_bank(args, lt, self.minority) if method in AUGMENTED and args.bank else None
+        online, banked = method in AUGMENTED and not args.bank, method in AUGMENTED and bool(args.bank)
         self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), p=args.dkgm_p, seed=seed, device=args.device,
-                                 label_filter=label_filter(args)) if method in AUGMENTED and not args.bank else None)
-        self.picker = BankAugment(self.bank, p=args.dkgm_p, seed=seed) if self.bank is not None else None
+                                 label_filter=label_filter(args)) if online else None)
+        self.bank = BankAugment(neighbour_bank(args, lt, self.minority), p=args.dkgm_p, seed=seed) if banked else None
         self.seconds, self.n_changed = 0.0, 0
 
     def __call__(self, x, y, g):
-        if self.picker is not None and self.minority[y].any():   # the bank knows the unshifted pixels: first
-            t, m = time.perf_counter(), self.minority[y]
-            before = x[m]
-            x = x.clone()
-            x[m] = self.picker(before)
-            self.seconds += time.perf_counter() - t
-            self.n_changed += int((x[m] != before).flatten(1).any(1).sum())
+        x = self.neighbours(self.bank, x, y)      # the bank knows the unshifted pixels: it goes first
         x = random_shift(x, self.shift, g)
         if self.randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
             x = torch.stack([self.randaug(im) for im in x])
-        if self.dkgm is not None and self.minority[y].any():   # x, y: uint8 batch and labels on the CPU
-            t, m = time.perf_counter(), self.minority[y]
-            before = x[m]
-            x[m] = self.dkgm(before)   # uint8 in, uint8 out; each item replaced with probability p
-            self.seconds += time.perf_counter() - t
-            self.n_changed += int((x[m] != before).flatten(1).any(1).sum())
+        return self.neighbours(self.dkgm, x, y)
+
+    def neighbours(self, transform, x, y):
+        """The minority items of the uint8 batch ``x`` (labels ``y``, on the CPU) through ``transform``
+        (each replaced with probability p), in place; timed, and the changed items counted."""
+        m = self.minority[y]
+        if transform is None or not m.any():
+            return x
+        t, before = time.perf_counter(), x[m]
+        x[m] = transform(before)
+        self.seconds += time.perf_counter() - t
+        self.n_changed += int((x[m] != before).flatten(1).any(1).sum())
         return x
 
 

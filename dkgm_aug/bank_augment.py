@@ -10,6 +10,7 @@ not hold raises a ``DataError`` at any ``p`` (``missing="keep"`` passes it throu
 >>> bank = NeighbourBank(train_set, "fashion-mnist-tiny", k=8, path="bank.safetensors").build()  # doctest: +SKIP
 >>> train_set.transform = v2.Compose([BankAugment(bank, p=0.5, seed=0), v2.RandomHorizontalFlip()])  # doctest: +SKIP
 """
+import torch
 from torchvision.transforms import v2
 
 from . import cache as cache_file
@@ -58,10 +59,9 @@ class BankAugment(v2.Transform):
         todo = [i for i, (a, r) in enumerate(zip(apply.tolist(), rows)) if a and r is not None]
         if not todo:
             return inpt
+        picks = torch.stack([self.bank.neighbour(rows[i], params["pick"][i] % self.bank.k) for i in todo])
         out = x01.clone()
-        for i in todo:
-            q = self.bank.neighbour(rows[i], params["pick"][i] % self.bank.k)
-            out[i] = tensor_unit(q.to(out.device))
+        out[todo] = tensor_unit(picks.to(out.device))     # one copy to the batch's device, not one per image
         return restore(out)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ and the time per synthetic image (one at a time, and batched), and writes
 neighbours at alpha 0.25, 0.5 and 1.0.
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -101,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     """``python -m dkgm_aug.demo``: the same as ``dkgm-aug demo`` (a bad argument is one line, exit 2)."""
-    import sys
-
-    from .cli import main as cli_main
+    from .cli import main as cli_main    # here: cli imports this module
     return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
