@@ -35,7 +35,7 @@ from .augment import accelerate, check_acceleration, filtered_generate, load_gen
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
-from .images import source_unit
+from .images import source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .sampling import plain_label
@@ -189,7 +189,7 @@ class NeighbourBank:
             seeds = [neighbour_seed(self.seed, i, r) for i in rows for r in range(self.k)]
             made = filtered_generate(model, torch.stack(xs).repeat_interleave(self.k, 0), seeds, self.alpha,
                                      self.steps, self.convert_channels, labels=labels, label_filter=self.label_filter)
-            parts.append((made * 255).round().to(torch.uint8).cpu().view(len(rows), self.k, *made.shape[1:]))
+            parts.append(to_uint8(made).cpu().view(len(rows), self.k, *made.shape[1:]))
             digests += cache_file.batch_digests(torch.stack(xs))
             if bar is not None:
                 bar.update(len(rows))

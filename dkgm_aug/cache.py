@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from .checkpoint import FORMATS, FormatError, read_tensors, resolve, write_tensors
 from .errors import CheckpointError, DKGMError
 from .files import _cause
+from .images import to_uint8
 
 try:
     import fcntl
@@ -36,7 +37,7 @@ def digest(x01: torch.Tensor) -> bytes:
 def batch_digests(x01: torch.Tensor) -> list:
     """:func:`digest` of each image of a ``[B, C, H, W]`` batch in [0, 1], with one conversion and one
     copy to the CPU for the whole batch (a GPU batch is not synchronised once per image)."""
-    q = (x01 * 255).round().to(torch.uint8).cpu().contiguous().numpy()
+    q = to_uint8(x01).cpu().contiguous().numpy()
     shape = repr(tuple(q.shape[1:])).encode()
     return [hashlib.blake2b(shape + row.tobytes(), digest_size=DIGEST_BYTES).digest() for row in q]
 

@@ -21,7 +21,7 @@ import torch
 from ._validate import check_float, check_int
 from .errors import DKGMError
 from .features import features, neighbour_quality
-from .images import from_model, to_model
+from .images import from_model, tensor_unit, to_model
 from .kernels import noise_from_seeds
 from .nn import evaluating
 
@@ -67,7 +67,7 @@ def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, 
         raise DKGMError(f"calibrate takes a DKGM generator, got {type(model).__name__}")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset.images), generator=g)[:n]
-    images01, labels = dataset.images[idx].float() / 255, dataset.targets[idx]
+    images01, labels = tensor_unit(dataset.images[idx]), dataset.targets[idx]
     with evaluating(model):
         real = neighbour_quality(evaluator, images01, labels, features(evaluator, images01))
         rows = score_grid(model, images01, labels, evaluator, alphas, steps, seed)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .images import tensor_unit, to_uint8
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -45,7 +46,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i].float() / 255.0
+        x = tensor_unit(self.images[i])
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.targets[i])
@@ -101,7 +102,7 @@ def digits(split: str = "all", transform=None, test_fraction: float = 0.2, seed:
     if split not in ("all", "train", "test"):
         raise DataError(f"split must be 'all', 'train' or 'test', got {split!r}")
     d = load_digits()
-    images = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    images = to_uint8(torch.from_numpy(d.images / 16.0))[:, None]    # 16 gray levels (0..16) to 0..255
     targets = torch.from_numpy(d.target.astype(np.int64))
     ds = ImageDataset(images, targets, [str(i) for i in range(10)], transform, f"sklearn digits {split}")
     if split == "all":

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import FORMATS, read_tensors, write_tensors
 from .errors import CheckpointError, DataError
-from .images import to_unit_float
+from .images import tensor_unit, to_model, to_unit_float
 from .metrics import frechet_distance, sharpness
 from .nn import evaluating
 
@@ -62,7 +62,7 @@ class FeatureNet(nn.Module):
                     feature_dim=self.feature_dim, info=self.info)
 
     def features(self, x01: torch.Tensor) -> torch.Tensor:
-        return self.body(x01 * 2 - 1)
+        return self.body(to_model(x01))
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x01))
@@ -82,7 +82,8 @@ def _images_and_labels(dataset):
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    # float images are taken as they are (no range check), as these paths always have
+    return tensor_unit(x, check=False)
 
 
 def _shift_flip(x: torch.Tensor, g: torch.Generator, shift: int, flip: bool) -> torch.Tensor:

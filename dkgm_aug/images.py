@@ -7,7 +7,7 @@
 * ``to_unit_hwc``: albumentations' numpy images (uint8 or float32), any layout -> float in [0, 1].
 * ``to_batch``: a transform's input (CHW/BCHW tensor, PIL L/RGB, numpy HxW/HxWxC) -> a
   ``[B, C, H, W]`` batch in [0, 1], with ``restore`` back to the input's type, dtype and shape.
-* ``to_model`` / ``from_model``: [0, 1] <-> [-1, 1].
+* ``to_model`` / ``from_model``: [0, 1] <-> [-1, 1]; ``uint8_to_model``: uint8 -> [-1, 1] in any float dtype.
 """
 import numpy as np
 import PIL.Image
@@ -48,14 +48,17 @@ def _range_hint(lo: float, hi: float) -> str:
     return "this looks like a [0, 255] image: divide by 255 (or pass it as uint8)"
 
 
-def tensor_unit(x: torch.Tensor, what: str = "images") -> torch.Tensor:
+def tensor_unit(x: torch.Tensor, what: str = "images", check: bool = True) -> torch.Tensor:
     """A uint8 tensor (any shape) divided by 255, or a float one range-checked, as float32 in [0, 1]; the
-    one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range)."""
+    one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range).
+
+    ``check=False`` casts a float ``x`` to float32 as it is, without :func:`check_unit_range` (no
+    clamping, no refusal): for paths that have always taken any floats. Other dtypes are refused either way."""
     if x.dtype == torch.uint8:
         return x.float() / 255.0
     if not x.is_floating_point():
         raise DataError(f"{what} must be uint8 or float in [0, 1], got {x.dtype}")
-    return check_unit_range(x.float())
+    return check_unit_range(x.float()) if check else x.float()
 
 
 def to_uint8(x01: torch.Tensor) -> torch.Tensor:
@@ -184,8 +187,19 @@ def numpy_batch(img: np.ndarray):
 
 
 def to_model(x01: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] as the model's [-1, 1] (``x01 * 2 - 1``), same dtype and device."""
     return x01 * 2 - 1
 
 
 def from_model(x: torch.Tensor) -> torch.Tensor:
+    """The model's [-1, 1] as floats in [0, 1] (``(x + 1) / 2``, clamped), same dtype and device."""
     return ((x + 1) / 2).clamp(0, 1)
+
+
+def uint8_to_model(q: torch.Tensor, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """uint8 images (any shape) straight to the model's [-1, 1] as ``dtype`` on ``device`` (default: ``q``'s),
+    computed there as ``q / 127.5 - 1``. In float32 on the CPU that is ``to_model(tensor_unit(q))`` bit for
+    bit, in one pass; :func:`from_model` then :func:`to_uint8` gives ``q`` back."""
+    if q.dtype != torch.uint8:
+        raise DataError(f"expected uint8 images, got {q.dtype}")
+    return q.to(device=device, dtype=dtype) / 127.5 - 1

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from ._validate import check_float, check_int
 from .errors import DataError, DKGMError
+from .images import uint8_to_model
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 _LUMA = (0.299, 0.587, 0.114)
@@ -71,7 +72,7 @@ def flat_items(x: torch.Tensor, name: str) -> torch.Tensor:
         raise DataError(f"{name} is empty: shape {tuple(x.shape)}")
     x = x.reshape(x.shape[0], -1)
     if x.dtype == torch.uint8:
-        return x.float() / 127.5 - 1
+        return uint8_to_model(x)
     if not x.is_floating_point():
         raise DataError(f"{name} must be a float tensor (or uint8 images), got {x.dtype}")
     return x

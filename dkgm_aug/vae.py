@@ -60,6 +60,7 @@ from ._validate import check_int
 from .checkpoint import register_kind
 from .dkgm import check_images, check_knobs
 from .errors import DataError, DKGMError
+from .images import from_model, to_model
 from .kernels import rand, randn, standard_epanechnikov
 from .nn import evaluating
 from .trainer import Trainer
@@ -179,14 +180,14 @@ class _LatentAutoencoder(nn.Module):
         """Training loss of a batch in [-1, 1] (the library's convention; one stage only)."""
         self.stage_module(stage)
         check_images(x, self.channels)
-        return self.loss(((x + 1) / 2).clamp(0, 1), generator)
+        return self.loss(from_model(x), generator)
 
     @torch.no_grad()
     def preview(self, x: torch.Tensor, stage: int = 1, generator=None) -> list:
         """The rows of a training sample grid, in [-1, 1]: the real images, their reconstructions
         from the posterior mean and one posterior sample of each."""
-        x01 = ((x + 1) / 2).clamp(0, 1)
-        return [x, self.reconstruct(x01) * 2 - 1, self.reconstruct(x01, sample=True, generator=generator) * 2 - 1]
+        x01 = from_model(x)
+        return [x, to_model(self.reconstruct(x01)), to_model(self.reconstruct(x01, sample=True, generator=generator))]
 
     # -- generation -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -206,9 +207,9 @@ class _LatentAutoencoder(nn.Module):
         check_images(x, self.channels)
         alpha = self.alpha if alpha is None else check_knobs(alpha=alpha)
         with evaluating(self):
-            mu, spread = self.encode(((x + 1) / 2).clamp(0, 1))
+            mu, spread = self.encode(from_model(x))
             z = self.sample_latent(mu, spread, noise=noise.to(mu.device, mu.dtype), alpha=alpha)
-            return (self.decode(z, x.shape[-2:]) * 2 - 1).clamp(-1, 1)
+            return to_model(self.decode(z, x.shape[-2:])).clamp(-1, 1)
 
     @torch.inference_mode()
     def neighbours_from_seeds(self, x: torch.Tensor, seeds, *, labels=None, alpha: float | None = None,

@@ -7,7 +7,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from dkgm_aug import DataError
-from dkgm_aug.images import RANGE_TOL, tensor_unit, to_batch, to_uint8, to_unit_float, to_unit_hwc
+from dkgm_aug.images import (RANGE_TOL, from_model, tensor_unit, to_batch, to_model, to_uint8, to_unit_float,
+                             to_unit_hwc, uint8_to_model)
 
 KINDS = ("chw", "bchw", "tv_image", "pil", "numpy_hw", "numpy_hwc")
 
@@ -136,3 +137,44 @@ def test_bad_inputs_raise_a_data_error_that_names_the_problem(what, x, message):
 def test_to_unit_float_refuses_with_the_same_rule(x, message):
     with pytest.raises(DataError, match=message):
         to_unit_float(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uint8_to_model_round_trips_every_level(dtype):
+    levels = torch.arange(256, dtype=torch.uint8)
+    before = levels.clone()
+    x = uint8_to_model(levels, dtype)
+    assert x.dtype == dtype and x.device == levels.device and x.shape == levels.shape
+    assert float(x[0]) == -1 and float(x[-1]) == 1 and bool((x[1:] > x[:-1]).all())      # [-1, 1], in order
+    assert torch.equal(to_uint8(from_model(x)), levels)                                   # exact round trip
+    assert torch.equal(levels, before)                                                    # input not mutated
+    # the same values as the two-step path, bit for bit, and as the hand-written formula it replaces
+    assert torch.equal(x, to_model(levels.to(dtype) / 255.0)) and torch.equal(x, levels.to(dtype) / 127.5 - 1)
+    assert torch.equal(uint8_to_model(levels), to_model(tensor_unit(levels)))            # float32 by default
+
+
+def test_uint8_to_model_refuses_other_dtypes():
+    with pytest.raises(DataError, match="expected uint8 images, got torch.float32"):
+        uint8_to_model(torch.zeros(2, 3))
+
+
+def test_tensor_unit_without_check_casts_floats_as_they_are():
+    levels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(tensor_unit(levels, check=False), tensor_unit(levels))           # uint8: the same rule
+    assert torch.equal(to_uint8(tensor_unit(levels, check=False)), levels)
+    x = torch.tensor([-0.5, 0.25, 1 + RANGE_TOL / 2, 3.0], dtype=torch.float64)
+    before = x.clone()
+    y = tensor_unit(x, check=False)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float()) and torch.equal(x, before)   # no clamp, no copy back
+    with pytest.raises(DataError, match=r"float images must be in \[0, 1\]"):
+        tensor_unit(x)                                                                     # the checked rule refuses it
+    with pytest.raises(DataError, match=r"must be uint8 or float in \[0, 1\], got torch.int64"):
+        tensor_unit(torch.zeros(3, dtype=torch.int64), check=False)
+
+
+def test_to_model_and_from_model_are_inverse_on_every_level():
+    x01 = tensor_unit(torch.arange(256, dtype=torch.uint8))
+    x = to_model(x01)
+    assert x.dtype == torch.float32 and float(x.min()) == -1 and float(x.max()) == 1
+    assert torch.equal(to_uint8(from_model(x)), torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(from_model(torch.tensor([-1.5, 1.5])), torch.tensor([0.0, 1.0]))   # clamped to [0, 1]

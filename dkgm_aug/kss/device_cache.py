@@ -14,6 +14,8 @@ their own copies).
 """
 import torch
 
+from ..images import uint8_to_model
+
 # Values held by all float copies together: 2**26, 256 MiB in float32. A subset larger than this
 # is streamed; a new copy that would pass it first drops every cached copy.
 CACHE_ELEMENTS = 2 ** 26
@@ -44,7 +46,7 @@ def reference_chunks(cache: dict, images: torch.Tensor, members, key, chunk_size
         def stream():
             for a in range(0, n, chunk_size):
                 rows = flat[a:a + chunk_size] if members is None else flat[members[a:a + chunk_size]]
-                r = rows.to(device=device, dtype=dtype) / 127.5 - 1
+                r = uint8_to_model(rows, dtype, device)
                 yield r, 0.5 * r.pow(2).sum(1)
         return stream
 
@@ -54,7 +56,7 @@ def reference_chunks(cache: dict, images: torch.Tensor, members, key, chunk_size
             for k in [k for k in cache if k[0] == "ref"]:
                 del cache[k]
         rows = flat if members is None else flat[members]
-        ref = rows.to(device=device, dtype=dtype) / 127.5 - 1
+        ref = uint8_to_model(rows, dtype, device)
         cache[full_key] = (ref, 0.5 * ref.pow(2).sum(1))
     ref, half = cache[full_key]
     return lambda: ((ref[a:a + chunk_size], half[a:a + chunk_size]) for a in range(0, n, chunk_size))

@@ -97,14 +97,14 @@ class KernelSmoothedScore(nn.Module):
     def from_dataset(cls, ds, per_class: bool = True, **knobs) -> "KernelSmoothedScore":
         """From a dataset: ``ds.images`` (uint8) and ``ds.targets`` when present (an
         :class:`~dkgm_aug.data.ImageDataset`), else one pass over ``(image, label)`` items."""
-        from ..images import to_unit_float
+        from ..images import to_uint8, to_unit_float
         if isinstance(getattr(ds, "images", None), torch.Tensor) and getattr(ds, "targets", None) is not None:
             images, labels = ds.images, ds.targets
         else:
             items = [ds[i] for i in range(len(ds))]
             if not items:
                 raise DataError("the dataset is empty")
-            images = torch.stack([(to_unit_float(it[0]) * 255).round().to(torch.uint8) for it in items])
+            images = torch.stack([to_uint8(to_unit_float(it[0])) for it in items])
             labels = [it[1] for it in items]
         return cls(images, labels if per_class else None, **knobs)
 

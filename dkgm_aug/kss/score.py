@@ -49,6 +49,7 @@ import torch
 
 from .._validate import check_float, check_int
 from ..errors import DataError, DKGMError
+from ..images import uint8_to_model
 from ..kernels import randn
 from ..metrics import check_chunk, flat_items
 
@@ -187,10 +188,10 @@ def set_radius(images: torch.Tensor, chunk_size: int) -> float:
     d = images[0].numel()
     total = torch.zeros(d, dtype=torch.float64)
     for a in range(0, len(images), chunk_size):
-        total += (images[a:a + chunk_size].reshape(-1, d).double() / 127.5 - 1).sum(0)
+        total += uint8_to_model(images[a:a + chunk_size].reshape(-1, d), torch.float64).sum(0)
     mean = total / len(images)
     r = 0.0
     for a in range(0, len(images), chunk_size):
-        x = images[a:a + chunk_size].reshape(-1, d).double() / 127.5 - 1
+        x = uint8_to_model(images[a:a + chunk_size].reshape(-1, d), torch.float64)
         r = max(r, float((x - mean).pow(2).sum(1).max().sqrt()))
     return r
