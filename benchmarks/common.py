@@ -1,6 +1,7 @@
 """Helpers the benchmark scripts share. The scripts run from the repository root as
-``python benchmarks/<name>.py``, which puts this folder on ``sys.path``; none imports another
-script, only this module.
+``python benchmarks/<name>.py``, which puts this folder on ``sys.path``; a script imports this
+module and its own ``lt_*`` modules (``imbalanced.py``: ``lt_losses``, ``lt_data``, ``lt_run``,
+``lt_records``, ``lt_report``), never another script.
 
 * the machine and the reports: :func:`cpu_name`, :func:`write_lines`;
 * the yardstick that scores generated images of a dataset: :func:`yardstick`;

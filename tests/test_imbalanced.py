@@ -1,9 +1,12 @@
-"""benchmarks/imbalanced.py: metric helpers on hand-made examples, and the --quick run end to end."""
+"""benchmarks/imbalanced.py and its lt_* modules: metric, loss and CSV helpers on hand-made examples,
+the online augmenter's inputs, and the --quick run end to end."""
+import argparse
 import csv
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import load_benchmark
 
@@ -13,67 +16,121 @@ def imb():
     return load_benchmark("imbalanced")
 
 
-def test_tail_classes_are_the_rarest_third(imb):
+@pytest.fixture(scope="module")
+def common():
+    return load_benchmark("common")
+
+
+@pytest.fixture(scope="module")
+def lt_losses():
+    return load_benchmark("lt_losses")
+
+
+@pytest.fixture(scope="module")
+def lt_data():
+    return load_benchmark("lt_data")
+
+
+@pytest.fixture(scope="module")
+def lt_records():
+    return load_benchmark("lt_records")
+
+
+@pytest.fixture(scope="module")
+def lt_run():
+    return load_benchmark("lt_run")
+
+
+def test_tail_classes_are_the_rarest_third(common):
     counts = [100, 70, 50, 35, 25, 18, 13, 9, 6, 3]     # long-tailed, largest first
-    assert imb.tail_classes(counts) == [7, 8, 9]
-    assert imb.tail_classes([5, 1, 9, 2, 8, 3]) == [1, 3]   # order does not matter, 6 classes -> 2
-    assert imb.tail_classes([4, 4]) == [0]                    # at least one; ties by index
+    assert common.tail_classes(counts) == [7, 8, 9]
+    assert common.tail_classes([5, 1, 9, 2, 8, 3]) == [1, 3]   # order does not matter, 6 classes -> 2
+    assert common.tail_classes([4, 4]) == [0]                    # at least one; ties by index
 
 
-def test_metrics_on_a_known_confusion(imb):
+def test_metrics_on_a_known_confusion(lt_run):
     # 3 classes, 4 test items each; class 2 is the tail. Class 0: all right; class 1: 3/4;
     # class 2: 1/4 (two predicted as 0, one as 1).
     y_true = [0] * 4 + [1] * 4 + [2] * 4
     y_pred = [0, 0, 0, 0, 1, 1, 1, 0, 2, 0, 0, 1]
-    np.testing.assert_allclose(imb.per_class_recall(y_true, y_pred, 3), [1.0, 0.75, 0.25])
-    m = imb.metrics(y_true, y_pred, 3, tail=[2])
+    np.testing.assert_allclose(lt_run.per_class_recall(y_true, y_pred, 3), [1.0, 0.75, 0.25])
+    m = lt_run.metrics(y_true, y_pred, 3, tail=[2])
     assert m["accuracy"] == pytest.approx(8 / 12)
     assert m["tail_recall"] == pytest.approx(0.25)
     # F1 per class: 0: p=4/7, r=1 -> 8/11; 1: p=3/4, r=3/4 -> 3/4; 2: p=1, r=1/4 -> 2/5
     assert m["macro_f1"] == pytest.approx((8 / 11 + 3 / 4 + 2 / 5) / 3)
-    assert imb.metrics(y_true, y_pred, 3, tail=[1, 2])["tail_recall"] == pytest.approx(0.5)
+    assert lt_run.metrics(y_true, y_pred, 3, tail=[1, 2])["tail_recall"] == pytest.approx(0.5)
     assert m["class_recall"] == "1.0000;0.7500;0.2500"
 
 
-def test_csv_from_an_older_version_gains_the_new_columns(imb, tmp_path):
+def test_csv_from_an_older_version_gains_the_new_columns(lt_records, tmp_path):
     path = tmp_path / "runs.csv"
-    old_fields = [f for f in imb.FIELDS if f not in ("class_recall", "dkgm_p")]   # as the previous version wrote
+    old_fields = [f for f in lt_records.FIELDS if f not in ("class_recall", "dkgm_p")]   # as the previous version wrote
     path.write_text(",".join(old_fields) + "\n" + ",".join("ce" if f == "method" else "0" for f in old_fields) + "\n")
-    imb.append_row(path, dict.fromkeys(imb.FIELDS, 1) | dict(method="ros", class_recall="0.5;0.5"))
+    lt_records.append_row(path, dict.fromkeys(lt_records.FIELDS, 1) | dict(method="ros", class_recall="0.5;0.5"))
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == imb.FIELDS
+    assert list(rows[0]) == lt_records.FIELDS
     assert [(r["method"], r["class_recall"]) for r in rows] == [("ce", ""), ("ros", "0.5;0.5")]
     # the old row, made before --dkgm-p existed (p was 0.5), matches p=0.5 and not p=0.25
     cfg = dict(data="0", model="0")
-    assert [r["method"] for r in imb.read_rows(path, cfg | dict(dkgm_p=0.5))] == ["ce"]
-    assert imb.read_rows(path, cfg | dict(dkgm_p=0.25)) == []
+    assert [r["method"] for r in lt_records.read_rows(path, cfg | dict(dkgm_p=0.5))] == ["ce"]
+    assert lt_records.read_rows(path, cfg | dict(dkgm_p=0.25)) == []
 
 
-def test_class_balanced_weights_favour_rare_classes(imb):
-    w = imb.class_balanced_weights([100, 10, 1])
+def test_class_balanced_weights_favour_rare_classes(lt_losses):
+    w = lt_losses.class_balanced_weights([100, 10, 1])
     assert w.sum().item() == pytest.approx(3.0)
     assert w[0] < w[1] < w[2]
-    assert torch.allclose(imb.class_balanced_weights([7, 7, 7]), torch.ones(3))
+    assert torch.allclose(lt_losses.class_balanced_weights([7, 7, 7]), torch.ones(3))
 
 
-def test_random_shift_keeps_shape_and_content(imb):
+def test_random_shift_keeps_shape_and_content(lt_data):
     x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
-    y = imb.random_shift(x, 1, g)
+    y = lt_data.random_shift(x, 1, g)
     assert y.shape == x.shape and y.dtype == torch.uint8
-    assert torch.equal(imb.random_shift(x, 0, g), x)
+    assert torch.equal(lt_data.random_shift(x, 0, g), x)
 
 
-def test_quick_run_writes_csv_table_and_plot(imb, tmp_path):
+def test_online_augmenter_gives_dkgm_augment_each_minority_images_label(lt_data, monkeypatch):
+    """The online DKGMAugment gets the minority images with their own labels as a second input
+    (a class-conditional generator needs them) and returns (images, labels); the largest class
+    is left alone."""
+    class Recorder:     # stands in for DKGMAugment: records its inputs, inverts the images
+        label_filter = None
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, images, labels=None):
+            self.calls.append((images.clone(), labels))
+            return 255 - images, labels
+    recorder = Recorder()
+    monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: recorder)
+    args = argparse.Namespace(shift=0, bank=0, generator="unused", data="digits", dkgm_p=1.0, device="cpu",
+                              label_filter=None)
+    aug = lt_data.Augmenter("dkgm_augment", args, None, torch.tensor([5, 3, 2]), seed=0)
+    x = torch.arange(6 * 4, dtype=torch.uint8).reshape(6, 1, 2, 2)    # six different images
+    y = torch.tensor([2, 0, 1, 0, 1, 2])
+    out = aug(x.clone(), y, torch.Generator().manual_seed(0))
+    minority = y != 0
+    [(images, labels)] = recorder.calls
+    assert torch.equal(images, x[minority])
+    assert labels is not None and labels.dtype == torch.int64 and labels.tolist() == [2, 1, 1, 2]
+    assert torch.equal(out[minority], 255 - x[minority]) and torch.equal(out[~minority], x[~minority])
+    assert aug.n_changed == 4
+
+
+def test_quick_run_writes_csv_table_and_plot(imb, lt_losses, tmp_path):
     assert imb.main(["--quick", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "runs.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == list(imb.METHODS)     # all methods, one seed
+    assert [r["method"] for r in rows] == list(lt_losses.METHODS)     # all methods, one seed
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["tail_recall"]) <= 1.0
     by_method = {r["method"]: r for r in rows}
-    for m in imb.BALANCED:
+    for m in lt_losses.BALANCED:
         assert int(by_method[m]["n_pool"]) > int(by_method["ce"]["n_pool"])   # synthetic items added
         assert 0 < int(by_method[m]["n_generated"]) <= int(by_method[m]["n_pool"]) - int(by_method[m]["n_train"])
     assert int(by_method["smote"]["n_pool"]) == int(by_method["dkgm_balanced"]["n_pool"])  # both balance to max
@@ -86,28 +143,28 @@ def test_quick_run_writes_csv_table_and_plot(imb, tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
-def test_rows_accumulate_and_settings_do_not_mix(imb, tmp_path):
+def test_rows_accumulate_and_settings_do_not_mix(lt_records, tmp_path):
     """Rows are appended as runs end; a rerun of a (method, seed) replaces the old row, and
     rows made with other settings are left out of the table."""
-    args = imb.argparse.Namespace(data="digits", rho=10.0, split_seed=0, model="m", steps=5, batch=4, generator=None,
-                                  evae=None, evae_epochs=1, kss_h=1.0, kss_steps=2, dkgm_p=0.5)
-    cfg = imb.config_of(args)
-    base = dict.fromkeys(imb.FIELDS, 0) | cfg
+    args = argparse.Namespace(data="digits", rho=10.0, split_seed=0, model="m", steps=5, batch=4, generator=None,
+                              evae=None, evae_epochs=1, kss_h=1.0, kss_steps=2, dkgm_p=0.5)
+    cfg = lt_records.config_of(args)
+    base = dict.fromkeys(lt_records.FIELDS, 0) | cfg
     path = tmp_path / "runs.csv"
-    imb.append_row(path, base | dict(method="ce", seed=0, accuracy=0.5))
-    imb.append_row(path, base | dict(method="ros", seed=0, accuracy=0.6))
-    imb.append_row(path, base | dict(method="ce", seed=0, accuracy=0.7))            # rerun replaces
-    imb.append_row(path, base | dict(method="ce", seed=1, accuracy=0.9, steps=99))  # other settings
-    rows = imb.read_rows(path, cfg)
+    lt_records.append_row(path, base | dict(method="ce", seed=0, accuracy=0.5))
+    lt_records.append_row(path, base | dict(method="ros", seed=0, accuracy=0.6))
+    lt_records.append_row(path, base | dict(method="ce", seed=0, accuracy=0.7))            # rerun replaces
+    lt_records.append_row(path, base | dict(method="ce", seed=1, accuracy=0.9, steps=99))  # other settings
+    rows = lt_records.read_rows(path, cfg)
     assert [(r["method"], r["seed"], r["accuracy"]) for r in rows] == [("ce", 0, 0.7), ("ros", 0, 0.6)]
     assert path.read_text().count("\n") == 5   # header + 4 rows: nothing rewritten
 
 
-def test_export_split_round_trips_through_the_npz_loader(imb, tmp_path):
+def test_export_split_round_trips_through_the_npz_loader(imb, common, tmp_path):
     from dkgm_aug.data import load_dataset
     path = tmp_path / "lt.npz"
     assert imb.main(["--data", "digits", "--rho", "10", "--split-seed", "3", "--export-split", str(path)]) == 0
-    lt, _ = imb.long_tailed_split("digits", 10, 3)
+    lt, _ = common.long_tailed_split("digits", 10, 3)
     back = load_dataset(path)
     assert torch.equal(back.images, lt.images) and torch.equal(back.targets, lt.targets)
 
@@ -132,29 +189,29 @@ def test_help_lists_the_converged_protocol(imb, capsys):
         assert word in text, word
 
 
-def test_loss_side_methods_on_known_logits(imb):
-    args = imb.argparse.Namespace(drw_start=0.5, ldam_margin=0.5, ldam_s=1.0, la_tau=1.0)
+def test_loss_side_methods_on_known_logits(lt_losses):
+    args = argparse.Namespace(drw_start=0.5, ldam_margin=0.5, ldam_s=1.0, la_tau=1.0)
     counts, logits, y = [90, 9, 1], torch.zeros(3, 3), torch.tensor([0, 1, 2])
-    ce = imb.F.cross_entropy(logits, y)
-    assert imb.loss_fn("ce", logits, y, counts, 0.9, args) == pytest.approx(ce.item())
+    ce = F.cross_entropy(logits, y)
+    assert lt_losses.loss_fn("ce", logits, y, counts, 0.9, args) == pytest.approx(ce.item())
     # DRW: plain before the switch, class-balanced after it (the rare classes' losses weigh more)
     skewed = torch.tensor([[3.0, 0, 0], [0, 0, 0], [0, 0, 0]])   # item 0 is easy, items 1 and 2 are not
-    plain = imb.F.cross_entropy(skewed, y).item()
-    assert imb.loss_fn("drw", skewed, y, counts, 0.1, args) == pytest.approx(plain)
-    assert imb.loss_fn("drw", skewed, y, counts, 0.9, args).item() > plain
+    plain = F.cross_entropy(skewed, y).item()
+    assert lt_losses.loss_fn("drw", skewed, y, counts, 0.1, args) == pytest.approx(plain)
+    assert lt_losses.loss_fn("drw", skewed, y, counts, 0.9, args).item() > plain
     # LDAM: the rarest class gets the largest margin, and margins shrink as n^(-1/4)
-    m = imb.ldam_margins(counts, 0.5)
+    m = lt_losses.ldam_margins(counts, 0.5)
     assert m[2] == pytest.approx(0.5) and m[0] < m[1] < m[2] and m[1] / m[0] == pytest.approx(10 ** 0.25)
     # Balanced Softmax: equal logits become the log prior, so the head class is favoured in training
-    bs = imb.loss_fn("balanced_softmax", logits, torch.tensor([0]).repeat(3), counts, 0.5, args)
+    bs = lt_losses.loss_fn("balanced_softmax", logits, torch.tensor([0]).repeat(3), counts, 0.5, args)
     assert bs.item() == pytest.approx(-torch.log(torch.tensor(0.9)).item(), rel=1e-5)
-    mixed, (lam, y_b) = imb.mixup(torch.ones(4, 1, 2, 2), torch.arange(4), 1.0, torch.Generator().manual_seed(0))
+    mixed, (lam, y_b) = lt_losses.mixup(torch.ones(4, 1, 2, 2), torch.arange(4), 1.0, torch.Generator().manual_seed(0))
     assert 0 <= lam <= 1 and sorted(y_b.tolist()) == [0, 1, 2, 3] and torch.allclose(mixed, torch.ones(4, 1, 2, 2))
 
 
-def test_validation_split_is_long_tailed_and_disjoint(imb):
-    lt, _ = imb.long_tailed_split("digits", 10, 0)
-    fit, val = imb.validation_split(lt, 0.1, 0)
+def test_validation_split_is_long_tailed_and_disjoint(common, lt_data):
+    lt, _ = common.long_tailed_split("digits", 10, 0)
+    fit, val = lt_data.validation_split(lt, 0.1, 0)
     assert len(fit) + len(val) == len(lt)
     counts_val = torch.bincount(val.targets, minlength=10)
     assert (counts_val >= 1).all() and counts_val[0] > counts_val[9]

@@ -1,0 +1,202 @@
+"""The long-tailed benchmark's report, rebuilt from the rows of ``runs.csv``: per method the
+knob variant chosen on validation, summaries over seeds and paired differences, the tables of
+``results.md`` (``write_outputs``) and the plots ``results.png`` and ``curves.png``."""
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lt_data import splits
+from lt_losses import GENERATIVE
+from lt_records import NUMBERS, config_of, hardware, knob_value
+
+
+# -- choosing and summarising ----------------------------------------------------------------------
+def select_knobs(rows: list) -> tuple:
+    """``(rows of each method's chosen variant, {method: (knobs, mean val bacc, variants tried)})``:
+    the variant with the best mean validation balanced accuracy (the only one when there is no
+    validation split)."""
+    chosen, keep = {}, []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        variants = {}
+        for r in rows:
+            if r["method"] == m:
+                variants.setdefault(r["knobs"], []).append(r)
+        score = {k: np.mean([r["val_bacc"] for r in rs]) if all(r["val_bacc"] is not None for r in rs) else -1.0
+                 for k, rs in variants.items()}
+        best = max(variants, key=lambda k: (score[k], len(variants[k])))
+        chosen[m] = (best, score[best], len(variants))
+        keep += variants[best]
+    return keep, chosen
+
+
+def summarise(rows: list) -> dict:
+    out = {}
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        out[m] = {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in NUMBERS}
+        out[m]["seeds"] = sorted(r["seed"] for r in rs)
+    return out
+
+
+def paired_difference(rows: list, method: str, baseline: str) -> tuple:
+    """Mean and std over shared seeds of ``method``'s accuracy minus ``baseline``'s."""
+    acc = {(r["method"], r["seed"]): r["accuracy"] for r in rows}
+    d = [acc[(method, s)] - acc[(baseline, s)] for (m, s) in acc if m == method and (baseline, s) in acc]
+    return (float(np.mean(d)), float(np.std(d)), len(d)) if d else (float("nan"), float("nan"), 0)
+
+
+# -- results.md ------------------------------------------------------------------------------------
+def trained_on(spec: str) -> str:
+    """A checkpoint's own record of its training data."""
+    from dkgm_aug import load
+    try:
+        return load(spec).info.get("training", {}).get("data", "unknown")
+    except Exception as exc:   # the report must still be written
+        return f"unreadable ({exc})"
+
+
+def protocol_lines(args, cfg, counts, rows=()) -> list:
+    lines = [f"- data: {args.data}, train split long-tailed with rho={args.rho} ({args.profile} profile, class order "
+             f"{args.class_order}, split seed {args.split_seed}, class counts {counts}); "
+             f"test balanced, so accuracy = balanced accuracy; tail classes (rarest third): {args.tail}",
+             f"- model: timm `{args.model}`" + (f" with channels {tuple(args.channels)}" if args.channels else "")
+             + " from scratch, in_chans=1" + (f", 8x8 inputs upsampled to {args.size}x{args.size}"
+                                              if args.data == "digits" else "")]
+    if args.epochs:
+        lines += [f"- {args.epochs} epochs of Adam (lr {args.lr}, cosine), batch {args.batch}; validation: "
+                  f"{args.val_fraction:g} of each class of the long-tailed split held out (long-tailed too); the "
+                  "weights of the best validation epoch are tested, once; per method, the knob variant with the best "
+                  "mean validation balanced accuracy is shown (`knobs`); loss curves: `curves.csv`, `curves.png`"]
+    else:
+        lines += [f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}"]
+    return lines + [
+        f"- base aug: random shift <= {args.shift} px, the same for every method",
+        f"- DKGM generator: `{knob_value('generator', args)}`, trained on: {trained_on(knob_value('generator', args))}",
+        f"- EVAE: {knob_value('evae', args)}; kernel-smoothed score: {knob_value('kss', args)}, built from the "
+        "long-tailed split",
+        f"- threads per run: {args.threads}; hardware of the runs: "
+        + "; ".join(sorted({r.get("hardware") or "not recorded" for r in rows} or {hardware(args.device)})),
+        "- mean ± std over the seeds listed; `vs best` is the paired difference in accuracy to the best "
+        "non-generative method over shared seeds; `generate s` is time spent making synthetic images, "
+        "`train s` the rest of the training loop"]
+
+
+def class_recall_table(rows: list, summary: dict, counts: list) -> list:
+    """Mean recall of each class over the seeds, for the methods whose rows all logged it."""
+    lines = ["", "Recall per class (mean over the seeds; training images per class in the header):", "",
+             "| method | " + " | ".join(f"{c} ({n})" for c, n in enumerate(counts)) + " |",
+             "|---|" + "---|" * len(counts)]
+    for m in summary:
+        logged = [r["class_recall"] for r in rows if r["method"] == m]
+        if logged and all(logged):
+            mean = np.mean([[float(v) for v in c.split(";")] for c in logged], axis=0)
+            lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
+    return lines if len(lines) > 5 else []
+
+
+def variants_table(rows: list) -> list:
+    """Every knob variant of the methods that tried more than one, chosen or not (the chosen one
+    is the best mean validation balanced accuracy); test accuracy is shown for the record only."""
+    variants = {}
+    for r in rows:
+        variants.setdefault(r["method"], {}).setdefault(r["knobs"], []).append(r)
+    lines = ["", "Knob variants tried (per method, the best `val bacc` is the row above; test accuracy shown "
+             "for the record, never used to choose):", "",
+             "| method | knobs | val bacc | accuracy | tail recall | rejected by the filter | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for m, by_knobs in variants.items():
+        if len(by_knobs) < 2:
+            continue
+        for knobs, rs in by_knobs.items():
+            val = [r["val_bacc"] for r in rs if r["val_bacc"] is not None]
+            rej = [float(r["rejected"]) for r in rs if r.get("rejected")]
+            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs]):.3f}"
+            lines.append(f"| {m} | {knobs or '-'} | {f'{np.mean(val):.3f}' if val else '-'} | {ms('accuracy')} | "
+                         f"{ms('tail_recall')} | {f'{np.mean(rej):.3f}' if rej else '-'} | "
+                         f"{sorted(r['seed'] for r in rs)} |")
+    return lines if len(lines) > 5 else []
+
+
+def write_outputs(rows: list, args, out: Path) -> None:
+    all_rows = rows
+    rows, chosen = select_knobs(rows)
+    s = summarise(rows)
+    cfg = config_of(args)
+    lt, _, _ = splits(args)
+    counts = torch.bincount(lt.targets, minlength=10).tolist()
+    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
+    plain = [m for m in s if m not in GENERATIVE]
+    # the baseline of `vs best`: by validation balanced accuracy where there is one, never by test accuracy
+    best = max(plain, key=lambda m: (chosen[m][1], len(s[m]["seeds"])) if args.epochs else s[m]["accuracy"][0],
+               default=None)
+    lines = ["# Long-tailed classification benchmark", "", "Commands (each appended rows to `runs.csv`):", ""]
+    lines += [f"    {c}" for c in commands] + [""] + protocol_lines(args, cfg, counts, rows) + [
+        f"- best non-generative method{' (by validation balanced accuracy)' if args.epochs else ''}: {best}", "",
+        "| method | accuracy | vs best (paired) | macro-F1 | tail recall | knobs | val bacc | epoch | train s | "
+        "generate s | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, v in s.items():
+        f = lambda k, d=3: f"{v[k][0]:.{d}f} ± {v[k][1]:.{d}f}"
+        d, sd, n = paired_difference(rows, m, best) if best and m != best else (float("nan"),) * 2 + (0,)
+        ep = [r["chosen_epoch"] for r in rows if r["method"] == m and r.get("chosen_epoch")]
+        knobs, val, tried = chosen[m]
+        lines.append(f"| {m} | {f('accuracy')} | {f'{d:+.3f} ± {sd:.3f}' if n else '-'} | {f('macro_f1')} | "
+                     f"{f('tail_recall')} | {knobs or '-'}{f' (of {tried})' if tried > 1 else ''} | "
+                     f"{f'{val:.3f}' if val >= 0 else '-'} | {'/'.join(ep) or '-'} | {v['train_s'][0]:.0f} | "
+                     f"{v['generate_s'][0]:.0f} | {v['seeds']} |")
+    lines += class_recall_table(rows, s, counts) + variants_table(all_rows)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_results(s, args, out)
+    if (out / "curves.csv").exists():
+        plot_curves(out / "curves.csv", cfg, out / "curves.png")
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def plot_results(s: dict, args, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names, xs = list(s), np.arange(len(s))
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    for off, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "tail_recall", "tail recall")):
+        ax.bar(xs + off, [s[m][key][0] for m in names], 0.4, yerr=[s[m][key][1] for m in names],
+               capsize=3, label=label)
+    ax.set_xticks(xs, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    n_seeds = max(len(v["seeds"]) for v in s.values())
+    budget = f"{args.epochs} epochs" if args.epochs else f"{args.steps} steps"
+    ax.set_title(f"{args.data}, rho={args.rho:g}, {args.model}, {budget}, up to {n_seeds} seed(s)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, cfg: dict, png: Path) -> None:
+    """Mean training loss and validation balanced accuracy per epoch, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    def matches(config: str) -> bool:   # rows written with more settings than cfg names still match
+        saved = dict(item.split("=", 1) for item in config.split(";") if "=" in item)
+        return all(saved.get(k) == str(v) for k, v in cfg.items())
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if matches(r["config"])]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        by_epoch = {}
+        for r in rows:
+            if r["method"] == m:
+                by_epoch.setdefault(int(r["epoch"]), []).append((float(r["train_loss"]), float(r["val_bacc"])))
+        ep = sorted(by_epoch)
+        for ax, i in zip(axes, (0, 1)):
+            ax.plot(ep, [np.mean([v[i] for v in by_epoch[e]]) for e in ep], label=m)
+    axes[0].set(xlabel="epoch", ylabel="training loss (mean over the epoch)", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="validation balanced accuracy")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
