@@ -9,6 +9,9 @@ Seeding follows albumentations: ``A.Compose(..., seed=...)`` or ``t.set_random_s
 the noise seed is drawn from the transform's own ``random_generator`` in ``get_params``.
 ``A.to_dict``/``A.from_dict`` round-trip a transform built from a checkpoint name or path;
 one built from a model object cannot be serialised (``to_dict`` raises).
+
+Albumentations passes no labels to an image transform, so a class-conditional generator is refused
+here: use the torchvision ``DKGMAugment`` (``aug(img, label)``) or ``BalancedDKGMDataset``.
 """
 import numpy as np
 import torch
@@ -16,7 +19,7 @@ from albumentations.core.transforms_interface import ImageOnlyTransform
 
 from .augment import filtered_generate
 from .dkgm import check_knobs
-from .errors import DKGMError
+from .errors import DataError, DKGMError
 from .images import numpy_batch, to_unit_hwc
 from .label_filter import check_label_filter
 from .transforms import GeneratorHandle, check_p
@@ -41,6 +44,11 @@ class DKGMAugment(ImageOnlyTransform):
             if key in self._key2func and value is not None:
                 for img in (value if isinstance(value, (list, tuple)) else [value]):
                     to_unit_hwc(img)
+        model = self.handle.get()
+        if getattr(model, "conditional", False):
+            raise DataError(f"this generator is class-conditional ({model.num_classes} classes) and the albumentations "
+                            "transform sees no labels: use dkgm_aug.DKGMAugment (torchvision), called as "
+                            "aug(img, label), or BalancedDKGMDataset, which give the generator each image's class")
         return super().__call__(*args, force_apply=force_apply, **data)
 
     def get_params(self) -> dict:

@@ -37,11 +37,13 @@ def score_grid(model, images01: torch.Tensor, labels: torch.Tensor, evaluator, a
     seeds = [seed * 1_000_003 + i for i in range(len(x))]
     eps = noise_from_seeds(seeds, x.shape[1:], model.kernel, x.device, x.dtype)
     ref = features(evaluator, images01)
+    # a class-conditional generator makes each neighbour from its source's class
+    cond = dict(labels=labels.to(x.device)) if getattr(model, "conditional", False) else {}
     rows = []
     for alpha in alphas:
-        kde = model.kde(x, alpha=alpha, eps=eps)
+        kde = model.kde(x, alpha=alpha, eps=eps, **cond)
         for n in steps:
-            q = neighbour_quality(evaluator, from_model(model.debias(kde, n).clamp(-1, 1)).cpu(), labels, ref)
+            q = neighbour_quality(evaluator, from_model(model.debias(kde, n, **cond).clamp(-1, 1)).cpu(), labels, ref)
             rows.append(dict(alpha=alpha, steps=n, **q))
     return rows
 

@@ -2,6 +2,7 @@
 
     dkgm-aug train --data fashion-mnist --preset tiny --stage1-steps 2000 --stage2-steps 1000 --out gen.safetensors
     dkgm-aug train --kind evae --data fashion-mnist --d-z 64 --stage1-steps 3000 --out evae.safetensors
+    dkgm-aug train --data fashion-mnist --conditional --out cond.safetensors   # class-conditional DKGM
     dkgm-aug sample gen.safetensors --n 16 --alpha 0.5 --out grid.png
     dkgm-aug calibrate gen.safetensors --out gen-calibrated.safetensors
     dkgm-aug info gen.safetensors
@@ -94,10 +95,16 @@ def build_model(args, data: ImageDataset):
     """The untrained model of ``--kind`` for the images of ``data``."""
     x0, _ = data[0]
     size, channels = tuple(x0.shape[-2:]), x0.shape[0]
+    if args.conditional_stages is not None and not args.conditional:
+        raise DKGMError("--conditional-stages needs --conditional")
+    if args.conditional and args.kind != "dkgm":
+        raise DKGMError(f"--conditional trains a class-conditional DKGM; --kind {args.kind} has no labels")
     if args.kind == "dkgm":
+        labels = dict(num_classes=int(data.targets.max()) + 1,   # classes 0..max label of the training data
+                      conditional_stages=tuple(args.conditional_stages or (1, 2))) if args.conditional else {}
         return DKGM.from_preset(args.preset, image_size=size, channels=channels,
                                 alpha=0.5 if args.alpha is None else args.alpha, steps=args.steps,
-                                b_range=(args.b_min, args.b_max), kernel=args.kernel, m=args.m)
+                                b_range=(args.b_min, args.b_max), kernel=args.kernel, m=args.m, **labels)
     knobs = dict(M=len(data)) if args.kind == "evae" else {}   # the penalty's M: the number of training images
     return {"evae": EVAE, "vae": VAE}[args.kind](channels=channels, image_size=size, d_z=args.d_z,
                                                  alpha=1.0 if args.alpha is None else args.alpha, **knobs)
@@ -158,7 +165,8 @@ def cmd_sample(args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[: args.n]
     real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(model_device(model))
-    out = model.neighbours(real, k=args.k, alpha=args.alpha, steps=args.steps, generator=g)
+    labels = dict(labels=[data[int(i)][1] for i in idx]) if getattr(model, "conditional", False) else {}
+    out = model.neighbours(real, k=args.k, alpha=args.alpha, steps=args.steps, generator=g, **labels)
     # one row per source image: the real image, then its k neighbours
     grid = torch.cat([real[:, None], out], dim=1).flatten(0, 1)
     save_image(from_model(grid).cpu(), args.out, nrow=args.k + 1, padding=1)
@@ -241,6 +249,11 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--channels", type=int, choices=[1, 3], default=None,
                    help="convert the images to gray (1) or RGB (3) (default: as they are)")
     t.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="DKGM: U-Net size of both stages")
+    t.add_argument("--conditional", action="store_true",
+                   help="DKGM: class-conditional (a label embedding in the U-Nets; classes 0..max label of the "
+                        "data), beside the paper's unconditional model; generation then needs each image's class")
+    t.add_argument("--conditional-stages", type=int, nargs="+", choices=[1, 2], default=None,
+                   help="with --conditional: the stages that take the label (default: 1 2)")
     t.add_argument("--d-z", type=int, default=64, help="EVAE and VAE: latent dimension")
     t.add_argument("--out", default="gen.safetensors", help="the checkpoint to write")
     t.add_argument("--work-dir", default=None,

@@ -58,9 +58,14 @@ def group_norm(channels: int) -> GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the time embedding added in between."""
+    """GroupNorm-SiLU-conv twice, with the embedding (time, label, or their sum) added in between.
 
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None, dropout: float = 0.0):
+    ``film=True`` (class-conditional U-Nets) also scales and shifts the second norm's output by
+    the embedding, ``h * (1 + scale) + shift``: the DDPM bias before that norm is a per-channel
+    constant, which a GroupNorm of one channel per group (every group of the small presets)
+    removes entirely, so without it a label would change nothing."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None, dropout: float = 0.0, film: bool = False):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -69,12 +74,17 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.film = nn.Linear(temb_dim, 2 * out_ch) if film else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.temb is not None:
             h = h + self.temb(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.norm2(h)
+        if self.film is not None:
+            scale, shift = self.film(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 

@@ -15,10 +15,13 @@ EVAE and VAE ``(1,)``); ``stage_module(stage)``, the network whose parameters th
 it alone); calling ``model(x, stage=stage, generator=g)``, the scalar loss of a batch ``x`` in
 [-1, 1] with its noise drawn from ``g`` (an EVAE converts to its [0, 1] BCE targets itself);
 ``preview(x, stage, generator=g)``, rows of images in [-1, 1] for the sample grid; and
-``channels``, ``config()`` and ``save(path)``.
+``channels``, ``config()`` and ``save(path)``. A model whose ``conditional`` attribute is true
+(a class-conditional DKGM) is also given each image's class index: ``model(x, stage=stage,
+generator=g, labels=y)`` and ``preview(x, stage, generator=g, labels=y)``, ``y`` a LongTensor.
 
 ``data``: a tensor ``[N, C, H, W]`` (uint8, or float in [0, 1]), a map-style Dataset of images
-or ``(image, label)`` pairs, or a DataLoader (see :mod:`dkgm_aug.train.data`).
+or ``(image, label)`` pairs, or a DataLoader (see :mod:`dkgm_aug.train.data`); a class-conditional
+model needs the labels: ``(image, label)`` pairs, e.g. ``TensorDataset(images, labels)``.
 
 Files in ``out_dir`` (none when ``out_dir=None``): ``state_stage{s}.safetensors`` (the stage
 network's weights, EMA, optimizer, step, RNG and the run's settings: written atomically every
@@ -104,6 +107,7 @@ class Trainer:
         self.rank, self.world_size, self.device = self._join(check_device(device))
         self.distributed = self.world_size > 1
         self.model = model.to(self.device)
+        self.conditional = bool(getattr(model, "conditional", False))   # batches are (x, labels)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.writes = self.rank == 0 and self.out_dir is not None   # only rank 0 writes files
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
@@ -130,14 +134,20 @@ class Trainer:
         return rank, world_size, device
 
     def _feed(self, num_workers: int) -> None:
-        self.feed = Feed(self.data, self.device, self.batch_size, self.seed, self.rank, self.world_size, num_workers)
-        first = self.feed.first(1)
+        self.feed = Feed(self.data, self.device, self.batch_size, self.seed, self.rank, self.world_size, num_workers,
+                         labels=self.conditional)
+        first, _ = self._split(self.feed.first(1))
         if first.shape[1] != self.model.channels:
             raise DataError(f"the data has {first.shape[1]} channels but the model takes {self.model.channels}; "
                             "build the model with channels= matching the data, or convert the images")
         self.n_items, self.local_batch = self.feed.n_items, self.feed.local_batch
         self.steps_per_epoch = self.feed.steps_per_epoch
-        self.data_id = f"{self.n_items} items, sha256 {data_fingerprint(self.data)}"
+        fingerprint = data_fingerprint(self.data, labels=True) if self.conditional else data_fingerprint(self.data)
+        self.data_id = f"{self.n_items} items, sha256 {fingerprint}"
+
+    def _split(self, batch) -> tuple:
+        """A batch as ``(x, keywords of the model's call)``: ``labels=y`` for a class-conditional model."""
+        return (batch[0], dict(labels=batch[1])) if self.conditional else (batch, {})
 
     def _batches(self, start_step: int):
         """Yield this rank's model-range batches from ``start_step`` on, forever."""
@@ -192,9 +202,10 @@ class Trainer:
         from torchvision.utils import save_image
         if self._preview is None:
             self._preview = self.feed.first(8)
-        real = self._preview
+        real, labels = self._split(self._preview)
         with evaluating(self.model):
-            rows = self.model.preview(real, stage, generator=torch.Generator(self.device).manual_seed(self.seed))
+            rows = self.model.preview(real, stage, generator=torch.Generator(self.device).manual_seed(self.seed),
+                                      **labels)
         path = self.out_dir / f"samples_stage{stage}_step{step}.png"
         save_image(from_model(torch.cat(rows)).cpu(), path, nrow=len(real), padding=1)
         return path
@@ -256,12 +267,14 @@ class Trainer:
         run.start, run.t0 = time.time() - self.elapsed.get(stage, 0.0), time.time()
         return run
 
-    def _step(self, run: _Run, x: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on the batch ``x``; returns the loss, averaged over the ranks."""
+    def _step(self, run: _Run, batch) -> torch.Tensor:
+        """One optimizer step on the batch (``x``, or ``(x, y)`` for a class-conditional model); returns
+        the loss, averaged over the ranks."""
+        x, labels = self._split(batch)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and self.device.type == "cuda"
                     else nullcontext())
         with autocast, in_place(self.model, run.net, run.wrapped) as model:
-            loss = model(x, stage=run.stage, generator=run.gen)
+            loss = model(x, stage=run.stage, generator=run.gen, **labels)
         mean_loss = mean_over_ranks(loss, self.world_size)
         if not torch.isfinite(mean_loss):
             raise DKGMError(f"stage {run.stage} loss became {mean_loss.item()} at step {run.step}; lower lr "

@@ -33,24 +33,35 @@ differently, so workers differ). With ``seed=int`` the transform owns a generato
 inside a DataLoader worker it is re-seeded once from ``(seed, worker seed)`` so that
 workers never repeat each other's noise, and a seeded DataLoader stays reproducible.
 The generator checkpoint loads lazily, so the transform pickles small for workers.
+
+Class-conditional generators (``DKGM.from_preset(..., num_classes=...)``) take each image's class
+from the sample: ``aug(img, label)`` (an int or a 0-d integer tensor) or ``aug(x, y)`` (``x``
+``[B, C, H, W]``, ``y`` a 1-D integer tensor of length B) returns ``(new images, labels unchanged)``.
+The label is the sample's first non-image input that is a number or a plain tensor of at most one
+dimension. Unconditional generators never see the labels.
 """
+import contextvars
 import numbers
 import threading
 
+import numpy as np
 import PIL.Image
 import torch
+from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import is_pure_tensor
 
 from ._validate import check_device, check_seed
 from .augment import accelerate, check_acceleration, check_image_size, filtered_generate, load_generator, model_device
-from .dkgm import check_knobs
-from .errors import DKGMError
+from .dkgm import check_knobs, class_indices
+from .errors import DataError, DKGMError
 from .images import to_batch
 from .label_filter import check_label_filter
 
 _SEED_MAX = 2 ** 62
+# the whole sample of the call in progress (this thread's): make_params sees only its images
+_SAMPLE = contextvars.ContextVar("dkgm_aug_sample", default=())
 
 
 class SeedSource:
@@ -150,6 +161,8 @@ class DKGMAugment(v2.Transform):
     differ. It does not keep colour: an RGB image through a gray generator goes in as its
     luminance, and its neighbour comes back gray, replicated on the 3 channels (a gray image
     through an RGB generator goes in replicated and comes back as the luminance of the result).
+    A class-conditional generator takes each image's class from the sample: ``aug(img, label)``,
+    ``aug(x, y)`` (module docstring); the labels come back unchanged.
 
     Speed, opt-in (benchmarks/RESULTS.md, section 3): ``dtype=torch.float16`` generates in fp16
     (CUDA only, so it needs ``device="cuda"``; pixels within one uint8 step of fp32).
@@ -184,15 +197,24 @@ class DKGMAugment(v2.Transform):
         self.handle = GeneratorHandle(ckpt, self.device, self.dtype, self.compile)
         self.rng = SeedSource(seed)
 
+    def forward(self, *inputs):
+        token = _SAMPLE.set(tree_flatten(inputs if len(inputs) > 1 else inputs[0])[0])
+        try:
+            return super().forward(*inputs)
+        finally:
+            _SAMPLE.reset(token)
+
     def make_params(self, flat_inputs) -> dict:
         n = batch_size(flat_inputs[0]) if flat_inputs else 1
-        return dict(apply=self.rng.rand(n) < self.p, seeds=self.rng.seeds(n))
+        return dict(apply=self.rng.rand(n) < self.p, seeds=self.rng.seeds(n),
+                    labels=sample_label(_SAMPLE.get(), flat_inputs))
 
     def transform(self, inpt, params: dict):
         # the whole input is checked before p is looked at, so a bad image fails at any p and seed
         x01, restore = to_batch(inpt)
         model = self.handle.get(like=x01 if self.device is None else None)
         check_image_size(model, *x01.shape[-2:])
+        labels = model_labels(model, params.get("labels"), len(x01))
         apply = params["apply"]
         if not bool(apply.any()):
             return inpt
@@ -201,7 +223,8 @@ class DKGMAugment(v2.Transform):
         idx = torch.nonzero(apply).flatten()
         out = x01.clone()
         out[idx] = filtered_generate(model, x01[idx], [params["seeds"][i] for i in idx.tolist()], self.alpha,
-                                     self.steps, self.convert_channels, label_filter=self.label_filter)
+                                     self.steps, self.convert_channels, label_filter=self.label_filter,
+                                     labels=None if labels is None else [labels[i] for i in idx.tolist()])
         return restore(out)
 
     def extra_repr(self) -> str:
@@ -212,3 +235,28 @@ class DKGMAugment(v2.Transform):
 
 def batch_size(inpt) -> int:
     return inpt.shape[0] if isinstance(inpt, torch.Tensor) and inpt.ndim == 4 else 1
+
+
+def sample_label(flat_sample, images):
+    """The label(s) of a sample: its first input, other than ``images``, that is a number or a plain
+    tensor of at most one dimension; ``None`` when there is none."""
+    taken = {id(i) for i in images}
+    for v in flat_sample:
+        if id(v) not in taken and (isinstance(v, (numbers.Number, np.generic))
+                                   or (is_pure_tensor(v) and v.ndim <= 1)):
+            return v
+    return None
+
+
+def model_labels(model, label, n: int) -> list | None:
+    """The class indices (ints) a class-conditional ``model`` takes for ``n`` images from a sample's
+    ``label``, checked; ``None`` for an unconditional model, which never sees labels."""
+    if not getattr(model, "conditional", False):
+        return None
+    if label is None:
+        raise DataError(f"this generator is class-conditional ({model.num_classes} classes): pass each image's "
+                        "class index with it, aug(img, label), or aug(x, y) for a batch x [B, C, H, W] with "
+                        "y a 1-D integer tensor of B class indices")
+    values = label.tolist() if isinstance(label, (torch.Tensor, np.generic)) else label
+    values = values if isinstance(values, list) else [values]
+    return class_indices(values, n, model.num_classes).tolist()

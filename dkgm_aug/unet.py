@@ -4,6 +4,11 @@
 ``UNet(time_input=True)`` is stage 2's ``u_gamma(., t)``. Any image size works:
 inputs are padded (replicate) up to a multiple of the down-sampling factor and
 the output is cropped back.
+
+``num_classes > 0`` (opt-in, beside the paper's unconditional model) adds a label embedding
+``nn.Embedding(num_classes, 4 * base_channels)``, summed with the time embedding where there is
+one, that every ResBlock takes, both as the DDPM bias and as a scale and shift after its second
+norm (:class:`dkgm_aug.nn.ResBlock`): ``net(x, t, labels=y)`` with ``y`` the class indices ``[B]``.
 """
 from dataclasses import asdict, dataclass
 
@@ -11,6 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from ._validate import check_int
 from .errors import DKGMError
 from .nn import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding, zero_module
 
@@ -25,6 +31,7 @@ class UNetConfig:
     mid_attention: bool = True
     dropout: float = 0.0
     time_input: bool = False
+    num_classes: int = 0                    # > 0: class-conditional (a label embedding); 0: unconditional
 
     def __post_init__(self):
         # Limits checked before any layer is built: a hostile checkpoint config must not
@@ -36,6 +43,7 @@ class UNetConfig:
         whole("channels", 1, 16)
         whole("base_channels", 1, 1024)
         whole("num_res_blocks", 1, 8)
+        whole("num_classes", 0, 100_000)
         mult, attn = self.channel_mult, self.attn_levels
         if not isinstance(mult, tuple) or not 1 <= len(mult) <= 8 or not all(
                 isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 16 for m in mult):
@@ -48,7 +56,12 @@ class UNetConfig:
             raise DKGMError("mid_attention and time_input must be booleans")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as a dict; ``num_classes`` only when it is not 0, so that an unconditional
+        U-Net's config (and so its checkpoints and training states) reads as before it existed."""
+        d = asdict(self)
+        if not d["num_classes"]:
+            del d["num_classes"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
@@ -75,10 +88,10 @@ PRESETS = {
 }
 
 
-def preset_config(name: str, channels: int, time_input: bool) -> UNetConfig:
+def preset_config(name: str, channels: int, time_input: bool, num_classes: int = 0) -> UNetConfig:
     if name not in PRESETS:
         raise DKGMError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return UNetConfig(channels=channels, time_input=time_input, **PRESETS[name])
+    return UNetConfig(channels=channels, time_input=time_input, num_classes=num_classes, **PRESETS[name])
 
 
 class UNet(nn.Module):
@@ -86,16 +99,19 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         ch = c.base_channels
-        temb_dim = 4 * ch if c.time_input else None
+        temb_dim = 4 * ch if c.time_input or c.num_classes else None   # the embedding every ResBlock takes
         if c.time_input:
             self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        if c.num_classes:
+            self.label_emb = nn.Embedding(c.num_classes, temb_dim)
         self.conv_in = nn.Conv2d(c.channels, ch, 3, padding=1)
+        film = bool(c.num_classes)
 
         self.down = nn.ModuleList()
         skip_chs, cur = [ch], ch
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                self.down.append(ResBlock(cur, ch * mult, temb_dim, c.dropout))
+                self.down.append(ResBlock(cur, ch * mult, temb_dim, c.dropout, film))
                 cur = ch * mult
                 if level in c.attn_levels:
                     self.down.append(AttentionBlock(cur))
@@ -104,14 +120,14 @@ class UNet(nn.Module):
                 self.down.append(Downsample(cur))
                 skip_chs.append(cur)
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_dim, c.dropout)]
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_dim, c.dropout, film)]
                                  + ([AttentionBlock(cur)] if c.mid_attention else [])
-                                 + [ResBlock(cur, cur, temb_dim, c.dropout)])
+                                 + [ResBlock(cur, cur, temb_dim, c.dropout, film)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for _ in range(c.num_res_blocks + 1):
-                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, temb_dim, c.dropout))
+                self.up.append(ResBlock(cur + skip_chs.pop(), ch * mult, temb_dim, c.dropout, film))
                 cur = ch * mult
                 if level in c.attn_levels:
                     self.up.append(AttentionBlock(cur))
@@ -122,14 +138,32 @@ class UNet(nn.Module):
         self.conv_out = zero_module(nn.Conv2d(cur, c.channels, 3, padding=1))
         self.factor = 2 ** (len(c.channel_mult) - 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | None = None) -> torch.Tensor:
-        c = self.config
-        temb = None
+    def embedding(self, x: torch.Tensor, t, labels) -> torch.Tensor | None:
+        """What every ResBlock takes: the time embedding (time input), plus the label embedding
+        (class-conditional); ``None`` for an unconditional U-Net without time input."""
+        c, temb = self.config, None
         if c.time_input:
             if t is None:
                 raise DKGMError("this U-Net takes a time step: call it as net(x, t)")
             t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
             temb = self.time_mlp(timestep_embedding(t, c.base_channels).to(x.dtype))
+        if not c.num_classes:
+            if labels is not None:
+                raise DKGMError("this U-Net is unconditional (num_classes=0): call it without labels")
+            return temb
+        if labels is None:
+            raise DKGMError(f"this U-Net is class-conditional ({c.num_classes} classes): call it as "
+                            "net(x, t, labels=y), y the class indices [B]")
+        if (not isinstance(labels, torch.Tensor) or labels.shape != (x.shape[0],)
+                or labels.dtype not in (torch.int64, torch.int32)):
+            raise DKGMError(f"labels must be an integer tensor [B] = [{x.shape[0]}] of class indices, got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+        lemb = self.label_emb(labels.to(x.device))
+        return lemb if temb is None else temb + lemb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.embedding(x, t, labels)
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.factor, -width % self.factor
         if pad_h or pad_w:
@@ -151,3 +185,28 @@ class UNet(nn.Module):
             h = layer(h, temb)
         out = self.conv_out(F.silu(self.norm_out(h)))
         return out[..., :height, :width]
+
+    def with_labels(self, num_classes: int) -> "UNet":
+        """A new class-conditional U-Net holding this (unconditional) one's weights, whose new label
+        pathway starts silent, so that it computes this U-Net's function for every label: the
+        ResBlocks' new layers (the scale-shift, and the embedding bias where there was no time input)
+        start at zero; with a time embedding the label embedding starts at zero too, without one it is
+        normal (so that the new layers learn from the first step)."""
+        c = self.config
+        num_classes = check_int("num_classes", num_classes, 1, 100_000)
+        if c.num_classes:
+            raise DKGMError(f"this U-Net is class-conditional already ({c.num_classes} classes)")
+        net = UNet(UNetConfig(**dict(c.to_dict(), num_classes=num_classes)))
+        like = next(self.parameters())
+        net = net.to(device=like.device, dtype=like.dtype).train(self.training)
+        missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or not all(k.startswith("label_emb.") or ".temb." in k or ".film." in k for k in missing):
+            raise DKGMError(f"cannot copy the U-Net's weights (missing {missing}, unexpected {unexpected})")
+        with torch.no_grad():
+            nn.init.zeros_(net.label_emb.weight) if c.time_input else nn.init.normal_(net.label_emb.weight)
+            for block in net.modules():
+                if isinstance(block, ResBlock):
+                    zero_module(block.film)
+                    if not c.time_input:
+                        zero_module(block.temb)
+        return net

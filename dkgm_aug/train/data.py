@@ -4,8 +4,13 @@
 or ``(image, label)`` pairs, or a DataLoader. For tensors and Datasets the batch order is a seeded
 permutation per epoch that depends only on the seed and the step, so a resumed run sees the same
 batches as an uninterrupted one; a DataLoader is iterated as given.
+
+For a class-conditional model (``labels=True``) the items must be ``(image, label)`` pairs (a
+``TensorDataset(images, labels)``, a Dataset of pairs, or a DataLoader of them), and every batch is
+``(x, y)``, ``y`` the labels as a LongTensor on the device; the fingerprint then covers the labels.
 """
 import hashlib
+import numbers
 import warnings
 
 import torch
@@ -13,19 +18,45 @@ import torch
 from ..errors import DataError
 from ..images import collate_images, to_model
 
+NO_LABELS = ("this model is class-conditional: it trains on (image, label) pairs. Pass "
+             "TensorDataset(images, labels), a Dataset whose items are (image, label), or a DataLoader of them")
 
-def data_fingerprint(data) -> str:
+
+def _sample_index(n: int) -> list:
+    """The fixed sample of items a fingerprint reads when it cannot read them all."""
+    return torch.linspace(0, n - 1, min(32, n)).round().long().unique().tolist()
+
+
+def _label_bytes(data) -> bytes:
+    """The labels of the training data, for the fingerprint of a class-conditional model's data:
+    all of them (a dataset's ``targets``, a TensorDataset's second tensor), else those of the
+    fingerprint's sample of items."""
+    if isinstance(data, (torch.Tensor, torch.utils.data.IterableDataset)):
+        return b""
+    tensors = getattr(data, "tensors", None)
+    labels = getattr(data, "targets", tensors[1] if isinstance(tensors, tuple) and len(tensors) > 1 else None)
+    if labels is None:
+        with torch.random.fork_rng(devices=[]):   # reading items must not move torch's RNG
+            items = [data[i] for i in _sample_index(len(data))]
+        labels = [it[1] if isinstance(it, (tuple, list)) and len(it) > 1 else None for it in items]
+    labels = (labels.tolist() if isinstance(labels, torch.Tensor)
+              else [getattr(y, "tolist", lambda: y)() for y in labels])
+    return repr(labels).encode()
+
+
+def data_fingerprint(data, labels: bool = False) -> str:
     """A cheap hash of the training data, kept in the training state so that a resume on other
     data is refused: every byte of a tensor (or of a dataset's ``images`` tensor), else a fixed
     sample of 32 items; nothing for an iterable dataset, or when the sample reads differently
-    twice (random transforms that do not use torch's RNG). The caller adds the length."""
+    twice (random transforms that do not use torch's RNG). ``labels=True`` (class-conditional
+    models) also hashes the labels. The caller adds the length."""
     if isinstance(data, torch.utils.data.DataLoader):
         data = data.dataset
     images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
     if isinstance(data, torch.utils.data.IterableDataset):
         images = torch.empty(0)
     elif not isinstance(images, torch.Tensor):
-        idx = torch.linspace(0, len(data) - 1, min(32, len(data))).round().long().unique().tolist()
+        idx = _sample_index(len(data))
         reads = []
         for _ in range(2):
             with torch.random.fork_rng(devices=[]):   # torch-seeded transforms read the same twice
@@ -34,7 +65,30 @@ def data_fingerprint(data) -> str:
         images = reads[0] if torch.equal(*reads) else torch.empty(0)
     h = hashlib.sha256(f"{tuple(images.shape)} {images.dtype}".encode())
     h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    if labels:
+        h.update(b"labels " + _label_bytes(data))
     return h.hexdigest()[:16]
+
+
+def label_tensor(labels) -> torch.Tensor:
+    """A batch's labels (a 1-D integer tensor, or a list of ints or 0-d integer tensors) as a LongTensor."""
+    if isinstance(labels, torch.Tensor):
+        if labels.ndim > 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise DataError(f"labels must be integer class indices, got a {labels.dtype} tensor of shape "
+                            f"{tuple(labels.shape)}")
+        return labels.reshape(-1).long()
+    values = [y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y for y in labels]
+    bad = [y for y in values if isinstance(y, bool) or not isinstance(y, numbers.Integral)]
+    if bad:
+        raise DataError(f"labels must be integer class indices, got {bad[:3]!r}")
+    return torch.tensor([int(y) for y in values], dtype=torch.long)
+
+
+def collate_pairs(items) -> tuple:
+    """Collate ``(image, label, ...)`` items into ``(images [B, C, H, W] in [0, 1], labels)``."""
+    if not all(isinstance(it, (tuple, list)) and len(it) > 1 for it in items):
+        raise DataError(f"{NO_LABELS}; got items of type {type(items[0]).__name__}")
+    return collate_images(items), label_tensor([it[1] for it in items])
 
 
 def count_items(data) -> int:
@@ -60,10 +114,14 @@ class Feed:
     equal slice (``local_batch`` items); an epoch is ``max(1, N // batch_size)`` steps."""
 
     def __init__(self, data, device, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0):
+                 num_workers: int = 0, labels: bool = False):
         self.data, self.device, self.batch_size, self.seed = data, device, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.n_items = count_items(data)
+        self.labels = bool(labels)       # batches are (x, y): for class-conditional models
+        if self.labels and isinstance(data, torch.Tensor):
+            raise DataError(f"{NO_LABELS}; got a bare image tensor {tuple(data.shape)}")
+        self.convert, self.collate = (self.as_pair, collate_pairs) if self.labels else (self.as_batch, collate_images)
         global_batch = min(batch_size, self.n_items)
         self.local_batch = global_batch // world_size
         if self.local_batch < 1:
@@ -77,13 +135,15 @@ class Feed:
                           f"each takes {self.local_batch} and the other {global_batch % world_size} are skipped")
         self.steps_per_epoch = max(1, self.n_items // batch_size)
 
-    def first(self, k: int) -> torch.Tensor:
-        """The first ``k`` items (at most), as a batch: the images of the sample grids."""
+    def first(self, k: int):
+        """The first ``k`` items (at most), as a batch: the images of the sample grids (with their labels
+        when ``labels``)."""
         if isinstance(self.data, torch.Tensor):
             return self.as_batch(self.data[:k])
         if isinstance(self.data, torch.utils.data.DataLoader):
-            return self.as_batch(next(iter(self.data)))[:k]
-        return self.as_batch(collate_images([self.data[i] for i in range(min(k, len(self.data)))]))
+            batch = self.convert(next(iter(self.data)))
+            return tuple(b[:k] for b in batch) if self.labels else batch[:k]
+        return self.convert(self.collate([self.data[i] for i in range(min(k, len(self.data)))]))
 
     def as_batch(self, batch) -> torch.Tensor:
         if isinstance(batch, (tuple, list)):
@@ -92,6 +152,12 @@ class Feed:
             batch = collate_images(batch)
         x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
         return to_model(x).to(self.device, non_blocking=True)
+
+    def as_pair(self, batch) -> tuple:
+        """A batch of ``(images, labels)`` as ``(x, y)`` on the device, ``y`` a LongTensor."""
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError(f"{NO_LABELS}; got batches of type {type(batch).__name__}")
+        return self.as_batch(batch[0]), label_tensor(batch[1]).to(self.device, non_blocking=True)
 
     def batches(self, start_step: int):
         """Yield this rank's batches from ``start_step`` on, forever."""
@@ -110,9 +176,9 @@ class Feed:
                     yield self.as_batch(self.data[idx])
             else:
                 loader = torch.utils.data.DataLoader(self.data, batch_sampler=[i.tolist() for i in plan],
-                                                     num_workers=self.num_workers, collate_fn=collate_images)
+                                                     num_workers=self.num_workers, collate_fn=self.collate)
                 for batch in loader:
-                    yield self.as_batch(batch)
+                    yield self.convert(batch)
             step += len(plan)
 
     def _loader_batches(self, start_step: int):
@@ -121,5 +187,5 @@ class Feed:
             if hasattr(self.data.sampler, "set_epoch"):   # DistributedSampler: reshuffle each epoch
                 self.data.sampler.set_epoch(epoch)
             for batch in self.data:
-                yield self.as_batch(batch)
+                yield self.convert(batch)
             epoch += 1
