@@ -27,7 +27,7 @@ from .augment import accelerate, check_acceleration, filtered_generate, load_gen
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
-from .images import source_unit
+from .images import source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .shards import read_folder
@@ -259,7 +259,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             made = filtered_generate(model, torch.stack([xs[k] for k in ks]), [self.noise_seed(js[k]) for k in ks],
                                      self.alpha, self.steps, self.convert_channels,
                                      labels=self._labels([js[k] for k in ks]), label_filter=self.label_filter)
-            for k, q in zip(ks, (made * 255).round().to(torch.uint8)):
+            for k, q in zip(ks, to_uint8(made)):
                 out[k] = q
         return out, [cache_file.digest(x) for x in xs]
 

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 import dkgm_aug
 from conftest import load_benchmark
 from dkgm_aug.data import FASHION_MNIST_DIR
@@ -180,3 +182,15 @@ def test_bank_speed_quick(tmp_path):
     assert [r["table"] for r in rows] == ["epoch"] * 5 + ["bank build", "k", "k"]
     assert all(float(r["seconds"]) > 0 for r in rows)
     assert [float(r["spread"]) > 0 for r in rows if r["table"] == "k"] == [False, True]   # k=1: one neighbour
+
+
+def test_gpu_generator_fine_tunes_a_conditional_stage_1(tmp_path):
+    """--init + --conditional: stage 1 gains a label pathway; stage 2 (0 minutes) is the init's, untouched."""
+    argv = ["--device", "cpu", "--quick", "--init", "digits-tiny", "--conditional", "--conditional-stages", "1",
+            "--stage2-minutes", "0", "--calibrate-alphas", "0.5", "--calibrate-steps", "2", "--out", str(tmp_path)]
+    assert load_benchmark("gpu_generator").main(argv) == 0
+    model, init = dkgm_aug.load(tmp_path / "digits-tiny-gpu.safetensors"), dkgm_aug.load("digits-tiny")
+    assert model.conditional and model.stage1.config.num_classes == 10 and model.stage2.config.num_classes == 0
+    assert model.info["training"]["stage1_steps"] >= 2 and model.info["training"]["stage2_steps"] == 0
+    assert all(torch.equal(v, init.stage2.state_dict()[k]) for k, v in model.stage2.state_dict().items())
+    assert model.info["calibration"]["alpha"] == 0.5 and model.info["init"] == "digits-tiny"

@@ -66,6 +66,16 @@ def test_bad_data(tmp_path, data, match):
         Trainer(micro_model(), data, out_dir=tmp_path, max_steps=1)
 
 
+@pytest.mark.parametrize("data", [
+    torch.full((4, 1, 8, 8), 200.0),                       # floats in [0, 255]: 0-1 was meant
+    torch.full((4, 1, 8, 8), -0.5),                        # already normalised to [-1, 1]
+    torch.full((4, 1, 8, 8), 3, dtype=torch.int64),        # integer images: cast, not scaled, before
+])
+def test_images_outside_zero_one_fail_instead_of_training_on_garbage(tmp_path, data):
+    with pytest.raises(DataError, match=r"\[0, 1\]|uint8"):
+        Trainer(micro_model(image_size=8), data, out_dir=tmp_path, batch_size=2, max_steps=1, progress=False)
+
+
 def test_nan_data_and_bad_args(tmp_path):
     x = torch.full((4, 1, 8, 8), float("nan"))
     with pytest.raises(DataError, match="NaN"):

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from ..errors import DataError
-from ..images import collate_images, to_model
+from ..images import collate_images, tensor_unit, to_model
 
 NO_LABELS = ("this model is class-conditional: it trains on (image, label) pairs. Pass "
              "TensorDataset(images, labels), a Dataset whose items are (image, label), or a DataLoader of them")
@@ -150,8 +150,7 @@ class Feed:
             batch = batch[0]
         if not isinstance(batch, torch.Tensor):
             batch = collate_images(batch)
-        x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
-        return to_model(x).to(self.device, non_blocking=True)
+        return to_model(tensor_unit(batch, "training images")).to(self.device, non_blocking=True)
 
     def as_pair(self, batch) -> tuple:
         """A batch of ``(images, labels)`` as ``(x, y)`` on the device, ``y`` a LongTensor."""
