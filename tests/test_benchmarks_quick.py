@@ -1,4 +1,5 @@
 """The benchmarks' --quick modes and the README's main job, on small settings."""
+import csv
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,13 @@ def test_gpu_generator_fine_tunes_a_conditional_stage_1(tmp_path):
     assert model.info["training"]["stage1_steps"] >= 2 and model.info["training"]["stage2_steps"] == 0
     assert all(torch.equal(v, init.stage2.state_dict()[k]) for k, v in model.stage2.state_dict().items())
     assert model.info["calibration"]["alpha"] == 0.5 and model.info["init"] == "digits-tiny"
+
+
+def test_class_fidelity_scores_every_class(tmp_path):
+    out = tmp_path / "cf.csv"
+    assert load_benchmark("class_fidelity").main(["--data", "digits", "--evaluator", "digits-evaluator", "--generators",
+                                                  "digits-tiny", "--per-class", "3", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["what"] for r in rows] == ["real sources", "digits-tiny (alpha 0.5, steps 4)"]
+    assert len(rows[0]) == 12 and all(0 <= float(v) <= 1 for r in rows for k, v in r.items() if k != "what")
