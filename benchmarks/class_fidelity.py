@@ -5,7 +5,8 @@ confusable classes (T-shirt, Pullover, Coat, Shirt) are where a DKGM row loses t
 scores, for each class, up to ``--per-class`` training images of the split the generators were
 trained on: the share of neighbours the evaluator puts in the source's class, next to its
 accuracy on the sources themselves. Every generator sees the same images and the same noise
-seeds, at its own default (calibrated) alpha and steps; a class-conditional one gets the labels.
+seeds, at its own default (calibrated) alpha and steps unless ``--alphas`` names others; a
+class-conditional one gets the labels.
 
     python benchmarks/class_fidelity.py --data runs/cond/lt_fit.npz --evaluator fashion-mnist-evaluator \
         --generators A.safetensors B.safetensors --out benchmarks/results/class_fidelity.csv
@@ -29,6 +30,8 @@ def parse(argv=None):
     p.add_argument("--data", required=True, help="a shipped dataset name or an .npz (the generators' training split)")
     p.add_argument("--evaluator", required=True)
     p.add_argument("--generators", nargs="+", required=True)
+    p.add_argument("--alphas", type=float, nargs="+", default=[None],
+                   help="noise levels to score each generator at (default: its own calibrated alpha)")
     p.add_argument("--per-class", type=int, default=100, help="sources per class (fewer where a class has fewer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the CSV to write")
@@ -51,11 +54,11 @@ def predictions(evaluator, x01: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def neighbours(model, x01: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+def neighbours(model, x01: torch.Tensor, labels: torch.Tensor, seed: int, alpha=None) -> torch.Tensor:
     x = to_model(x01)
     eps = noise_from_seeds([seed * 1_000_003 + i for i in range(len(x))], x.shape[1:], model.kernel, x.device, x.dtype)
     cond = dict(labels=labels) if getattr(model, "conditional", False) else {}
-    return torch.cat([from_model(model.sample(x[i:i + 256], eps=eps[i:i + 256],
+    return torch.cat([from_model(model.sample(x[i:i + 256], alpha, eps=eps[i:i + 256],
                                               **{k: v[i:i + 256] for k, v in cond.items()}))
                       for i in range(0, len(x), 256)])
 
@@ -69,8 +72,9 @@ def main(argv=None) -> int:
     scored = {"real sources": predictions(evaluator, x01)}
     for spec in args.generators:
         model = load(spec).eval()
-        scored[f"{Path(spec).stem} (alpha {model.alpha:g}, steps {model.steps})"] = predictions(
-            evaluator, neighbours(model, x01, labels, args.seed))
+        for alpha in args.alphas:
+            name = f"{Path(spec).stem} (alpha {model.alpha if alpha is None else alpha:g}, steps {model.steps})"
+            scored[name] = predictions(evaluator, neighbours(model, x01, labels, args.seed, alpha))
     rows = []
     for what, pred in scored.items():
         row = dict(what=what, all=f"{(pred == labels).double().mean():.4f}")

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evae-epochs", type=int, default=4)
     p.add_argument("--evae-dz", type=int, default=32)
     p.add_argument("--dkgm-p", type=float, default=0.5, help="DKGMAugment's p in dkgm_augment and ros_dkgm")
+    p.add_argument("--dkgm-alpha", type=float, default=None,
+                   help="DKGM methods: the noise level alpha (default: the generator's own, calibrated one); a knob")
     p.add_argument("--bank", type=int, default=0, metavar="K",
                    help="augmented rows (dkgm_augment, ros_dkgm, loss_dkgm) draw from a bank of K neighbours per "
                         "minority image, made once and shared by seeds and methods, instead of generating online")

@@ -24,6 +24,8 @@ for _m in GENERATIVE:      # a label filter is a knob of every generative method
     KNOBS[_m] += ("label_filter",)
 for _m in AUGMENTED:       # so is a neighbour bank of the methods that augment batches (shown only when set)
     KNOBS[_m] += ("bank",)
+for _m in ("dkgm_balanced", "dkgm_deferred") + AUGMENTED:   # and DKGM's alpha, when not the generator's own
+    KNOBS[_m] += ("dkgm_alpha",)
 
 
 def knob_value(name: str, args):
@@ -44,7 +46,8 @@ def knobs_of(method: str, args) -> str:
     if method == "loss_dkgm":
         names = names + KNOBS.get(args.combine_loss, ())
     return " ".join(f"{n}={knob_value(n, args)}" for n in dict.fromkeys(names)
-                    if (n != "label_filter" or args.label_filter) and (n != "bank" or args.bank))
+                    if (n != "label_filter" or args.label_filter) and (n != "bank" or args.bank)
+                    and (n != "dkgm_alpha" or args.dkgm_alpha is not None))
 
 
 def config_of(args) -> dict:

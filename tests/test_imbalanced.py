@@ -109,7 +109,7 @@ def test_online_augmenter_gives_dkgm_augment_each_minority_images_label(lt_data,
     recorder = Recorder()
     monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: recorder)
     args = argparse.Namespace(shift=0, bank=0, generator="unused", data="digits", dkgm_p=1.0, device="cpu",
-                              label_filter=None)
+                              label_filter=None, dkgm_alpha=None)
     aug = lt_data.Augmenter("dkgm_augment", args, None, torch.tensor([5, 3, 2]), seed=0)
     x = torch.arange(6 * 4, dtype=torch.uint8).reshape(6, 1, 2, 2)    # six different images
     y = torch.tensor([2, 0, 1, 0, 1, 2])
@@ -120,6 +120,21 @@ def test_online_augmenter_gives_dkgm_augment_each_minority_images_label(lt_data,
     assert labels is not None and labels.dtype == torch.int64 and labels.tolist() == [2, 1, 1, 2]
     assert torch.equal(out[minority], 255 - x[minority]) and torch.equal(out[~minority], x[~minority])
     assert aug.n_changed == 4
+
+
+def test_dkgm_alpha_is_a_knob_that_reaches_the_generator(lt_data, monkeypatch):
+    """--dkgm-alpha goes to DKGMAugment (and is shown among the knobs); without it, the generator's own."""
+    import lt_records
+    made = []
+    monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: made.append(k) or None)
+    args = argparse.Namespace(shift=0, bank=0, generator="g.safetensors", data="digits", dkgm_p=0.5, device="cpu",
+                              label_filter=None, dkgm_alpha=0.75, combine_loss="balanced_softmax", la_tau=1.0)
+    lt_data.Augmenter("ros_dkgm", args, None, torch.tensor([5, 3, 2]), seed=0)
+    assert made[-1]["alpha"] == 0.75
+    assert "dkgm_alpha=0.75" in lt_records.knobs_of("ros_dkgm", args)
+    args.dkgm_alpha = None
+    lt_data.Augmenter("ros_dkgm", args, None, torch.tensor([5, 3, 2]), seed=0)
+    assert made[-1]["alpha"] is None and "dkgm_alpha" not in lt_records.knobs_of("ros_dkgm", args)
 
 
 def test_quick_run_writes_csv_table_and_plot(imb, lt_losses, tmp_path):
