@@ -32,6 +32,9 @@ def parse(argv=None):
     p.add_argument("--generators", nargs="+", required=True)
     p.add_argument("--alphas", type=float, nargs="+", default=[None],
                    help="noise levels to score each generator at (default: its own calibrated alpha)")
+    p.add_argument("--wrong-labels", action="store_true",
+                   help="also give class-conditional generators each source's label + 1 (mod C): does the "
+                        "neighbour follow the label it is given or the image it comes from?")
     p.add_argument("--per-class", type=int, default=100, help="sources per class (fewer where a class has fewer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the CSV to write")
@@ -63,25 +66,35 @@ def neighbours(model, x01: torch.Tensor, labels: torch.Tensor, seed: int, alpha=
                       for i in range(0, len(x), 256)])
 
 
+def share_row(what: str, pred, want, labels, classes) -> dict:
+    """The share of predictions equal to ``want``, overall and per source class."""
+    row = dict(what=what, all=f"{(pred == want).double().mean():.4f}")
+    for c in torch.unique(labels).tolist():
+        m = labels == c
+        row[classes[c]] = f"{(pred[m] == want[m]).double().mean():.4f}"
+    return row
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     ds = load_dataset(args.data, **({} if args.data.endswith(".npz") else dict(split="train")))
     evaluator = load_evaluator(args.evaluator)
     idx = sources(ds, args.per_class, args.seed)
     x01, labels = tensor_unit(ds.images[idx]), ds.targets[idx]
-    scored = {"real sources": predictions(evaluator, x01)}
+    scored, given = {"real sources": predictions(evaluator, x01)}, {}
     for spec in args.generators:
         model = load(spec).eval()
         for alpha in args.alphas:
             name = f"{Path(spec).stem} (alpha {model.alpha if alpha is None else alpha:g}, steps {model.steps})"
             scored[name] = predictions(evaluator, neighbours(model, x01, labels, args.seed, alpha))
-    rows = []
-    for what, pred in scored.items():
-        row = dict(what=what, all=f"{(pred == labels).double().mean():.4f}")
-        for c in torch.unique(labels).tolist():
-            m = labels == c
-            row[ds.classes[c]] = f"{(pred[m] == c).double().mean():.4f}"
-        rows.append(row)
+            if args.wrong_labels and getattr(model, "conditional", False):
+                shifted = (labels + 1) % model.num_classes
+                pred = predictions(evaluator, neighbours(model, x01, shifted, args.seed, alpha))
+                scored[f"{name}, given label + 1: in the source's class"] = pred
+                given[f"{name}, given label + 1: in the given class"] = (pred, shifted)
+    rows = [share_row(what, pred, labels, labels, ds.classes) for what, pred in scored.items()]
+    rows += [share_row(what, pred, want, labels, ds.classes) for what, (pred, want) in given.items()]
+    for row in rows:
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -204,3 +204,16 @@ def test_class_fidelity_scores_every_class(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["what"] for r in rows] == ["real sources", "digits-tiny (alpha 0.5, steps 4)"]
     assert len(rows[0]) == 12 and all(0 <= float(v) <= 1 for r in rows for k, v in r.items() if k != "what")
+
+
+def test_class_fidelity_wrong_labels_for_a_conditional_generator(tmp_path):
+    gen, out = tmp_path / "cond.safetensors", tmp_path / "cf.csv"
+    dkgm_aug.load("digits-tiny").with_labels(10, stages=(1,)).save(gen)
+    assert load_benchmark("class_fidelity").main(["--data", "digits", "--evaluator", "digits-evaluator", "--generators",
+                                                  str(gen), "--wrong-labels", "--per-class", "2", "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = {r["what"]: r for r in csv.DictReader(f)}
+    name = "cond (alpha 0.5, steps 4)"
+    # with_labels starts as the unconditional function: the label given changes nothing yet
+    assert rows[f"{name}, given label + 1: in the source's class"]["all"] == rows[name]["all"]
+    assert float(rows[f"{name}, given label + 1: in the given class"]["all"]) < 0.5
