@@ -11,34 +11,14 @@ import torch.nn.functional as F
 from conftest import load_benchmark
 
 
-@pytest.fixture(scope="module")
-def imb():
-    return load_benchmark("imbalanced")
+def _benchmark(fixture: str, module: str):
+    """A module-scoped fixture ``fixture`` that loads ``benchmarks/<module>.py``."""
+    return pytest.fixture(scope="module", name=fixture)(lambda: load_benchmark(module))
 
 
-@pytest.fixture(scope="module")
-def common():
-    return load_benchmark("common")
-
-
-@pytest.fixture(scope="module")
-def lt_losses():
-    return load_benchmark("lt_losses")
-
-
-@pytest.fixture(scope="module")
-def lt_data():
-    return load_benchmark("lt_data")
-
-
-@pytest.fixture(scope="module")
-def lt_records():
-    return load_benchmark("lt_records")
-
-
-@pytest.fixture(scope="module")
-def lt_run():
-    return load_benchmark("lt_run")
+imb = _benchmark("imb", "imbalanced")
+common, lt_losses, lt_data, lt_records, lt_run = (
+    _benchmark(name, name) for name in ("common", "lt_losses", "lt_data", "lt_records", "lt_run"))
 
 
 def test_tail_classes_are_the_rarest_third(common):
@@ -122,9 +102,8 @@ def test_online_augmenter_gives_dkgm_augment_each_minority_images_label(lt_data,
     assert aug.n_changed == 4
 
 
-def test_dkgm_alpha_is_a_knob_that_reaches_the_generator(lt_data, monkeypatch):
+def test_dkgm_alpha_is_a_knob_that_reaches_the_generator(lt_data, lt_records, monkeypatch):
     """--dkgm-alpha goes to DKGMAugment (and is shown among the knobs); without it, the generator's own."""
-    import lt_records
     made = []
     monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: made.append(k) or None)
     args = argparse.Namespace(shift=0, bank=0, generator="g.safetensors", data="digits", dkgm_p=0.5, device="cpu",
