@@ -20,7 +20,9 @@
 # GENERATOR=path: a second call that runs the DKGM rows with that generator (DKGM_PARALLEL);
 # GENERATORS ("lt fm digits", none with GENERATOR: which to train; lt is ignored with GENERATOR),
 # CHUNK (200: a generator's steps between time checks), PLAIN_METHODS, DKGM_METHODS (the rows to run),
-# BANK (unset: online generation; K: the augmented rows draw from one shared bank of K neighbours).
+# BANK (unset: online generation; K: the augmented rows draw from one shared bank of K neighbours),
+# CONDITIONAL (unset; 1: the long-tailed generator is class-conditional in both stages),
+# DKGM_ALPHA (unset: the generator's calibrated alpha; a value: imbalanced.py --dkgm-alpha).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
@@ -87,7 +89,7 @@ else
 $PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
 
 # 2. generators, in the background
-[[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" \
+[[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" ${CONDITIONAL:+--conditional} \
     --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
 LT_PID=$!
 other_gens
@@ -111,7 +113,7 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
     for m in $DKGM_METHODS; do     # dkgm_balanced first: it generates far fewer images
         for seed in $SEEDS; do
             for filter in "" "--label-filter $DATA-evaluator"; do
-                echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter ${BANK:+--bank $BANK} --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
+                echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter ${BANK:+--bank $BANK} ${DKGM_ALPHA:+--dkgm-alpha $DKGM_ALPHA} --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
             done
         done
     done

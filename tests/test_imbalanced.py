@@ -243,14 +243,19 @@ def test_bank_rows_draw_neighbours_from_one_shared_bank(imb, tmp_path):
 
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     """The device script end to end on CPU: the long-tailed split, a generator trained on it,
-    a plain row, then its DKGM rows without and with the label filter, all in the report."""
+    a plain row, then its DKGM rows without and with the label filter, all in the report; the
+    generator class-conditional (CONDITIONAL=1) and alpha a knob of the rows (DKGM_ALPHA)."""
     import os
     import subprocess
     env = dict(os.environ, QUICK="1", DEVICE="cpu", SEEDS="0", PARALLEL="2", MINUTES="8", LAUNCH_MINUTES="7",
                GENERATORS="lt", PLAIN_METHODS="ce", DKGM_METHODS="dkgm_balanced", OUT=str(tmp_path / "out"),
-               WORK=str(tmp_path / "work"))
+               WORK=str(tmp_path / "work"), CONDITIONAL="1", DKGM_ALPHA="0.5")
     subprocess.run(["bash", "benchmarks/gpu_session.sh"], check=True, env=env, capture_output=True, timeout=600)
     report = (tmp_path / "work" / "lt" / "results.md").read_text()
     assert "| ce |" in report and "| dkgm_balanced |" in report
     assert "label_filter=digits-evaluator" in report                 # both variants ran: the variants table
+    assert "dkgm_alpha=0.5" in report
+    import dkgm_aug
+    [gen] = (tmp_path / "work" / "lt_gen").glob("*.safetensors")
+    assert dkgm_aug.load(gen).conditional
     assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0
