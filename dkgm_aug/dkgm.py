@@ -20,8 +20,6 @@ each image's class index, ``labels=y``.
 import copy
 import numbers
 
-import numpy as np
-
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from .blur import gaussian_blur, random_blur
 from .checkpoint import register_kind
 from .errors import DataError, DKGMError
 from .kernels import KERNELS, noise, noise_from_seeds
+from .sampling import label_tensor
 from .unet import UNet, UNetConfig, preset_config
 
 
@@ -51,16 +50,6 @@ def check_images(x: torch.Tensor, channels: int, name: str = "x") -> None:
         raise DataError(f"{name} contains NaN or inf values; clean the data first")
 
 
-def _index(v) -> int:
-    """One class label as an int; refuses bools, floats and anything else that is not an integer."""
-    if isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point() and not v.is_complex() \
-            and v.dtype != torch.bool:
-        return int(v)
-    if isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_)):
-        return int(v)
-    raise DataError(f"labels must be integer class indices, got {v!r}")
-
-
 def class_indices(labels, n: int, num_classes: int, device=None) -> torch.Tensor:
     """``labels`` (a 1-D integer tensor or array, or a list or tuple of ints, numpy integers or 0-d
     integer tensors) as a LongTensor ``[n]`` on ``device``, checked: one class index in
@@ -68,17 +57,7 @@ def class_indices(labels, n: int, num_classes: int, device=None) -> torch.Tensor
     if labels is None:
         raise DataError(f"this generator is class-conditional ({num_classes} classes): give each image's "
                         "class index, labels=...")
-    if isinstance(labels, np.ndarray):
-        labels = torch.from_numpy(labels) if labels.dtype.kind in "iub" else labels.tolist()
-    if isinstance(labels, torch.Tensor):
-        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise DataError(f"labels must be integer class indices, one per image: a 1-D integer tensor, "
-                            f"got {labels.dtype} of shape {tuple(labels.shape)}")
-        y = labels
-    elif isinstance(labels, (list, tuple)):
-        y = torch.tensor([_index(v) for v in labels], dtype=torch.long)
-    else:
-        raise DataError(f"labels must be a 1-D integer tensor or a list of class indices, got {type(labels).__name__}")
+    y = label_tensor(labels)
     if len(y) != n:
         raise DataError(f"{len(y)} labels for {n} images: give one class index per image")
     lo, hi = (int(v) for v in torch.stack([y.min(), y.max()]).tolist()) if n else (0, 0)

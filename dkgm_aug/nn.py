@@ -78,11 +78,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
+        emb = None if temb is None else F.silu(temb)
         if self.temb is not None:
-            h = h + self.temb(F.silu(temb))[:, :, None, None]
+            h = h + self.temb(emb)[:, :, None, None]
         h = self.norm2(h)
         if self.film is not None:
-            scale, shift = self.film(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+            scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h

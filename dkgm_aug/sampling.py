@@ -21,6 +21,32 @@ def plain_label(y):
     return y.item() if isinstance(y, (np.generic, np.ndarray)) and np.size(y) == 1 else y
 
 
+def _class_index(v) -> int:
+    """One class label as an int; refuses bools, floats and anything else that is not an integer."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and not v.is_complex() \
+            and v.dtype != torch.bool:
+        return int(v.item())
+    if isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return int(v)
+    raise DataError(f"labels must be integer class indices, got {v!r}")
+
+
+def label_tensor(labels) -> torch.Tensor:
+    """Class labels as a 1-D LongTensor (on the tensor's device): a 0-d or 1-D integer tensor or
+    array, or a list or tuple of ints, numpy integers or one-element integer tensors. The one
+    conversion of labels for the class-conditional models and their trainer."""
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels) if labels.dtype.kind in "iub" else labels.tolist()
+    if isinstance(labels, torch.Tensor):
+        if labels.ndim > 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise DataError(f"labels must be integer class indices, one per image: a 1-D integer tensor, "
+                            f"got {labels.dtype} of shape {tuple(labels.shape)}")
+        return labels.reshape(-1).long()
+    if not isinstance(labels, (list, tuple)):
+        raise DataError(f"labels must be a 1-D integer tensor or a list of class indices, got {type(labels).__name__}")
+    return torch.tensor([_class_index(v) for v in labels], dtype=torch.long)
+
+
 def _as_array(raw) -> np.ndarray:
     """Labels (list, tuple, array or tensor) as a numpy array of numbers or of strings."""
     if isinstance(raw, torch.Tensor):

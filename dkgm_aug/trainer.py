@@ -142,8 +142,7 @@ class Trainer:
                             "build the model with channels= matching the data, or convert the images")
         self.n_items, self.local_batch = self.feed.n_items, self.feed.local_batch
         self.steps_per_epoch = self.feed.steps_per_epoch
-        fingerprint = data_fingerprint(self.data, labels=True) if self.conditional else data_fingerprint(self.data)
-        self.data_id = f"{self.n_items} items, sha256 {fingerprint}"
+        self.data_id = f"{self.n_items} items, sha256 {data_fingerprint(self.data, labels=self.conditional)}"
 
     def _split(self, batch) -> tuple:
         """A batch as ``(x, keywords of the model's call)``: ``labels=y`` for a class-conditional model."""

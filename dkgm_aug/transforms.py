@@ -257,6 +257,5 @@ def model_labels(model, label, n: int) -> list | None:
         raise DataError(f"this generator is class-conditional ({model.num_classes} classes): pass each image's "
                         "class index with it, aug(img, label), or aug(x, y) for a batch x [B, C, H, W] with "
                         "y a 1-D integer tensor of B class indices")
-    values = label.tolist() if isinstance(label, (torch.Tensor, np.generic)) else label
-    values = values if isinstance(values, list) else [values]
-    return class_indices(values, n, model.num_classes).tolist()
+    labels = label if isinstance(label, (torch.Tensor, np.ndarray, list, tuple)) else [label]
+    return class_indices(labels, n, model.num_classes).tolist()

@@ -10,13 +10,13 @@ For a class-conditional model (``labels=True``) the items must be ``(image, labe
 ``(x, y)``, ``y`` the labels as a LongTensor on the device; the fingerprint then covers the labels.
 """
 import hashlib
-import numbers
 import warnings
 
 import torch
 
 from ..errors import DataError
 from ..images import collate_images, tensor_unit, to_model
+from ..sampling import label_tensor
 
 NO_LABELS = ("this model is class-conditional: it trains on (image, label) pairs. Pass "
              "TensorDataset(images, labels), a Dataset whose items are (image, label), or a DataLoader of them")
@@ -68,20 +68,6 @@ def data_fingerprint(data, labels: bool = False) -> str:
     if labels:
         h.update(b"labels " + _label_bytes(data))
     return h.hexdigest()[:16]
-
-
-def label_tensor(labels) -> torch.Tensor:
-    """A batch's labels (a 1-D integer tensor, or a list of ints or 0-d integer tensors) as a LongTensor."""
-    if isinstance(labels, torch.Tensor):
-        if labels.ndim > 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise DataError(f"labels must be integer class indices, got a {labels.dtype} tensor of shape "
-                            f"{tuple(labels.shape)}")
-        return labels.reshape(-1).long()
-    values = [y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y for y in labels]
-    bad = [y for y in values if isinstance(y, bool) or not isinstance(y, numbers.Integral)]
-    if bad:
-        raise DataError(f"labels must be integer class indices, got {bad[:3]!r}")
-    return torch.tensor([int(y) for y in values], dtype=torch.long)
 
 
 def collate_pairs(items) -> tuple:
