@@ -53,13 +53,14 @@ and keep it: with per-item noise seeds this gives the same images as ``precomput
 uniform sampling, but only the items the run draws are made. ``--generator`` defaults to the
 shipped model for ``--data``, which was trained on the *full* training split and so has seen
 tail-class images the classifiers have not; the report prints each generator's training data.
-``--bank K`` makes the augmented rows (dkgm_augment, ros_dkgm, loss_dkgm) draw each neighbour from
+``--bank K`` makes the DKGM rows (dkgm_balanced, dkgm_deferred, dkgm_augment, ros_dkgm, loss_dkgm) draw each neighbour from
 a ``NeighbourBank`` of K neighbours per minority-class training image instead of generating it:
 made once (bank seed 0, so every classifier seed sees the same neighbours, and with the label
 filter when one is set) into ``<out>/banks/``, resumable shard by shard and reopened by its
 fingerprint, so the generator's cost is paid once per generator and split, not per row. The
 neighbour then replaces the image *before* the base shift (the bank knows images by their
-pixels), where online generation works on the shifted image. ``bank=K`` is a knob of those rows.
+pixels), where online generation works on the shifted image; a balanced row's synthetic item shows
+another of its source's K neighbours each epoch. ``bank=K`` is a knob of those rows.
 Rows are appended to ``runs.csv`` as each run ends (``--resume`` skips the done ones), and the
 report is rebuilt from every row of that file with the same settings.
 
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dkgm-alpha", type=float, default=None,
                    help="DKGM methods: the noise level alpha (default: the generator's own, calibrated one); a knob")
     p.add_argument("--bank", type=int, default=0, metavar="K",
-                   help="augmented rows (dkgm_augment, ros_dkgm, loss_dkgm) draw from a bank of K neighbours per "
+                   help="DKGM rows (dkgm_balanced, dkgm_deferred and the augmented ones) draw from a bank of K neighbours per "
                         "minority image, made once and shared by seeds and methods, instead of generating online")
     p.add_argument("--label-filter", metavar="EVALUATOR", default=None,
                    help="generative methods: reject neighbours this classifier (a shipped evaluator name or a "

@@ -71,6 +71,11 @@ class Pool:
     def __len__(self):
         return len(self.balanced) if self.balanced is not None else len(self.images)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Before each epoch: a bank-backed balanced wrapper then shows each synthetic item another neighbour."""
+        if self.balanced is not None:
+            self.balanced.set_epoch(epoch)
+
     def draw(self, n: int, g: torch.Generator):
         idx = (torch.multinomial(self.weights, n, replacement=True, generator=g) if self.weights is not None
                else torch.randint(len(self), (n,), generator=g))
@@ -153,9 +158,11 @@ def build_pool(method: str, args, lt, seed: int) -> Pool:
         X = np.clip(np.round(X), 0, 255).astype(np.uint8).reshape(-1, *images.shape[1:])
         return Pool(torch.from_numpy(X), torch.from_numpy(y.astype(np.int64)))
     if method in BALANCED:
+        dkgm = method == "dkgm_balanced"   # with --bank, its synthetic items come from the shared bank
+        bank = neighbour_bank(args, lt, counts < counts.max()) if dkgm and args.bank else None
         return Pool(images, targets, balanced=BalancedDKGMDataset(
             lt, generator=generator_for(method, args, lt, seed), sampling_strategy="auto", seed=seed,
-            alpha=args.dkgm_alpha if method == "dkgm_balanced" else None,
+            alpha=args.dkgm_alpha if dkgm else None, bank=bank,
             cache="memory", progress=False, device=args.device, label_filter=label_filter(args)))
     return Pool(images, targets)
 

@@ -89,6 +89,7 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
             history.append(dict(method=method, seed=seed, epoch=epoch, train_loss=round(float(np.mean(epoch_loss)), 5),
                                 val_bacc=round(val_bacc, 5)))
             epoch_loss = []
+            pool.set_epoch(epoch)
             if val_bacc > best[0]:   # the first best epoch: later ties add nothing the validation set can see
                 best = (val_bacc, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     gen_s = pool.draw_s + augment.seconds

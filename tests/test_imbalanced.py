@@ -241,6 +241,27 @@ def test_bank_rows_draw_neighbours_from_one_shared_bank(imb, tmp_path):
     assert all("bank=2" in r["knobs"] and int(r["n_generated"]) > 0 for r in rows)
 
 
+def test_balanced_rows_draw_from_the_shared_bank(imb, tmp_path, monkeypatch):
+    """--bank K reaches dkgm_balanced and dkgm_deferred too: their synthetic items come from the
+    bank the augmented rows made (not remade), one neighbour per epoch (set_epoch before each),
+    and the rows record bank=K."""
+    from dkgm_aug import BalancedDKGMDataset
+    assert imb.main(["--quick", "--epochs", "2", "--methods", "ros_dkgm", "--bank", "2", "--out", str(tmp_path)]) == 0
+    bank = next((tmp_path / "banks").iterdir())
+    made = {f.name: f.stat().st_mtime_ns for f in bank.iterdir()}
+    epochs = []
+    set_epoch = BalancedDKGMDataset.set_epoch
+    monkeypatch.setattr(BalancedDKGMDataset, "set_epoch", lambda self, e: (epochs.append(e), set_epoch(self, e)))
+    assert imb.main(["--quick", "--epochs", "2", "--methods", "dkgm_balanced", "dkgm_deferred", "--bank", "2",
+                     "--out", str(tmp_path)]) == 0
+    assert {f.name: f.stat().st_mtime_ns for f in bank.iterdir()} == made
+    assert epochs == [1, 2, 1, 2]
+    with open(tmp_path / "runs.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] != "ros_dkgm"]
+    assert [r["method"] for r in rows] == ["dkgm_balanced", "dkgm_deferred"]
+    assert all("bank=2" in r["knobs"] for r in rows)
+
+
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     """The device script end to end on CPU: the long-tailed split, a generator trained on it,
     a plain row, then its DKGM rows without and with the label filter, all in the report; the
