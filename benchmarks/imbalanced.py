@@ -24,6 +24,8 @@ shift of up to ``--shift`` px by reflect-pad + random crop); only what the metho
   mixup          mixup (Zhang et al. 2018, --mixup-alpha) of images and labels, uniform sampling
   mixup_drw      mixup with drw's deferred weights
   ros            random oversampling: items drawn with probability 1/count(class)
+  drs            deferred re-sampling (Cao et al. 2019): ce, then ros from --drw-start on; the
+                 copy control of dkgm_deferred
   smote          imblearn SMOTE on flattened pixels, k_neighbors=min(5, n_min-1), then uniform
   randaug        torchvision RandAugment on each uint8 image, on top of the base shift
   dkgm_balanced  BalancedDKGMDataset(generator=--generator, sampling_strategy="auto"), batches drawn uniformly
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, nargs="+", default=None,
                    help="timm ResNet stage widths (e.g. 32 64 128 256: a half-width resnet10t)")
     p.add_argument("--drw-start", type=float, default=0.8,
-                   help="fraction of the run after which drw/ldam_drw/mixup_drw re-weight and dkgm_deferred draws neighbours")
+                   help="fraction of the run after which drw/ldam_drw/mixup_drw re-weight, drs re-samples and dkgm_deferred "
+                        "draws neighbours")
     p.add_argument("--ldam-margin", type=float, default=0.5, help="LDAM's largest margin")
     p.add_argument("--ldam-s", type=float, default=30.0, help="LDAM's logit scale")
     p.add_argument("--la-tau", type=float, default=1.0, help="logit adjustment's tau (1 = Balanced Softmax)")

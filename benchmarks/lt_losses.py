@@ -6,12 +6,13 @@ import torch.nn.functional as F
 
 
 # -- the methods, in the report's order ------------------------------------------------------------
-METHODS = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw", "ros", "smote", "randaug",
-           "dkgm_balanced", "dkgm_augment", "ros_dkgm", "loss_dkgm", "dkgm_deferred", "evae_balanced", "kss_balanced")
+METHODS = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw", "ros", "drs", "smote",
+           "randaug", "dkgm_balanced", "dkgm_augment", "ros_dkgm", "loss_dkgm", "dkgm_deferred", "evae_balanced", "kss_balanced")
 BALANCED = ("dkgm_balanced", "evae_balanced", "kss_balanced")
 AUGMENTED = ("dkgm_augment", "ros_dkgm", "loss_dkgm")   # DKGMAugment(p=--dkgm-p) on each batch's minority items
 LOSSES = ("ce", "cb_loss", "drw", "ldam_drw", "balanced_softmax", "mixup", "mixup_drw")
 GENERATIVE = BALANCED + AUGMENTED + ("dkgm_deferred",)
+DEFERRED = {"drs": "ros", "dkgm_deferred": "dkgm_balanced"}   # ce on the long-tailed set, then this method's pool
 
 
 # -- losses ----------------------------------------------------------------------------------------

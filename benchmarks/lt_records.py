@@ -15,7 +15,7 @@ from lt_losses import AUGMENTED, GENERATIVE, METHODS
 # -- knobs and settings ----------------------------------------------------------------------------
 # Each method's knobs: variants of one method are rows with other values; the converged report
 # keeps the variant with the best validation balanced accuracy.
-KNOBS = {"drw": ("drw_start",), "ldam_drw": ("drw_start", "ldam_margin", "ldam_s"), "balanced_softmax": ("la_tau",),
+KNOBS = {"drw": ("drw_start",), "drs": ("drw_start",), "ldam_drw": ("drw_start", "ldam_margin", "ldam_s"), "balanced_softmax": ("la_tau",),
          "mixup": ("mixup_alpha",), "mixup_drw": ("mixup_alpha", "drw_start"), "dkgm_balanced": ("generator",),
          "dkgm_augment": ("generator", "dkgm_p"), "ros_dkgm": ("generator", "dkgm_p"),
          "loss_dkgm": ("generator", "combine_loss", "dkgm_p"), "dkgm_deferred": ("generator", "drw_start"),

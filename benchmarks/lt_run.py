@@ -9,7 +9,7 @@ import torch
 from dkgm_aug.nn import evaluating
 from common import tail_classes
 from lt_data import Augmenter, Pool, build_pool, rejection_share, splits, to_input
-from lt_losses import LOSSES, loss_fn, mixup
+from lt_losses import DEFERRED, LOSSES, loss_fn, mixup
 from lt_records import append_curves, config_of, hardware, knobs_of
 
 
@@ -55,8 +55,8 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
     lt, val, test = splits(args)
     counts = torch.bincount(lt.targets, minlength=10)
     start = time.perf_counter()
-    pool = build_pool("dkgm_balanced" if method == "dkgm_deferred" else method, args, lt, seed)
-    plain = Pool(lt.images, lt.targets) if method == "dkgm_deferred" else pool
+    pool = build_pool(DEFERRED.get(method, method), args, lt, seed)
+    plain = Pool(lt.images, lt.targets) if method in DEFERRED else pool   # a deferred method's first phase
     setup_s = time.perf_counter() - start
     size = args.size if args.data == "digits" else None
     loss_method = args.combine_loss if method == "loss_dkgm" else method if method in LOSSES else "ce"
@@ -72,7 +72,7 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
     model.train()
     for step in range(total):
         progress = step / total
-        source = plain if method == "dkgm_deferred" and progress < args.drw_start else pool
+        source = plain if progress < args.drw_start else pool
         x, y = source.draw(args.batch, g)
         x, y, mix = to_input(augment(x, y, g), size, args.device), y.to(args.device), None
         if loss_method in ("mixup", "mixup_drw"):

@@ -178,7 +178,7 @@ def test_help_lists_the_converged_protocol(imb, capsys):
     with pytest.raises(SystemExit):
         imb.main(["--help"])
     text = capsys.readouterr().out
-    for word in ("ldam_drw", "balanced_softmax", "mixup_drw", "loss_dkgm", "dkgm_deferred", "--class-order",
+    for word in ("ldam_drw", "balanced_softmax", "mixup_drw", "loss_dkgm", "dkgm_deferred", "drs", "--class-order",
                  "--val-fraction", "--profile", "step", "--epochs"):
         assert word in text, word
 
@@ -239,6 +239,20 @@ def test_bank_rows_draw_neighbours_from_one_shared_bank(imb, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["ros_dkgm", "loss_dkgm"]
     assert all("bank=2" in r["knobs"] and int(r["n_generated"]) > 0 for r in rows)
+
+
+def test_drs_is_ce_then_ros(imb, tmp_path):
+    """drs, the copy control of dkgm_deferred, draws from the long-tailed set before --drw-start
+    and as ros does after: at 0 it trains exactly as ros, at 1 exactly as ce (same seed)."""
+    def final_loss(method, start, out):
+        assert imb.main(["--quick", "--methods", method, "--drw-start", str(start), "--out", str(out)]) == 0
+        with open(out / "runs.csv") as f:
+            row = next(csv.DictReader(f))
+        assert method != "drs" or f"drw_start={float(start)}" in row["knobs"]
+        return row["final_loss"], row["class_recall"]
+    assert final_loss("drs", 0, tmp_path / "a") == final_loss("ros", 0, tmp_path / "b")
+    assert final_loss("drs", 1, tmp_path / "c") == final_loss("ce", 1, tmp_path / "d")
+    assert final_loss("drs", 0, tmp_path / "a2") != final_loss("drs", 1, tmp_path / "c2")
 
 
 def test_balanced_rows_draw_from_the_shared_bank(imb, tmp_path, monkeypatch):
