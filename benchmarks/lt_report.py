@@ -40,6 +40,19 @@ def summarise(rows: list) -> dict:
     return out
 
 
+def best_method(methods: list, s: dict, chosen: dict, args):
+    """The method with the best mean validation balanced accuracy where there is a validation split
+    (test accuracy without one, as in --quick); ties go to the one with more seeds."""
+    return max(methods, key=lambda m: (chosen[m][1], len(s[m]["seeds"])) if args.epochs else s[m]["accuracy"][0],
+               default=None)
+
+
+def mean_class_recall(rows: list, method: str):
+    """Mean recall of each class over ``method``'s seeds, or None unless all its rows logged it."""
+    logged = [r["class_recall"] for r in rows if r["method"] == method]
+    return np.mean([[float(v) for v in c.split(";")] for c in logged], axis=0) if logged and all(logged) else None
+
+
 def paired_difference(rows: list, method: str, baseline: str) -> tuple:
     """Mean and std over shared seeds of ``method``'s accuracy minus ``baseline``'s."""
     acc = {(r["method"], r["seed"]): r["accuracy"] for r in rows}
@@ -89,9 +102,8 @@ def class_recall_table(rows: list, summary: dict, counts: list) -> list:
              "| method | " + " | ".join(f"{c} ({n})" for c, n in enumerate(counts)) + " |",
              "|---|" + "---|" * len(counts)]
     for m in summary:
-        logged = [r["class_recall"] for r in rows if r["method"] == m]
-        if logged and all(logged):
-            mean = np.mean([[float(v) for v in c.split(";")] for c in logged], axis=0)
+        mean = mean_class_recall(rows, m)
+        if mean is not None:
             lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in mean) + " |")
     return lines if len(lines) > 5 else []
 
@@ -129,11 +141,12 @@ def write_outputs(rows: list, args, out: Path) -> None:
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").exists() else []
     plain = [m for m in s if m not in GENERATIVE]
     # the baseline of `vs best`: by validation balanced accuracy where there is one, never by test accuracy
-    best = max(plain, key=lambda m: (chosen[m][1], len(s[m]["seeds"])) if args.epochs else s[m]["accuracy"][0],
-               default=None)
+    best = best_method(plain, s, chosen, args)
     lines = ["# Long-tailed classification benchmark", "", "Commands (each appended rows to `runs.csv`):", ""]
     lines += [f"    {c}" for c in commands] + [""] + protocol_lines(args, cfg, counts, rows) + [
-        f"- best non-generative method{' (by validation balanced accuracy)' if args.epochs else ''}: {best}", "",
+        f"- best non-generative method{' (by validation balanced accuracy)' if args.epochs else ''}: {best}",
+        "- `results.png`: left, test balanced accuracy per method (mean ± std, a dot per seed; dashed: the best "
+        "non-generative method's mean); right, recall per class from head to tail (mean over the seeds)", "",
         "| method | accuracy | vs best (paired) | macro-F1 | tail recall | knobs | val bacc | epoch | train s | "
         "generate s | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
@@ -147,30 +160,86 @@ def write_outputs(rows: list, args, out: Path) -> None:
                      f"{v['generate_s'][0]:.0f} | {v['seeds']} |")
     lines += class_recall_table(rows, s, counts) + variants_table(all_rows)
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot_results(s, args, out)
+    best_gen = best_method([m for m in s if m in GENERATIVE], s, chosen, args)
+    plot_results(rows, s, counts, (best, best_gen), args, out)
     if (out / "curves.csv").exists():
         plot_curves(out / "curves.csv", cfg, out / "curves.png")
 
 
 # -- plots -----------------------------------------------------------------------------------------
-def plot_results(s: dict, args, out: Path) -> None:
+PLAIN_COLOUR, GENERATIVE_COLOUR = "tab:blue", "tab:orange"
+
+
+def plot_results(rows: list, s: dict, counts: list, best: tuple, args, out: Path) -> None:
+    """``results.png``: balanced accuracy per method (left) and recall per class (right); ``best`` is
+    ``(best non-generative, best generative)`` method, by validation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    names, xs = list(s), np.arange(len(s))
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
-    for off, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "tail_recall", "tail recall")):
-        ax.bar(xs + off, [s[m][key][0] for m in names], 0.4, yerr=[s[m][key][1] for m in names],
-               capsize=3, label=label)
-    ax.set_xticks(xs, names, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
+    widths = (0.45 * max(len(s), 5) + 1.5, 6.0)                    # inches: left grows with the methods
+    fig, (left, right) = plt.subplots(1, 2, figsize=(sum(widths), 4.8), gridspec_kw={"width_ratios": widths})
+    plot_accuracy(left, rows, s, best[0])
+    plot_class_recall(right, rows, s, counts, best)
     n_seeds = max(len(v["seeds"]) for v in s.values())
     budget = f"{args.epochs} epochs" if args.epochs else f"{args.steps} steps"
-    ax.set_title(f"{args.data}, rho={args.rho:g}, {args.model}, {budget}, up to {n_seeds} seed(s)")
-    ax.legend(loc="lower right")
+    fig.suptitle(f"{args.data}, rho={args.rho:g}, {args.model}, {budget}, up to {n_seeds} seed(s)")
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy(ax, rows: list, s: dict, best) -> None:
+    """Mean ± std of test balanced accuracy per method, a dot per seed, the y axis zoomed to the data."""
+    names = list(s)
+    for i, m in enumerate(names):
+        colour = GENERATIVE_COLOUR if m in GENERATIVE else PLAIN_COLOUR
+        seeds = [r["accuracy"] for r in rows if r["method"] == m]
+        ax.scatter(i + np.linspace(-0.12, 0.12, len(seeds)) if len(seeds) > 1 else [i], seeds, s=10,
+                   color=colour, alpha=0.45, zorder=2, linewidths=0)
+        mean, std = s[m]["accuracy"]
+        ax.errorbar(i, mean, yerr=std, fmt="o", ms=6, color=colour, capsize=4, zorder=3)
+    if best:
+        ax.axhline(s[best]["accuracy"][0], ls="--", lw=1, color=PLAIN_COLOUR, zorder=1)
+    low = min(min(r["accuracy"] for r in rows), min(v["accuracy"][0] - v["accuracy"][1] for v in s.values()))
+    high = max(max(r["accuracy"] for r in rows), max(v["accuracy"][0] + v["accuracy"][1] for v in s.values()))
+    pad = max(0.12 * (high - low), 0.003)
+    ax.set_ylim(low - pad, high + 2.5 * pad)                    # headroom for the legend
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    for tick in ax.get_xticklabels():
+        tick.set_color(GENERATIVE_COLOUR if tick.get_text() in GENERATIVE else "black")
+    ax.set_ylabel("test balanced accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=label) for c, label in
+               ((PLAIN_COLOUR, "non-generative"), (GENERATIVE_COLOUR, "generative"))]
+    handles += [Line2D([], [], color=PLAIN_COLOUR, ls="--", label=f"best non-generative: {best}")] if best else []
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_title("mean ± std over seeds, dots: seeds", fontsize=9)
+
+
+def plot_class_recall(ax, rows: list, s: dict, counts: list, best: tuple) -> None:
+    """Mean recall per class, classes from head to tail; the best non-generative and the best
+    generative method (by validation) in colour, the other methods thin and grey."""
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    recall = {m: r for m in s if (r := mean_class_recall(rows, m)) is not None}
+    if not recall:
+        ax.text(0.5, 0.5, "no per-class recall logged", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    colours = dict(zip(best, (PLAIN_COLOUR, GENERATIVE_COLOUR)))
+    for m, r in sorted(recall.items(), key=lambda item: item[0] in colours):    # highlighted ones on top
+        lead = m in colours
+        ax.plot(range(len(order)), r[order], marker="o" if lead else None, ms=4, lw=2 if lead else 0.8,
+                color=colours.get(m, "0.6"), alpha=1 if lead else 0.7, zorder=3 if lead else 2,
+                label=m if lead else None)
+    if set(recall) - set(colours):
+        ax.plot([], [], lw=0.8, color="0.6", label="other methods")
+    ax.set_xticks(range(len(order)), [f"{c} ({counts[c]})" for c in order], rotation=35, ha="right", fontsize=8)
+    ax.set(xlabel="class (training images), head to tail", ylabel="test recall (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("recall per class; coloured: the best non-generative and generative method", fontsize=9)
 
 
 def plot_curves(path: Path, cfg: dict, png: Path) -> None:

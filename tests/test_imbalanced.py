@@ -294,3 +294,16 @@ def test_gpu_session_dry_run_on_cpu(tmp_path):
     [gen] = (tmp_path / "work" / "lt_gen").glob("*.safetensors")
     assert dkgm_aug.load(gen).conditional
     assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0
+
+
+def test_results_plot_without_per_class_recall_or_a_plain_method(tmp_path):
+    """results.png is drawn from hand-made rows: one seed, a method without per-class recall,
+    no non-generative method (no dashed line), or no per-class recall at all."""
+    lt_report = load_benchmark("lt_report")
+    args = argparse.Namespace(data="digits", rho=10.0, model="resnet10t", epochs=2, steps=None)
+    row = lambda m, acc, recall: {"method": m, "seed": 0, "accuracy": acc, "class_recall": recall}
+    rows = [row("ce", 0.8, "0.9;0.7;0.5"), row("dkgm_balanced", 0.82, ""), row("ros_dkgm", 0.81, "0.8;0.8;0.6")]
+    for keep, best in ((rows, ("ce", "ros_dkgm")), (rows[1:], (None, "ros_dkgm")), (rows[1:2], (None, None))):
+        s = {r["method"]: {"accuracy": (r["accuracy"], 0.0), "seeds": [0]} for r in keep}
+        lt_report.plot_results(keep, s, [50, 20, 5], best, args, tmp_path)
+        assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
