@@ -35,8 +35,8 @@ SEEDS=${SEEDS:-"0 1 2"}
 PRESET=${PRESET:-small}
 GENERATORS=${GENERATORS-$( [ -n "${GENERATOR:-}" ] || echo "lt fm digits")}
 CHUNK=${CHUNK:-200}
-PLAIN_METHODS=${PLAIN_METHODS:-"ros balanced_softmax ldam_drw ce | cb_loss drw randaug mixup smote mixup_drw"}
-DKGM_METHODS=${DKGM_METHODS:-"dkgm_balanced ros_dkgm"}
+PLAIN_METHODS=${PLAIN_METHODS:-"ros balanced_softmax drs ldam_drw ce | cb_loss drw randaug mixup smote mixup_drw"}
+DKGM_METHODS=${DKGM_METHODS:-"dkgm_deferred dkgm_balanced ros_dkgm"}
 OUT=${OUT:-runs/gpu_session}
 WORK=${WORK:-/tmp/gpu_session}
 START=$(date +%s)
@@ -110,7 +110,7 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
     GEN=${GENERATOR:-$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)}
     [ -n "$GEN" ] || { log "no long-tailed generator: no DKGM rows"; return; }
     : > "$WORK/dkgm.txt"
-    for m in $DKGM_METHODS; do     # dkgm_balanced first: it generates far fewer images
+    for m in $DKGM_METHODS; do     # the deferred and balanced rows first: they generate far fewer images
         for seed in $SEEDS; do
             for filter in "" "--label-filter $DATA-evaluator"; do
                 echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter ${BANK:+--bank $BANK} ${DKGM_ALPHA:+--dkgm-alpha $DKGM_ALPHA} --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
