@@ -120,6 +120,11 @@ def label_filter(args):
     return f
 
 
+def minority_classes(counts: torch.Tensor) -> torch.Tensor:
+    """The classes DKGM adds neighbours to, as a mask over class indices: every class but the largest."""
+    return counts < counts.max()
+
+
 def neighbour_bank(args, lt, minority):
     """``--bank K``: K neighbours of every minority-class training image, made once with bank seed 0
     (so every classifier seed sees the same neighbours) into a resumable folder of shards under
@@ -159,7 +164,7 @@ def build_pool(method: str, args, lt, seed: int) -> Pool:
         return Pool(torch.from_numpy(X), torch.from_numpy(y.astype(np.int64)))
     if method in BALANCED:
         dkgm = method == "dkgm_balanced"   # with --bank, its synthetic items come from the shared bank
-        bank = neighbour_bank(args, lt, counts < counts.max()) if dkgm and args.bank else None
+        bank = neighbour_bank(args, lt, minority_classes(counts)) if dkgm and args.bank else None
         return Pool(images, targets, balanced=BalancedDKGMDataset(
             lt, generator=generator_for(method, args, lt, seed), sampling_strategy="auto", seed=seed,
             alpha=args.dkgm_alpha if dkgm else None, bank=bank,
@@ -173,7 +178,7 @@ class Augmenter:
 
     def __init__(self, method, args, lt, counts, seed):
         from torchvision.transforms import v2
-        self.shift, self.minority = args.shift, counts < counts.max()   # "minority": every class but the largest
+        self.shift, self.minority = args.shift, minority_classes(counts)
         self.randaug = v2.RandAugment() if method == "randaug" else None
         online, banked = method in AUGMENTED and not args.bank, method in AUGMENTED and bool(args.bank)
         self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), alpha=args.dkgm_alpha, p=args.dkgm_p, seed=seed,

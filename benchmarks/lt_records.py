@@ -22,10 +22,8 @@ KNOBS = {"drw": ("drw_start",), "drs": ("drw_start",), "ldam_drw": ("drw_start",
          "evae_balanced": ("evae",), "kss_balanced": ("kss",)}
 for _m in GENERATIVE:      # a label filter is a knob of every generative method (shown only when set)
     KNOBS[_m] += ("label_filter",)
-for _m in ("dkgm_balanced", "dkgm_deferred") + AUGMENTED:   # so is a neighbour bank (shown only when set)
-    KNOBS[_m] += ("bank",)
-for _m in ("dkgm_balanced", "dkgm_deferred") + AUGMENTED:   # and DKGM's alpha, when not the generator's own
-    KNOBS[_m] += ("dkgm_alpha",)
+for _m in ("dkgm_balanced", "dkgm_deferred") + AUGMENTED:   # so are a neighbour bank and DKGM's alpha (when set)
+    KNOBS[_m] += ("bank", "dkgm_alpha")
 
 
 def knob_value(name: str, args):

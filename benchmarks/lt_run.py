@@ -83,13 +83,15 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
         opt.step()
         sched.step()
         epoch_loss.append(loss.item())
-        if args.epochs and (step + 1) % per_epoch == 0:
-            epoch = (step + 1) // per_epoch
+        if (step + 1) % per_epoch:
+            continue
+        epoch = (step + 1) // per_epoch
+        pool.set_epoch(epoch)               # after each pass, a bank-backed pool shows its next neighbours
+        if args.epochs:
             val_bacc = balanced_accuracy(val.targets.numpy(), predict(model, val.images, size).numpy())
             history.append(dict(method=method, seed=seed, epoch=epoch, train_loss=round(float(np.mean(epoch_loss)), 5),
                                 val_bacc=round(val_bacc, 5)))
             epoch_loss = []
-            pool.set_epoch(epoch)
             if val_bacc > best[0]:   # the first best epoch: later ties add nothing the validation set can see
                 best = (val_bacc, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     gen_s = pool.draw_s + augment.seconds
