@@ -31,11 +31,17 @@ def select_knobs(rows: list) -> tuple:
     return keep, chosen
 
 
+def sd(xs) -> float:
+    """Sample standard deviation (n - 1 in the denominator, as the seed-to-seed spread of a method
+    is an estimate from 3 to 5 seeds); 0 for a single seed."""
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
 def summarise(rows: list) -> dict:
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
-        out[m] = {k: (float(np.mean([r[k] for r in rs])), float(np.std([r[k] for r in rs]))) for k in NUMBERS}
+        out[m] = {k: (float(np.mean([r[k] for r in rs])), sd([r[k] for r in rs])) for k in NUMBERS}
         out[m]["seeds"] = sorted(r["seed"] for r in rs)
     return out
 
@@ -57,7 +63,7 @@ def paired_difference(rows: list, method: str, baseline: str) -> tuple:
     """Mean and std over shared seeds of ``method``'s accuracy minus ``baseline``'s."""
     acc = {(r["method"], r["seed"]): r["accuracy"] for r in rows}
     d = [acc[(method, s)] - acc[(baseline, s)] for (m, s) in acc if m == method and (baseline, s) in acc]
-    return (float(np.mean(d)), float(np.std(d)), len(d)) if d else (float("nan"), float("nan"), 0)
+    return (float(np.mean(d)), sd(d), len(d)) if d else (float("nan"), float("nan"), 0)
 
 
 # -- results.md ------------------------------------------------------------------------------------
@@ -91,7 +97,7 @@ def protocol_lines(args, cfg, counts, rows=()) -> list:
         "long-tailed split",
         f"- threads per run: {args.threads}; hardware of the runs: "
         + "; ".join(sorted({r.get("hardware") or "not recorded" for r in rows} or {hardware(args.device)})),
-        "- mean ± std over the seeds listed; `vs best` is the paired difference in accuracy to the best "
+        "- mean ± sample std (n - 1) over the seeds listed; `vs best` is the paired difference in accuracy to the best "
         "non-generative method over shared seeds; `generate s` is time spent making synthetic images, "
         "`train s` the rest of the training loop"]
 
@@ -124,7 +130,7 @@ def variants_table(rows: list) -> list:
         for knobs, rs in by_knobs.items():
             val = [r["val_bacc"] for r in rs if r["val_bacc"] is not None]
             rej = [float(r["rejected"]) for r in rs if r.get("rejected")]
-            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f} ± {np.std([r[k] for r in rs]):.3f}"
+            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f} ± {sd([r[k] for r in rs]):.3f}"
             lines.append(f"| {m} | {knobs or '-'} | {f'{np.mean(val):.3f}' if val else '-'} | {ms('accuracy')} | "
                          f"{ms('tail_recall')} | {f'{np.mean(rej):.3f}' if rej else '-'} | "
                          f"{sorted(r['seed'] for r in rs)} |")

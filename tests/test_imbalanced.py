@@ -307,3 +307,17 @@ def test_results_plot_without_per_class_recall_or_a_plain_method(tmp_path):
         s = {r["method"]: {"accuracy": (r["accuracy"], 0.0), "seeds": [0]} for r in keep}
         lt_report.plot_results(keep, s, [50, 20, 5], best, args, tmp_path)
         assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_spread_is_the_sample_std_over_seeds():
+    """Seeds are a sample: the table's ± and the paired difference's std divide by n - 1 (with 2
+    seeds 0.80 and 0.84 that is 0.0283, where the population std would say 0.02); one seed: 0."""
+    lt_report = load_benchmark("lt_report")
+    row = lambda m, s, acc: {"method": m, "seed": s, "accuracy": acc, "tail_recall": acc, "macro_f1": acc,
+                             "train_s": 1.0, "generate_s": 0.0, "setup_s": 0.0, "n_generated": 0}
+    rows = [row("ros", 0, 0.80), row("ros", 1, 0.84), row("ce", 0, 0.80), row("ce", 1, 0.80), row("ce", 2, 0.7)]
+    s = lt_report.summarise([r for r in rows if r["method"] == "ros" or r["seed"] < 2])
+    assert s["ros"]["accuracy"] == pytest.approx((0.82, 0.02 * 2 ** 0.5))
+    assert s["ce"]["accuracy"] == pytest.approx((0.80, 0.0))
+    assert lt_report.paired_difference(rows, "ros", "ce") == pytest.approx((0.02, 0.02 * 2 ** 0.5, 2))
+    assert lt_report.summarise(rows[:1])["ros"]["accuracy"] == pytest.approx((0.80, 0.0))
