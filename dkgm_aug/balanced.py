@@ -70,6 +70,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     classifier's class indices, or be mapped by the filter's ``class_index``); ``precompute()``
     logs the rejection rate per class, which the filter also keeps (``label_filter.rejection_rate``).
 
+    A class-conditional generator (``DKGM.conditional``) gets each synthetic item's source label as
+    its class index, so the labels must be the class indices it was trained with (ints in
+    ``[0, num_classes)``; others are refused when generated, not remapped).
+
     ``bank``: ``None``, or ``k`` (an int) to draw synthetic images from a neighbour bank
     (:mod:`dkgm_aug.bank`) of ``k`` neighbours per source item, made once by ``precompute()`` and kept
     in the ``cache`` file; synthetic item ``j`` shows another of its source's neighbours each epoch

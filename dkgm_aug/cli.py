@@ -33,7 +33,7 @@ from .checkpoint import describe, load, read_metadata, resolve
 from .data import DATASETS, ImageDataset, load_dataset
 from .dkgm import DKGM
 from .errors import DataError, DKGMError
-from .images import from_model, to_model
+from .images import from_model, to_model, to_uint8
 from .trainer import Trainer, init_distributed
 from .unet import PRESETS
 from .vae import EVAE, VAE
@@ -62,7 +62,7 @@ def convert_images(data: ImageDataset, size=None, channels: int | None = None) -
         x = F.interpolate(x.float(), size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
     if x is data.images:
         return data
-    x = x.round().clamp(0, 255).to(torch.uint8) if x.is_floating_point() else x.contiguous()
+    x = to_uint8((x / 255).clamp(0, 1)) if x.is_floating_point() else x.contiguous()   # resampling overshoots
     desc = f"{data.description}, as {x.shape[2]}x{x.shape[3]} with {x.shape[1]} channel(s)"
     return ImageDataset(x, data.targets, data.classes, data.transform, desc)
 

@@ -126,10 +126,11 @@ def npz(path, transform=None) -> ImageDataset:
         images = images[..., None]
     if images.ndim != 4:
         raise DataError(f"{path}: images must be N,H,W or N,H,W,C, got shape {images.shape}")
-    if images.dtype != np.uint8:
-        if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-            raise DataError(f"{path}: float images must be finite and in [0, 1]")
-        images = np.round(images * 255).astype(np.uint8)
+    if images.dtype != np.uint8:   # the one uint8-or-float rule and range check, then quantized
+        try:
+            images = to_uint8(tensor_unit(torch.from_numpy(images))).numpy()
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
     classes, labels = np.unique(labels, return_inverse=True) if labels.dtype.kind in "US" else (None, labels)
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
                         torch.from_numpy(labels.astype(np.int64)),

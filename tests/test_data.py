@@ -84,6 +84,20 @@ def test_npz_and_image_folder(tmp_path):
         load_dataset("imagenet")
 
 
+def test_npz_images_take_the_one_uint8_or_float_rule(tmp_path):
+    """Floats in [0, 1] are quantized as every other path does; [0, 255] floats, NaN and integer
+    arrays other than uint8 (0/1 masks, int64 pixels) are refused with the file named, not guessed."""
+    x = np.array([[[0.0, 0.5, 1.0, 0.25]]])
+    np.savez(tmp_path / "ok.npz", images=x, labels=[0])
+    assert npz(tmp_path / "ok.npz").images.flatten().tolist() == [0, 128, 255, 64]
+    for name, images, message in (("wide", x * 255, "looks like a \\[0, 255\\] image"),
+                                  ("nan", x * np.nan, "NaN"),
+                                  ("ints", (x > 0.3).astype(np.int64), "uint8 or float")):
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=[0])
+        with pytest.raises(DataError, match=f"{name}.npz: .*{message}"):
+            npz(tmp_path / f"{name}.npz")
+
+
 def test_image_dataset_validation():
     with pytest.raises(DataError, match="uint8"):
         ImageDataset(torch.zeros(2, 1, 4, 4), [0, 1])
