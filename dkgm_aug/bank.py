@@ -260,7 +260,9 @@ class NeighbourBank:
         if not self._checked[row]:
             if cache_file.digest(source_unit(image)) != bytes(self.sources[row].numpy()):
                 raise DKGMError(f"the neighbour bank {self.path or '(in memory)'} was made from other images (item "
-                                f"{int(self.indices[row])} differs); delete it or pass another path")
+                                f"{int(self.indices[row])} differs); delete it or pass another path (if the dataset "
+                                "applies a random transform, BankAugment included, read the sources from a "
+                                "copy without it and put the transform in transform=)")
             self._checked[row] = True
 
     def pick(self, sources: dict, images: dict, seed: int, epoch: int) -> dict:

@@ -47,6 +47,19 @@ def test_rows_come_from_the_generation_path_with_per_neighbour_seeds(gen):
     assert len({bank.neighbour(0, r).numpy().tobytes() for r in range(3)}) == 3   # k distinct neighbours
 
 
+def test_one_bank_serves_bank_augment_and_oversampling_on_two_dataset_objects(gen):
+    """The README's pattern: BankAugment on one dataset object, the balanced set reading another
+    without it. Reading the sources through BankAugment is refused with the fix in the message."""
+    bank = NeighbourBank(Items(), gen, k=2).build(progress=False)
+    aug = Items(transform=BankAugment(bank, p=1.0, seed=0))
+    assert any(not torch.equal(aug[i][0], Items()[i][0]) for i in range(len(LABELS)))
+    b = BalancedDKGMDataset(Items(), gen, progress=False, bank=bank).precompute(progress=False)
+    assert len(b) == 18 and b[len(b) - 1][1] == 2
+    with pytest.raises(DKGMError, match="BankAugment included, read the sources from a copy without it"):
+        b = BalancedDKGMDataset(aug, gen, progress=False, bank=bank)
+        [b[j] for j in range(len(LABELS), len(b))]
+
+
 def test_seeds_do_not_depend_on_k_or_the_batch(gen):
     ds = Items()
     small = NeighbourBank(ds, gen, k=2).build(batch_size=256, progress=False)
