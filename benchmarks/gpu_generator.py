@@ -45,6 +45,9 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (larger batch than the paper's 3e-4 setting)")
     p.add_argument("--stage1-minutes", type=float, default=4.0)
     p.add_argument("--stage2-minutes", type=float, default=3.0)
+    p.add_argument("--stage1-steps", type=int, default=None,
+                   help="stop stage 1 after this many steps even with time left (a fixed budget, e.g. for a control run)")
+    p.add_argument("--stage2-steps", type=int, default=None, help="the same for stage 2")
     p.add_argument("--chunk", type=int, default=200, help="steps between time checks (and state saves)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--evaluator", default=None, help="default: <data>-evaluator (required for an .npz)")
@@ -71,13 +74,14 @@ def parse(argv):
     return args
 
 
-def train_for(trainer: Trainer, stage: int, minutes: float, chunk: int) -> int:
-    """Train ``stage`` in chunks until ``minutes`` have passed; returns the steps done."""
+def train_for(trainer: Trainer, stage: int, minutes: float, chunk: int, cap=None) -> int:
+    """Train ``stage`` in chunks until ``minutes`` have passed or ``cap`` steps are done; returns
+    the steps done."""
     deadline, step = time.time() + 60 * minutes, 0
     while True:
-        step += chunk
+        step = step + chunk if cap is None else min(step + chunk, cap)
         trainer.fit(stage, max_steps=step)
-        if time.time() >= deadline:
+        if time.time() >= deadline or step == cap:
             return step
 
 
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
             continue
         trainer = Trainer(model, data, out_dir=out / "work", batch_size=args.batch_size, max_steps=args.chunk,
                           lr=args.lr, seed=args.seed, device=args.device, save_every=args.chunk, progress=False)
-        steps[stage] = train_for(trainer, stage, minutes, args.chunk)
+        steps[stage] = train_for(trainer, stage, minutes, args.chunk, getattr(args, f"stage{stage}_steps"))
         print(f"stage {stage}: {steps[stage]} steps x {args.batch_size} in {trainer.elapsed.get(stage, 0):.0f} s",
               flush=True)
     model = model.float().eval()

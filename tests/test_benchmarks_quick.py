@@ -143,6 +143,21 @@ def test_gpu_generator_dry_run_on_cpu(tmp_path):
     assert (tmp_path / "quality.csv").read_text().count("\n") == 4
 
 
+def test_gpu_generator_stops_a_stage_at_its_step_cap():
+    """--stage1-steps / --stage2-steps: a fixed budget (a control run of the same length) stops at
+    the cap, the last chunk cut short; without a cap, the time budget alone stops it."""
+    class Fake:
+        def __init__(self):
+            self.calls = []
+
+        def fit(self, stage, max_steps):
+            self.calls.append(max_steps)
+    train_for, t = load_benchmark("gpu_generator").train_for, Fake()
+    assert train_for(t, 1, 60.0, 3, cap=7) == 7 and t.calls == [3, 6, 7]
+    t = Fake()
+    assert train_for(t, 1, 0.0, 3) == 3 and t.calls == [3]
+
+
 def test_silent_cases_all_pass(tmp_path):
     """Issue 12's replay: every silent-wrong-result case raises a clear error or gives the right result."""
     assert load_benchmark("silent_cases").main(["--out", str(tmp_path / "s.md")]) == 0
