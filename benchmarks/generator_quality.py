@@ -70,12 +70,14 @@ def parse(argv):
     p.add_argument("--generators", nargs="+", default=None, help="default: all of dkgm_aug.list_pretrained()")
     p.add_argument("--n", type=int, default=500, help="sources per setting (capped at half the test set)")
     p.add_argument("--sweep-steps", type=int, default=150, help="stage-2 training steps per blur setting")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
+                   help="noise levels of the generator rows (e.g. add a checkpoint's calibrated alpha)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "generator_quality"), help="output directory")
     p.add_argument("--quick", action="store_true", help="digits-tiny, alpha 0.5, n 64, 2 x 10 sweep steps")
     args = p.parse_args(argv)
-    args.alphas, args.sweep = ALPHAS, SWEEP
+    args.sweep = SWEEP
     if args.quick:
         args.generators, args.alphas, args.n = [SWEEP_GENERATOR], (0.5,), 64
         args.sweep, args.sweep_steps = ((0.5, 0.5), (0.5, 1.0)), 10

@@ -31,7 +31,7 @@ def card(name: str, n: int, out: Path, seed: int = 0) -> str:
     real = to_model(torch.stack([ds[int(i)][0] for i in idx]))
     rows = [f"| real | - | {sharpness(from_model(real)):.4f} | - |"]
     with torch.inference_mode():
-        for alpha in ALPHAS:
+        for alpha in sorted({*ALPHAS, model.alpha}):   # the default's row draws the grid
             kde, s2 = model.sample(real, alpha=alpha, generator=torch.Generator().manual_seed(seed),
                                    return_stages=True)
             rows.append(f"| stage 1 (KDE) | {alpha} | {sharpness(from_model(kde)):.4f} | "
