@@ -19,6 +19,7 @@ matches, memory-mapped read-only so that DataLoader workers and epochs share one
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -38,6 +39,8 @@ from .errors import CheckpointError, DataError, DKGMError
 from .images import source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
+
+logger = logging.getLogger("dkgm_aug")
 from .sampling import plain_label
 
 __all__ = ["NeighbourBank", "neighbour_seed"]
@@ -211,12 +214,19 @@ class NeighbourBank:
                 images, sources = self.make_rows(0, len(self), model, batch_size, bar)
             if self.path is None:
                 self._images, self._sources = images, sources
-                return self
+                return self._log_filter()
             if self.path.exists():        # a damaged bank is replaced, another program's file refused
                 with contextlib.suppress(CheckpointError):
                     shards._layout(self.path)
             shards.write_shard(self.path, images, sources, self.fingerprint(), 0, len(self))
         self._store = shards.Store(self.path, "bank", self.fingerprint(), len(self))
+        return self._log_filter()
+
+    def _log_filter(self) -> "NeighbourBank":
+        """Log the label filter's rejection rate per class over the rows this build made (a bank
+        reopened from its file made none; ``bank.label_filter.rejection_rate`` keeps the figures)."""
+        if self.label_filter is not None and self.label_filter.drawn:
+            logger.info("neighbour bank: %s", self.label_filter.summary())
         return self
 
     def _ensure_built(self) -> None:

@@ -151,3 +151,21 @@ def test_balanced_dataset_with_filter_keeps_classes_and_logs(caplog, tmp_path):
     make(None, cache=cache).precompute(progress=False)
     with pytest.raises(DKGMError, match="label_filter"):
         make(LabelFilter(Bright()), cache=cache)[ds.n_real]
+
+
+def test_neighbour_bank_with_filter_logs_its_rejections(caplog, tmp_path):
+    """A filtered bank says what its filter rejected, per class, when it makes rows (in memory or
+    as shards); reopened from its folder it makes none and logs nothing."""
+    import logging
+    from dkgm_aug import NeighbourBank
+    for path in (None, tmp_path / "bank"):
+        f = LabelFilter(Bright())
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dkgm_aug"):
+            NeighbourBank(Items(), Inverter(), k=3, label_filter=f, path=path).build(progress=False)
+        assert "neighbour bank: label filter" in caplog.text and "rejected per class" in caplog.text
+        assert sum(f.rejected.values()) > 0 and set(f.rejection_rate) == {0, 1}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dkgm_aug"):
+        NeighbourBank(Items(), Inverter(), k=3, label_filter=LabelFilter(Bright()), path=tmp_path / "bank").build()
+    assert "rejected per class" not in caplog.text
