@@ -229,7 +229,8 @@ def test_class_fidelity_wrong_labels_for_a_conditional_generator(tmp_path):
                                                   str(gen), "--wrong-labels", "--per-class", "2", "--out", str(out)]) == 0
     with open(out) as f:
         rows = {r["what"]: r for r in csv.DictReader(f)}
-    name = "cond (alpha 0.5, steps 4)"
+    m = dkgm_aug.load(gen)
+    name = f"cond (alpha {m.alpha}, steps {m.steps})"
     # with_labels starts as the unconditional function: the label given changes nothing yet
     assert rows[f"{name}, given label + 1: in the source's class"]["all"] == rows[name]["all"]
     assert float(rows[f"{name}, given label + 1: in the given class"]["all"]) < 0.5
