@@ -39,11 +39,10 @@ from .errors import CheckpointError, DataError, DKGMError
 from .images import source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
-
-logger = logging.getLogger("dkgm_aug")
 from .sampling import plain_label
 
 __all__ = ["NeighbourBank", "neighbour_seed"]
+logger = logging.getLogger("dkgm_aug")
 
 FORMAT = 1
 MAX_K = 4096
