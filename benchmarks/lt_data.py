@@ -139,11 +139,14 @@ def neighbour_bank(args, lt, minority):
     return bank.build(progress=not args.quick)
 
 
-def rejection_share(*filters) -> str:
-    """Share of drawn neighbours the runs' label filters rejected ('' without a filter)."""
-    filters = [f for f in filters if f is not None]
-    drawn = sum(sum(f.drawn.values()) for f in filters)
-    return f"{sum(sum(f.rejected.values()) for f in filters) / drawn:.4f}" if drawn else ""
+def rejection_share(*sources) -> str:
+    """Share of drawn neighbours the run's label filters rejected ('' without a filter): counted by a
+    filter while the run drew, or kept by a neighbour bank over the rows it was made with."""
+    counts = [s.filter_counts if hasattr(s, "filter_counts") else {"drawn": s.drawn, "rejected": s.rejected}
+              for s in sources if s is not None]
+    counts = [c for c in counts if c is not None]
+    drawn = sum(sum(c["drawn"].values()) for c in counts)
+    return f"{sum(sum(c['rejected'].values()) for c in counts) / drawn:.4f}" if drawn else ""
 
 
 def build_pool(method: str, args, lt, seed: int) -> Pool:

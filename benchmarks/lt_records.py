@@ -1,9 +1,11 @@
 """The rows of the long-tailed benchmark: each method's knobs and the settings a row depends
 on (``config_of``), the columns of ``runs.csv`` and ``curves.csv``, and reading and appending
 them under a lock, so parallel runs can share one file."""
+import contextlib
 import csv
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -30,8 +32,9 @@ def knob_value(name: str, args):
     """A knob as the report shows it: the generators resolved to what the run used."""
     if name == "generator":
         return args.generator or SHIPPED[args.data]
-    if name == "evae":
-        return args.evae or f"fitted here ({args.evae_epochs} epochs)"
+    if name == "evae":   # d_z named only off its default, so rows from before it was recorded keep their knobs
+        dz = "" if args.evae_dz == 32 else f", d_z {args.evae_dz}"
+        return args.evae or f"fitted here ({args.evae_epochs} epochs{dz})"
     if name == "label_filter":
         return args.label_filter or "none"
     if name == "kss":
@@ -48,18 +51,39 @@ def knobs_of(method: str, args) -> str:
                     and (n != "dkgm_alpha" or args.dkgm_alpha is not None))
 
 
+def parse_knobs(knobs: str) -> dict:
+    """``knobs_of``'s string back into ``{name: value}`` (values may hold spaces)."""
+    names = sorted({n for ns in KNOBS.values() for n in ns} | {"combine_loss"}, key=len, reverse=True)
+    parts = re.split(r" (?=(?:%s)=)" % "|".join(map(re.escape, names)), knobs) if knobs else []
+    return dict(p.split("=", 1) for p in parts)
+
+
 def config_of(args) -> dict:
-    """The settings a row depends on, but for its method's knobs; the report only pools rows
-    whose settings match. The converged protocol (``--epochs``) adds its own."""
+    """Every setting a row depends on, but for its method's knobs; the report only pools rows
+    whose settings match, and ``--resume`` only skips those. The converged protocol (``--epochs``)
+    adds its own, and makes the generators and dkgm_p knobs of their methods."""
     cfg = dict(data=args.data, rho=args.rho, split_seed=args.split_seed, model=args.model, steps=args.steps,
                batch=args.batch, generator=knob_value("generator", args), evae=knob_value("evae", args),
-               kss=knob_value("kss", args), dkgm_p=args.dkgm_p)
-    if getattr(args, "epochs", None):   # generators and dkgm_p are knobs of their methods here
+               kss=knob_value("kss", args), dkgm_p=args.dkgm_p, class_order=args.class_order, profile=args.profile,
+               channels=" ".join(map(str, args.channels or ())), lr=args.lr, weight_decay=args.weight_decay,
+               shift=args.shift, size=args.size if args.data == "digits" else "")
+    if getattr(args, "epochs", None):
         for key in ("dkgm_p", "generator", "evae", "kss"):
             del cfg[key]
-        cfg.update(steps="", epochs=args.epochs, val_fraction=args.val_fraction, class_order=args.class_order,
-                   profile=args.profile, channels=" ".join(map(str, args.channels or ())), lr=args.lr)
+        cfg.update(steps="", epochs=args.epochs, val_fraction=args.val_fraction)
     return cfg
+
+
+# Rows written before a setting was recorded ran with the value every earlier command used (the
+# commands.txt files beside them name no other): they are read as having it.
+RECORDED_LATER = {"class_order": "natural", "profile": "exp", "lr": "0.001", "weight_decay": "0.0001",
+                  "shift": "1", "dkgm_p": "0.5"}
+
+
+def with_recorded_later(saved: dict) -> dict:
+    """A row's (or a curve's) settings, those recorded later filled in as above."""
+    return {**saved, **{k: saved.get(k) or v for k, v in RECORDED_LATER.items()},
+            "size": saved.get("size") or ("32" if saved.get("data") == "digits" else "")}
 
 
 def hardware(device="cpu") -> str:
@@ -72,38 +96,52 @@ def hardware(device="cpu") -> str:
 FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss", "dkgm_p",
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
           "macro_f1", "tail_recall", "class_recall", "epochs", "val_fraction", "class_order", "profile", "channels",
-          "lr", "knobs", "chosen_epoch", "val_bacc", "rejected", "hardware"]
+          "lr", "knobs", "chosen_epoch", "val_bacc", "rejected", "hardware", "weight_decay", "shift", "size"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
 
 
-def locked_append(path: Path, fields: list, rows: list) -> None:
-    """Append ``rows`` to the CSV at ``path`` (the header first when the file is empty) under an
-    exclusive lock, so parallel runs sharing one file never write two headers or interleave."""
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold the exclusive lock of the CSV ``path`` (a ``.lock`` file beside it, so that a file
+    replaced under the lock is still guarded by it)."""
     import fcntl
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _upgrade(path: Path, fields: list) -> None:
+    """Rewrite a CSV written by an older version with the columns ``fields`` (under the lock)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        old = list(reader)
+    if reader.fieldnames and reader.fieldnames != fields:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
+            w.writeheader()
+            w.writerows(old)
+        os.replace(tmp, path)
+
+
+def locked_append(path: Path, fields: list, rows: list) -> None:
+    """Append ``rows`` to the CSV at ``path`` under an exclusive lock, so parallel runs sharing one
+    file never write two headers or interleave; the header first when the file is empty, the file
+    rewritten with the columns ``fields`` first when an older version wrote it with others."""
     line = io.StringIO()
-    w = csv.DictWriter(line, fieldnames=fields, restval="")
-    w.writerows(rows)
-    with open(path, "a", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        if os.fstat(f.fileno()).st_size == 0:     # checked under the lock: another run may have just written
-            csv.DictWriter(f, fieldnames=fields).writeheader()
-        f.write(line.getvalue())
+    csv.DictWriter(line, fieldnames=fields, restval="").writerows(rows)
+    with locked(path):
+        if path.exists() and path.stat().st_size:
+            _upgrade(path, fields)
+        with open(path, "a", newline="") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                csv.DictWriter(f, fieldnames=fields).writeheader()
+            f.write(line.getvalue())
 
 
 def append_row(path: Path, row: dict) -> None:
     """One line per finished run, written in one call, so a crash loses at most the run in flight
     and two processes can share the file."""
-    if path.exists() and path.stat().st_size:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old = list(reader)
-        if reader.fieldnames != FIELDS:     # written by an older version: rewrite once with the new columns
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
-                w.writeheader()
-                w.writerows(old)
-            os.replace(tmp, path)
     locked_append(path, FIELDS, [row])
 
 
@@ -114,9 +152,7 @@ def read_rows(path: Path, config: dict) -> list:
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    for r in rows:
-        r["dkgm_p"] = r.get("dkgm_p") or "0.5"      # rows from before --dkgm-p existed used 0.5
-        r["knobs"] = r.get("knobs") or ""
+    rows = [dict(with_recorded_later(r), knobs=r.get("knobs") or "") for r in rows]
     rows = [r for r in rows if all(r.get(k, "") == str(v) for k, v in config.items())]
     for r in rows:
         r.update({k: float(r[k]) for k in NUMBERS}, seed=int(r["seed"]),
@@ -126,7 +162,9 @@ def read_rows(path: Path, config: dict) -> list:
     return sorted(latest.values(), key=lambda r: (order.get(r["method"], len(order)), r["knobs"], r["seed"]))
 
 
-def append_curves(path: Path, history: list, config: dict) -> None:
+CURVE_FIELDS = ["method", "seed", "epoch", "train_loss", "val_bacc", "config", "knobs"]
+
+
+def append_curves(path: Path, history: list, config: dict, knobs: str) -> None:
     key = ";".join(f"{k}={v}" for k, v in config.items())
-    locked_append(path, ["method", "seed", "epoch", "train_loss", "val_bacc", "config"],
-                  [dict(h, config=key) for h in history])
+    locked_append(path, CURVE_FIELDS, [dict(h, config=key, knobs=knobs) for h in history])

@@ -8,21 +8,25 @@ import numpy as np
 import torch
 
 from lt_data import splits
-from lt_losses import GENERATIVE
-from lt_records import NUMBERS, config_of, hardware, knob_value
+from lt_losses import AUGMENTED, GENERATIVE
+from lt_records import NUMBERS, config_of, hardware, parse_knobs, with_recorded_later
 
 
 # -- choosing and summarising ----------------------------------------------------------------------
 def select_knobs(rows: list) -> tuple:
     """``(rows of each method's chosen variant, {method: (knobs, mean val bacc, variants tried)})``:
-    the variant with the best mean validation balanced accuracy (the only one when there is no
-    validation split)."""
+    the variant with the best mean validation balanced accuracy. Without a validation split nothing
+    may choose, so a method may then have only one variant."""
     chosen, keep = {}, []
     for m in dict.fromkeys(r["method"] for r in rows):
         variants = {}
         for r in rows:
             if r["method"] == m:
                 variants.setdefault(r["knobs"], []).append(r)
+        if len(variants) > 1 and any(r["val_bacc"] is None for rs in variants.values() for r in rs):
+            raise SystemExit(f"{m} was run with {len(variants)} knob variants ({', '.join(sorted(variants))}) and "
+                             "not all of them with a validation split (--epochs), so none can be chosen: give each "
+                             "variant its own --out, or run them all with --epochs")
         score = {k: np.mean([r["val_bacc"] for r in rs]) if all(r["val_bacc"] is not None for r in rs) else -1.0
                  for k, rs in variants.items()}
         best = max(variants, key=lambda k: (score[k], len(variants[k])))
@@ -60,7 +64,7 @@ def mean_class_recall(rows: list, method: str):
 
 
 def paired_difference(rows: list, method: str, baseline: str) -> tuple:
-    """Mean and std over shared seeds of ``method``'s accuracy minus ``baseline``'s."""
+    """``(mean, std, n)`` over the ``n`` seeds both ran of ``method``'s accuracy minus ``baseline``'s."""
     acc = {(r["method"], r["seed"]): r["accuracy"] for r in rows}
     d = [acc[(method, s)] - acc[(baseline, s)] for (m, s) in acc if m == method and (baseline, s) in acc]
     return (float(np.mean(d)), sd(d), len(d)) if d else (float("nan"), float("nan"), 0)
@@ -74,6 +78,25 @@ def trained_on(spec: str) -> str:
         return load(spec).info.get("training", {}).get("data", "unknown")
     except Exception as exc:   # the report must still be written
         return f"unreadable ({exc})"
+
+
+def used(rows, name: str) -> list:
+    """The values of the generator setting ``name`` (generator, evae, kss) that the rows shown ran
+    with: a knob of their method (converged protocol) or a column (fixed steps)."""
+    methods = {"generator": ("dkgm_balanced", "dkgm_deferred") + AUGMENTED, "evae": ("evae_balanced",),
+               "kss": ("kss_balanced",)}[name]
+    values = {parse_knobs(r["knobs"]).get(name) or r.get(name) for r in rows if r["method"] in methods}
+    return sorted(values - {None, ""})
+
+
+def generator_lines(rows) -> list:
+    """What made the synthetic images of the rows shown (from the rows, not from the last
+    command), each DKGM generator with its own record of its training data."""
+    gens, evae, kss = used(rows, "generator"), used(rows, "evae"), used(rows, "kss")
+    made = "; ".join(f"`{g}`, trained on: {trained_on(g)}" for g in gens)
+    return [f"- DKGM generator(s) of the rows shown: {made}" if gens else "- DKGM generator: none (no DKGM row shown)",
+            f"- EVAE: {'; '.join(evae) or 'no row'}; kernel-smoothed score: {'; '.join(kss) or 'no row'}, built from "
+            "the long-tailed split"]
 
 
 def protocol_lines(args, cfg, counts, rows=()) -> list:
@@ -92,14 +115,13 @@ def protocol_lines(args, cfg, counts, rows=()) -> list:
         lines += [f"- {args.steps} Adam steps (lr {args.lr}, cosine), batch {args.batch}"]
     return lines + [
         f"- base aug: random shift <= {args.shift} px, the same for every method",
-        f"- DKGM generator: `{knob_value('generator', args)}`, trained on: {trained_on(knob_value('generator', args))}",
-        f"- EVAE: {knob_value('evae', args)}; kernel-smoothed score: {knob_value('kss', args)}, built from the "
-        "long-tailed split",
+        *generator_lines(rows),
         f"- threads per run: {args.threads}; hardware of the runs: "
         + "; ".join(sorted({r.get("hardware") or "not recorded" for r in rows} or {hardware(args.device)})),
         "- mean ± sample std (n - 1) over the seeds listed; `vs best` is the paired difference in accuracy to the best "
-        "non-generative method over shared seeds; `generate s` is time spent making synthetic images, "
-        "`train s` the rest of the training loop"]
+        "non-generative method over the seeds both ran (their number in brackets: where it is smaller than the "
+        "seeds listed, the difference is not the gap between the two means shown); `generate s` is time spent "
+        "making synthetic images, `train s` the rest of the training loop"]
 
 
 def class_recall_table(rows: list, summary: dict, counts: list) -> list:
@@ -160,7 +182,7 @@ def write_outputs(rows: list, args, out: Path) -> None:
         d, sd, n = paired_difference(rows, m, best) if best and m != best else (float("nan"),) * 2 + (0,)
         ep = [r["chosen_epoch"] for r in rows if r["method"] == m and r.get("chosen_epoch")]
         knobs, val, tried = chosen[m]
-        lines.append(f"| {m} | {f('accuracy')} | {f'{d:+.3f} ± {sd:.3f}' if n else '-'} | {f('macro_f1')} | "
+        lines.append(f"| {m} | {f('accuracy')} | {f'{d:+.3f} ± {sd:.3f} ({n})' if n else '-'} | {f('macro_f1')} | "
                      f"{f('tail_recall')} | {knobs or '-'}{f' (of {tried})' if tried > 1 else ''} | "
                      f"{f'{val:.3f}' if val >= 0 else '-'} | {'/'.join(ep) or '-'} | {v['train_s'][0]:.0f} | "
                      f"{v['generate_s'][0]:.0f} | {v['seeds']} |")
@@ -169,7 +191,7 @@ def write_outputs(rows: list, args, out: Path) -> None:
     best_gen = best_method([m for m in s if m in GENERATIVE], s, chosen, args)
     plot_results(rows, s, counts, (best, best_gen), args, out)
     if (out / "curves.csv").exists():
-        plot_curves(out / "curves.csv", cfg, out / "curves.png")
+        plot_curves(out / "curves.csv", cfg, out / "curves.png", {m: c[0] for m, c in chosen.items()})
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -248,16 +270,27 @@ def plot_class_recall(ax, rows: list, s: dict, counts: list, best: tuple) -> Non
     ax.set_title("recall per class; coloured: the best non-generative and generative method", fontsize=9)
 
 
-def plot_curves(path: Path, cfg: dict, png: Path) -> None:
-    """Mean training loss and validation balanced accuracy per epoch, one line per method."""
+def curve_rows(path: Path, cfg: dict, chosen: dict) -> list:
+    """The rows of ``curves.csv`` made with the settings ``cfg`` by each method's chosen knob variant
+    (``chosen``: method -> knobs), the latest run of each seed; rows saved with more settings than
+    ``cfg`` names still match."""
+    def matches(config: str) -> bool:
+        saved = with_recorded_later(dict(item.split("=", 1) for item in config.split(";") if "=" in item))
+        return all(saved.get(k) == str(v) for k, v in cfg.items())
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if matches(r["config"])
+                and r["method"] in chosen and (r.get("knobs") or "") == chosen[r["method"]]]
+    latest = {(r["method"], r["seed"], r["epoch"]): r for r in rows}   # a rerun replaces the older run's epochs
+    return list(latest.values())
+
+
+def plot_curves(path: Path, cfg: dict, png: Path, chosen: dict) -> None:
+    """Mean training loss and validation balanced accuracy per epoch, one line per method: over the
+    runs of its chosen knob variant only."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    def matches(config: str) -> bool:   # rows written with more settings than cfg names still match
-        saved = dict(item.split("=", 1) for item in config.split(";") if "=" in item)
-        return all(saved.get(k) == str(v) for k, v in cfg.items())
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if matches(r["config"])]
+    rows = curve_rows(path, cfg, chosen)
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -99,12 +99,13 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
     if best[2] is not None:
         model.load_state_dict(best[2])
     if curves is not None and history:
-        append_curves(curves, history, config_of(args))
+        append_curves(curves, history, config_of(args), knobs_of(method, args))
     pred = predict(model, test.images, size)     # the test split, read once
     res = metrics(test.targets.numpy(), pred.numpy(), 10, tail_classes(counts.tolist()))
     return dict(method=method, seed=seed, **config_of(args), n_train=len(lt), n_pool=len(pool),
                 n_generated=pool.n_generated + augment.n_changed, rejected=rejection_share(
-                    pool.balanced and pool.balanced.label_filter, augment.dkgm and augment.dkgm.label_filter),
+                    getattr(pool.balanced, "label_filter", None), getattr(pool.balanced, "bank", None),
+                    getattr(augment.dkgm, "label_filter", None), getattr(augment.bank, "bank", None)),
                 final_loss=round(loss.item(), 4),
                 train_s=round(train_s, 2), setup_s=round(setup_s, 2), generate_s=round(gen_s, 2),
                 knobs=knobs_of(method, args), hardware=hardware(args.device),

@@ -134,7 +134,7 @@ class NeighbourBank:
                             f"got {type(generator).__name__}")
         self.ds, self.image_key, self.label_key = ds, image_key, label_key
         self.indices, self.path = _indices(ds, indices), _bank_path(path)
-        self._fp = self._store = self._images = self._sources = self._by_digest = self._checked = None
+        self._fp = self._store = self._images = self._sources = self._counts = self._by_digest = self._checked = None
         if self.path is not None and self.path.exists():
             self._open()
 
@@ -173,8 +173,11 @@ class NeighbourBank:
         return self._model if device is None else self._model.to(device)
 
     def make_rows(self, start: int, stop: int, model, batch_size: int = 256, bar=None) -> tuple:
-        """``(images [n, k, C, H, W] uint8, source digests [n, 16])`` of rows ``start .. stop - 1``,
-        about ``batch_size`` images per generator call. Depends on nothing but the rows."""
+        """``(images [n, k, C, H, W] uint8, source digests [n, 16], filter counts)`` of rows
+        ``start .. stop - 1``, about ``batch_size`` images per generator call. Depends on nothing but
+        the rows. The counts are what the label filter drew, rejected and ran out of tries on for
+        these rows (:meth:`filter_counts`), None without a filter."""
+        before = _counts(self.label_filter)
         if self.ds is None:
             raise DKGMError("this bank was copied without its dataset (into a DataLoader worker?) and cannot make "
                             "rows; build() it before the DataLoader starts")
@@ -195,7 +198,11 @@ class NeighbourBank:
             digests += cache_file.batch_digests(torch.stack(xs))
             if bar is not None:
                 bar.update(len(rows))
-        return torch.cat(parts), cache_file.digest_rows(digests)
+        after = _counts(self.label_filter)
+        counts = None if after is None else {
+            key: {str(c): n - before[key].get(c, 0) for c, n in sorted(after[key].items()) if n > before[key].get(c, 0)}
+            for key in after}
+        return torch.cat(parts), cache_file.digest_rows(digests), counts
 
     def build(self, batch_size: int = 256, device=None, progress: bool = True, shard_size: int = 4096):
         """Make every row not made yet, ``batch_size`` images per generator call on ``device`` (default:
@@ -210,14 +217,14 @@ class NeighbourBank:
                                 lambda a, b: self.make_rows(a, b, model, batch_size), progress=progress)
         else:
             with tqdm(total=len(self), desc=f"bank: {self.k} neighbours per image", disable=not progress) as bar:
-                images, sources = self.make_rows(0, len(self), model, batch_size, bar)
+                images, sources, counts = self.make_rows(0, len(self), model, batch_size, bar)
             if self.path is None:
-                self._images, self._sources = images, sources
+                self._images, self._sources, self._counts = images, sources, counts
                 return self._log_filter()
             if self.path.exists():        # a damaged bank is replaced, another program's file refused
                 with contextlib.suppress(CheckpointError):
                     shards._layout(self.path)
-            shards.write_shard(self.path, images, sources, self.fingerprint(), 0, len(self))
+            shards.write_shard(self.path, images, sources, self.fingerprint(), 0, len(self), counts)
         self._store = shards.Store(self.path, "bank", self.fingerprint(), len(self))
         return self._log_filter()
 
@@ -227,6 +234,24 @@ class NeighbourBank:
         if self.label_filter is not None and self.label_filter.drawn:
             logger.info("neighbour bank: %s", self.label_filter.summary())
         return self
+
+    @property
+    def filter_counts(self):
+        """Per class index, over every row of the bank: ``{"drawn": {c: n}, "rejected": {c: n},
+        "exhausted": {c: n}}``, what the label filter drew, rejected, and the images whose tries ran
+        out; read back from the bank's files when it was reopened. None without a label filter, before
+        ``build()``, or for a bank whose files were written before banks kept the counts."""
+        if self.label_filter is None or not self.built:
+            return None
+        parts = [self._counts] if self._store is None else self._store.stats()
+        if any(p is None for p in parts):
+            return None
+        total = {"drawn": {}, "rejected": {}, "exhausted": {}}
+        for part in parts:
+            for key, per_class in part.items():
+                for c, n in per_class.items():
+                    total[key][int(c)] = total[key].get(int(c), 0) + n
+        return {key: dict(sorted(v.items())) for key, v in total.items()}
 
     def _ensure_built(self) -> None:
         if not self.built:
@@ -307,6 +332,14 @@ class NeighbourBank:
         if self.built:
             state["ds"] = None            # lookups need no dataset; workers never generate
         return state
+
+
+def _counts(label_filter):
+    """A copy of a label filter's counters (None without one)."""
+    if label_filter is None:
+        return None
+    return {"drawn": dict(label_filter.drawn), "rejected": dict(label_filter.rejected),
+            "exhausted": dict(label_filter.exhausted)}
 
 
 def bank_for(owner, bank):

@@ -49,11 +49,16 @@ def _sha256(a) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
 
 
-def write_shard(path, images: torch.Tensor, sources: torch.Tensor, fingerprint: dict, start: int, stop: int) -> None:
-    """Write rows ``start .. stop - 1`` atomically (a reader sees the old file, or the whole new one)."""
+def write_shard(path, images: torch.Tensor, sources: torch.Tensor, fingerprint: dict, start: int, stop: int,
+                stats=None) -> None:
+    """Write rows ``start .. stop - 1`` atomically (a reader sees the old file, or the whole new one).
+    ``stats``: a JSON value about how the rows were made (a bank's label-filter counts), kept in the
+    metadata and read back by :func:`shard_stats`."""
     images, sources = images.contiguous().cpu(), sources.contiguous().cpu()
     meta = dict(format=FORMAT, fingerprint=fingerprint, start=start, stop=stop,
                 images_sha256=_sha256(images.numpy()), sources_sha256=_sha256(sources.numpy()))
+    if stats is not None:
+        meta["stats"] = stats
     text = json.dumps(meta, sort_keys=True)
     check_path(Path(path))
     write_tensors(path, {"images": images, "sources": sources}, {KEY: text}, "shard")
@@ -92,6 +97,11 @@ def _array(path: Path, shape: tuple, offset: int) -> np.ndarray:
     if 0 in shape:
         return np.zeros(shape, np.uint8)
     return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+
+
+def shard_stats(path):
+    """The ``stats`` a shard was written with (None if none), from its header alone."""
+    return _layout(Path(path))[0].get("stats")
 
 
 def open_shard(path, fingerprint: dict, start: int, stop: int, verify: bool = True) -> tuple:
@@ -171,8 +181,9 @@ def read_manifest(folder) -> dict:
 def write_shards(folder, kind: str, fingerprint: dict, n_rows: int, shard_size: int, make, rank: int = 0,
                  world_size: int = 1, progress: bool = True, info=None, after_shard=None) -> dict:
     """Write the shards of rank ``rank`` (shards ``rank``, ``rank + world_size``, ...) into ``folder``,
-    skipping those already finished. ``make(start, stop)`` returns ``(images, sources)`` of those rows
-    and must depend on nothing else, so that any split over ranks gives the same files.
+    skipping those already finished. ``make(start, stop)`` returns ``(images, sources)`` of those rows,
+    or ``(images, sources, stats)`` (see :func:`write_shard`), and must depend on nothing else, so that
+    any split over ranks gives the same files.
     ``after_shard(n)`` (tests) is called after this process has written its ``n``-th shard."""
     folder = Path(folder)
     ranges = shard_ranges(n_rows, shard_size)
@@ -183,8 +194,8 @@ def write_shards(folder, kind: str, fingerprint: dict, n_rows: int, shard_size: 
     with tqdm(total=total, desc=f"rank {rank}: shards" if world_size > 1 else "shards", disable=not progress) as bar:
         for n, i in enumerate(todo, 1):
             start, stop = ranges[i]
-            images, sources = make(start, stop)
-            write_shard(folder / shard_name(i, len(ranges)), images, sources, fingerprint, start, stop)
+            images, sources, *stats = make(start, stop)
+            write_shard(folder / shard_name(i, len(ranges)), images, sources, fingerprint, start, stop, *stats)
             bar.update(stop - start)
             if after_shard is not None:
                 after_shard(n)
@@ -246,6 +257,10 @@ class Store:
         """Row ``r`` as a read-only view into its shard."""
         s = int(np.searchsorted(self.starts, r, side="right")) - 1
         return self._arrays()[s][r - self.starts[s]]
+
+    def stats(self) -> list:
+        """Each shard's ``stats`` (None where it was written without), read from the headers."""
+        return [shard_stats(f) for f in self.files]
 
     def tensor(self) -> torch.Tensor:
         """Every row, copied into one tensor."""

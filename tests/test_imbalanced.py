@@ -141,7 +141,9 @@ def test_rows_accumulate_and_settings_do_not_mix(lt_records, tmp_path):
     """Rows are appended as runs end; a rerun of a (method, seed) replaces the old row, and
     rows made with other settings are left out of the table."""
     args = argparse.Namespace(data="digits", rho=10.0, split_seed=0, model="m", steps=5, batch=4, generator=None,
-                              evae=None, evae_epochs=1, kss_h=1.0, kss_steps=2, dkgm_p=0.5)
+                              evae=None, evae_epochs=1, evae_dz=32, kss_h=1.0, kss_steps=2, dkgm_p=0.5,
+                              class_order="natural", profile="exp", channels=None, lr=1e-3, weight_decay=1e-4,
+                              shift=1, size=32)
     cfg = lt_records.config_of(args)
     base = dict.fromkeys(lt_records.FIELDS, 0) | cfg
     path = tmp_path / "runs.csv"
@@ -149,9 +151,37 @@ def test_rows_accumulate_and_settings_do_not_mix(lt_records, tmp_path):
     lt_records.append_row(path, base | dict(method="ros", seed=0, accuracy=0.6))
     lt_records.append_row(path, base | dict(method="ce", seed=0, accuracy=0.7))            # rerun replaces
     lt_records.append_row(path, base | dict(method="ce", seed=1, accuracy=0.9, steps=99))  # other settings
+    # settings that change training but were once left out of the rows' settings
+    for other in (dict(weight_decay=0.05), dict(shift=0), dict(size=16), dict(lr=0.1), dict(profile="step"),
+                  dict(class_order="reversed"), dict(channels="16 16 16 16")):
+        lt_records.append_row(path, base | dict(method="ros", seed=1, accuracy=0.1) | other)
+        assert lt_records.config_of(argparse.Namespace(**{**vars(args), **other,
+                                                          "channels": [16] * 4 if "channels" in other else None})) != cfg
     rows = lt_records.read_rows(path, cfg)
     assert [(r["method"], r["seed"], r["accuracy"]) for r in rows] == [("ce", 0, 0.7), ("ros", 0, 0.6)]
-    assert path.read_text().count("\n") == 5   # header + 4 rows: nothing rewritten
+    assert path.read_text().count("\n") == 12   # header + 11 rows: nothing rewritten
+
+
+def test_rows_from_before_a_setting_was_recorded_read_as_its_old_default(lt_records, tmp_path):
+    """A runs.csv written before weight decay, shift, size (and once lr, profile, class order) were
+    recorded is rewritten with the new columns on the next append, every row kept, and its rows
+    count as made with the values every earlier command used."""
+    args = argparse.Namespace(data="digits", rho=10.0, split_seed=0, model="m", steps=5, batch=4, generator=None,
+                              evae=None, evae_epochs=1, evae_dz=32, kss_h=1.0, kss_steps=2, dkgm_p=0.5,
+                              class_order="natural", profile="exp", channels=None, lr=1e-3, weight_decay=1e-4,
+                              shift=1, size=32)
+    cfg = lt_records.config_of(args)
+    old_fields = [f for f in lt_records.FIELDS if f not in ("weight_decay", "shift", "size", "lr", "profile",
+                                                            "class_order")]
+    path = tmp_path / "runs.csv"
+    old = dict.fromkeys(old_fields, 0) | {k: v for k, v in cfg.items() if k in old_fields}
+    lt_records.locked_append(path, old_fields, [old | dict(method="ce", seed=0, accuracy=0.5)])
+    lt_records.append_row(path, dict.fromkeys(lt_records.FIELDS, 0) | cfg | dict(method="ros", seed=0, accuracy=0.6))
+    with open(path) as f:
+        assert next(csv.reader(f)) == lt_records.FIELDS
+    rows = lt_records.read_rows(path, cfg)
+    assert [(r["method"], r["accuracy"]) for r in rows] == [("ce", 0.5), ("ros", 0.6)]
+    assert not lt_records.read_rows(path, lt_records.config_of(argparse.Namespace(**{**vars(args), "shift": 2})))
 
 
 def test_export_split_round_trips_through_the_npz_loader(imb, common, tmp_path):
@@ -276,6 +306,16 @@ def test_balanced_rows_draw_from_the_shared_bank(imb, tmp_path, monkeypatch):
     assert all("bank=2" in r["knobs"] for r in rows)
 
 
+def test_filtered_bank_rows_record_the_banks_rejection_share(imb, tmp_path):
+    """Rows drawing from a filtered bank record the share its filter rejected while making it, the
+    same for the row that built the bank and the row that reopened it (they used to record nothing)."""
+    assert imb.main(["--quick", "--epochs", "1", "--methods", "ros_dkgm", "dkgm_balanced", "--bank", "2",
+                     "--label-filter", "digits-evaluator", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "runs.csv") as f:
+        shares = [r["rejected"] for r in csv.DictReader(f)]
+    assert len(shares) == 2 and shares[0] == shares[1] and 0 <= float(shares[0]) <= 1
+
+
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     """The device script end to end on CPU: the long-tailed split, a generator trained on it,
     a plain row, then its DKGM rows without and with the label filter, all in the report; the
@@ -321,3 +361,34 @@ def test_report_spread_is_the_sample_std_over_seeds():
     assert s["ce"]["accuracy"] == pytest.approx((0.80, 0.0))
     assert lt_report.paired_difference(rows, "ros", "ce") == pytest.approx((0.02, 0.02 * 2 ** 0.5, 2))
     assert lt_report.summarise(rows[:1])["ros"]["accuracy"] == pytest.approx((0.80, 0.0))
+
+
+def test_report_names_what_the_rows_used_and_refuses_to_choose_without_validation(lt_records, tmp_path):
+    """The report's generator line comes from the rows shown (not from the last command's
+    --generator); the curves are those of each method's chosen knob variant, the latest run of a
+    seed; and knob variants run without a validation split are refused, not chosen by name."""
+    lt_report = load_benchmark("lt_report")
+    row = lambda m, knobs, val, seed=0: {"method": m, "knobs": knobs, "val_bacc": val, "seed": seed}
+    rows = [row("ce", "", 0.8), row("dkgm_deferred", "generator=gens/a b.safetensors drw_start=0.8 bank=4", 0.9),
+            row("kss_balanced", "kss=h=1.0, steps=10", 0.7)]
+    lines = "\n".join(lt_report.generator_lines(rows))
+    assert "`gens/a b.safetensors`" in lines and "`fashion-mnist-tiny`" not in lines and "h=1.0, steps=10" in lines
+    assert "none (no DKGM row shown)" in "\n".join(lt_report.generator_lines(rows[:1]))
+
+    cfg = {"data": "digits", "epochs": 2}
+    path = tmp_path / "curves.csv"
+    history = lambda m, seed, loss: [dict(method=m, seed=seed, epoch=e, train_loss=loss, val_bacc=0.5) for e in (1, 2)]
+    lt_records.append_curves(path, history("drw", 0, 9.0), cfg, "drw_start=0.5")
+    lt_records.append_curves(path, history("drw", 0, 1.0), cfg, "drw_start=0.8")
+    lt_records.append_curves(path, history("drw", 0, 2.0), cfg, "drw_start=0.8")     # a rerun of seed 0
+    lt_records.append_curves(path, history("drw", 1, 3.0), cfg, "drw_start=0.8")
+    lt_records.append_curves(path, history("drw", 1, 7.0), {"data": "digits", "epochs": 3}, "drw_start=0.8")
+    got = lt_report.curve_rows(path, cfg, {"drw": "drw_start=0.8"})
+    assert sorted((r["seed"], r["epoch"], r["train_loss"]) for r in got) == [
+        ("0", "1", "2.0"), ("0", "2", "2.0"), ("1", "1", "3.0"), ("1", "2", "3.0")]
+
+    keep, chosen = lt_report.select_knobs([row("drw", "drw_start=0.5", 0.7), row("drw", "drw_start=0.8", 0.8)])
+    assert chosen["drw"][0] == "drw_start=0.8"
+    with pytest.raises(SystemExit, match="no validation|not all of them with a validation"):
+        lt_report.select_knobs([row("la", "la_tau=5", None), row("la", "la_tau=1", None)])
+    assert lt_report.select_knobs([row("la", "la_tau=5", None)])[1]["la"][0] == "la_tau=5"

@@ -169,3 +169,22 @@ def test_neighbour_bank_with_filter_logs_its_rejections(caplog, tmp_path):
     with caplog.at_level(logging.INFO, logger="dkgm_aug"):
         NeighbourBank(Items(), Inverter(), k=3, label_filter=LabelFilter(Bright()), path=tmp_path / "bank").build()
     assert "rejected per class" not in caplog.text
+
+
+@pytest.mark.parametrize("where", [None, "bank.safetensors", "bank"])
+def test_neighbour_bank_keeps_its_filter_counts_when_reopened(tmp_path, where):
+    """A filtered bank's per-class counts (drawn, rejected, tries run out) are the filter's over its
+    rows, and a bank reopened from its file or folder (no rows made, a fresh filter) gives the same."""
+    from dkgm_aug import NeighbourBank
+    path = None if where is None else tmp_path / where
+    f = LabelFilter(Bright(), max_tries=2)
+    bank = NeighbourBank(Items(), Inverter(), k=3, label_filter=f, path=path)
+    bank.build(progress=False, shard_size=2)                 # a folder of 3 shards: counts summed over them
+    made = {"drawn": f.drawn, "rejected": f.rejected, "exhausted": f.exhausted}
+    assert sum(f.rejected.values()) > 0 and sum(f.exhausted.values()) > 0
+    assert bank.filter_counts == {key: dict(sorted(v.items())) for key, v in made.items()}
+    if path is not None:
+        fresh = LabelFilter(Bright(), max_tries=2)
+        again = NeighbourBank(Items(), Inverter(), k=3, label_filter=fresh, path=path).build(progress=False)
+        assert sum(fresh.drawn.values()) == 0 and again.filter_counts == bank.filter_counts
+    assert NeighbourBank(Items(), Inverter(), k=3).build(progress=False).filter_counts is None
