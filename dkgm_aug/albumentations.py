@@ -6,7 +6,9 @@
     out = pipeline(image=img)["image"]       # img: HxW or HxWxC, uint8 or float32 in [0, 1]
 
 Seeding follows albumentations: ``A.Compose(..., seed=...)`` or ``t.set_random_seed(seed)``;
-the noise seed is drawn from the transform's own ``random_generator`` in ``get_params``.
+the noise seed is drawn from the transform's own ``random_generator`` in ``get_params``, and in a
+DataLoader worker mixed with the worker's seed (as the torchvision twin does), so that workers and
+epochs differ while a run stays repeatable under ``torch.manual_seed``.
 ``A.to_dict``/``A.from_dict`` round-trip a transform built from a checkpoint name or path;
 one built from a model object cannot be serialised (``to_dict`` raises).
 
@@ -22,7 +24,7 @@ from .dkgm import check_knobs
 from .errors import DataError, DKGMError
 from .images import numpy_batch, to_unit_hwc
 from .label_filter import check_label_filter
-from .transforms import GeneratorHandle, check_p
+from .transforms import _SEED_MAX, GeneratorHandle, check_p
 
 
 class DKGMAugment(ImageOnlyTransform):
@@ -45,14 +47,22 @@ class DKGMAugment(ImageOnlyTransform):
                 for img in (value if isinstance(value, (list, tuple)) else [value]):
                     to_unit_hwc(img)
         model = self.handle.get()
-        if getattr(model, "conditional", False):
-            raise DataError(f"this generator is class-conditional ({model.num_classes} classes) and the albumentations "
-                            "transform sees no labels: use dkgm_aug.DKGMAugment (torchvision), called as "
-                            "aug(img, label), or BalancedDKGMDataset, which give the generator each image's class")
+        if getattr(model, "conditional", False) or getattr(model, "per_class", False):
+            kind = (f"class-conditional ({model.num_classes} classes)" if getattr(model, "conditional", False)
+                    else "a per-class kernel-smoothed score (built with labels)")
+            raise DataError(f"this generator is {kind} and the albumentations transform sees no labels: use "
+                            "dkgm_aug.DKGMAugment (torchvision), called as aug(img, label), or BalancedDKGMDataset, "
+                            "which give the generator each image's class")
         return super().__call__(*args, force_apply=force_apply, **data)
 
     def get_params(self) -> dict:
-        return {"noise_seed": int(self.random_generator.integers(0, 2 ** 62))}
+        """The noise seed, from albumentations' ``random_generator``; inside a DataLoader worker mixed
+        with the worker's seed, which torch draws anew for each worker and each epoch: every worker
+        holds a copy of the same generator, so without it all workers, and every epoch, would repeat
+        the same noise."""
+        seed = int(self.random_generator.integers(0, _SEED_MAX))
+        info = torch.utils.data.get_worker_info()
+        return {"noise_seed": seed if info is None else (seed * 1_000_003 + info.seed) % _SEED_MAX}
 
     def apply(self, img: np.ndarray, noise_seed: int = 0, **params) -> np.ndarray:
         x01, restore = numpy_batch(img)

@@ -118,7 +118,7 @@ class NeighbourBank:
 
     def __init__(self, ds, generator, k: int = 4, *, indices=None, alpha=None, steps=None, seed: int = 0,
                  path=None, device=None, convert_channels: bool = False, label_filter=None,
-                 image_key="image", label_key="label", dtype=None, compile: bool = False):
+                 image_key="image", label_key="label", dtype=None, compile: bool = False, labels=None):
         self.k = check_int("k (neighbours per image)", k, 1, MAX_K)
         self.alpha, self.steps = check_knobs(alpha=alpha), check_knobs(steps=steps)
         self.seed, self.device = check_seed(seed), check_device(device)
@@ -134,7 +134,11 @@ class NeighbourBank:
                             f"got {type(generator).__name__}")
         self.ds, self.image_key, self.label_key = ds, image_key, label_key
         self.indices, self.path = _indices(ds, indices), _bank_path(path)
+        if labels is not None and len(labels) != len(ds):
+            raise DataError(f"labels= gives {len(labels)} labels for a dataset of {len(ds)} items: one per item")
+        self._given_labels = labels
         self._fp = self._store = self._images = self._sources = self._counts = self._by_digest = self._checked = None
+        self._row_labels = None
         if self.path is not None and self.path.exists():
             self._open()
 
@@ -155,8 +159,31 @@ class NeighbourBank:
                       convert_channels=self.convert_channels, noise_scheme=NOISE_SCHEME,
                       dtype=None if self.dtype is None else str(self.dtype).removeprefix("torch."),
                       label_filter=None if self.label_filter is None else self.label_filter.fingerprint())
+            if self.uses_labels:      # the rows depend on each source's class: a relabelled dataset is another bank
+                text = json.dumps([repr(y) for y in self.row_labels()])
+                fp["labels_sha256"] = hashlib.sha256(text.encode()).hexdigest()
             self._fp = json.loads(json.dumps(fp))
         return self._fp
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the rows depend on the sources' labels: a label filter, or a generator that takes
+        them (class-conditional, or a per-class kernel-smoothed score)."""
+        model = self._generator()
+        return (self.label_filter is not None or getattr(model, "conditional", False)
+                or getattr(model, "per_class", False))
+
+    def row_labels(self) -> list:
+        """Each row's source label, as its neighbours are made with it: from ``labels=`` when given,
+        else read from the items (one pass, once); None for items without a label."""
+        if self._row_labels is None:
+            if self._given_labels is not None:
+                got = [self._given_labels[i] for i in self.indices.tolist()]
+            else:
+                got = [_field(self.ds[i], self.label_key, 1) for i in tqdm(
+                    self.indices.tolist(), desc="bank: reading labels", disable=len(self) < 10_000)]
+            self._row_labels = [None if y is None else plain_label(y) for y in got]
+        return self._row_labels
 
     def _open(self) -> None:
         if self.path.is_dir() and not shards.folder_complete(self.path, "bank", self.fingerprint()):
@@ -182,6 +209,7 @@ class NeighbourBank:
             raise DKGMError("this bank was copied without its dataset (into a DataLoader worker?) and cannot make "
                             "rows; build() it before the DataLoader starts")
         idx, parts, digests = self.indices[start:stop].tolist(), [], []
+        row_labels = self.row_labels() if self.uses_labels else None
         per_call = max(1, batch_size // self.k)
         for b in range(0, len(idx), per_call):
             rows = idx[b:b + per_call]
@@ -189,8 +217,8 @@ class NeighbourBank:
             xs = [source_unit(_field(it, self.image_key, 0)) for it in items]
             if len({tuple(x.shape) for x in xs} | {tuple(p.shape[2:]) for p in parts[:1]}) > 1:
                 raise DataError("the bank's source images differ in size; resize them to one size first")
-            labels = [_field(it, self.label_key, 1) for it in items]
-            labels = None if any(y is None for y in labels) else [plain_label(y) for y in labels for _ in range(self.k)]
+            labels = None if row_labels is None else row_labels[start + b:start + b + len(rows)]
+            labels = None if labels is None or None in labels else [y for y in labels for _ in range(self.k)]
             seeds = [neighbour_seed(self.seed, i, r) for i in rows for r in range(self.k)]
             made = filtered_generate(model, torch.stack(xs).repeat_interleave(self.k, 0), seeds, self.alpha,
                                      self.steps, self.convert_channels, labels=labels, label_filter=self.label_filter)
@@ -313,8 +341,9 @@ class NeighbourBank:
             out[j] = self.neighbour(row, r)
         return out
 
-    def check_covers(self, owner_fp: dict, indices: torch.Tensor) -> None:
-        """Refuse to serve a dataset whose generator or knobs differ, or with sources the bank lacks."""
+    def check_covers(self, owner_fp: dict, indices: torch.Tensor, owner_labels=None) -> None:
+        """Refuse to serve a dataset whose generator or knobs differ, with sources the bank lacks, or
+        (when the rows depend on labels) whose labels (``owner_labels``, per item) differ from the bank's."""
         mine = self.fingerprint()
         keys = [k for k in ("generator_sha256", "alpha", "steps", "convert_channels", "label_filter", "dtype")
                 if mine.get(k) != owner_fp.get(k)]
@@ -322,6 +351,13 @@ class NeighbourBank:
             raise DKGMError(f"the neighbour bank was made with another {', '.join(keys)} than the dataset's; "
                             "pass the same generator and knobs to both")
         lacking = indices[~torch.isin(indices, self.indices)]
+        if not len(lacking) and self.uses_labels and owner_labels is not None:
+            mine_labels = dict(zip(self.indices.tolist(), self.row_labels()))
+            wrong = [i for i in indices.tolist() if mine_labels[i] != owner_labels[i]]
+            if wrong:
+                raise DKGMError(f"the neighbour bank was made with other labels than the dataset's for {len(wrong)} "
+                                f"source item(s) (the first: item {wrong[0]}, {mine_labels[wrong[0]]!r} in the bank, "
+                                f"{owner_labels[wrong[0]]!r} in the dataset); build it with the dataset's labels")
         if len(lacking):
             raise DKGMError(f"the neighbour bank holds no neighbours of {len(lacking)} source item(s) of the dataset "
                             f"(the first: item {int(lacking[0])}); build it over every item (indices=None)")
@@ -349,8 +385,9 @@ def bank_for(owner, bank):
     if bank is None:
         return None
     sources = torch.unique(owner._sources.long())
+    labels = [owner.class_values[int(c)] for c in owner._codes[:owner.n_real]]   # the dataset's, as it generates
     if isinstance(bank, NeighbourBank):
-        bank.check_covers(owner.fingerprint(), sources)
+        bank.check_covers(owner.fingerprint(), sources, labels)
         return bank
     if isinstance(bank, bool) or not isinstance(bank, int):
         raise DKGMError(f"bank must be None, an integer k >= 1 or a NeighbourBank, got {bank!r}")
@@ -361,4 +398,4 @@ def bank_for(owner, bank):
                          seed=owner.seed, path=owner.cache if isinstance(owner.cache, Path) else None,
                          device=owner.device, convert_channels=owner.convert_channels,
                          label_filter=owner.label_filter, image_key=owner.image_key, label_key=owner.label_key,
-                         dtype=getattr(owner, "dtype", None), compile=getattr(owner, "compile", False))
+                         dtype=getattr(owner, "dtype", None), compile=getattr(owner, "compile", False), labels=labels)

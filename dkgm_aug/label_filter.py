@@ -17,6 +17,11 @@ depends only on the image and its seed, never on the batch. When ``max_tries`` n
 rejected, ``on_exhausted`` decides: ``"source"`` (the default) returns the source image itself,
 a copy as random oversampling would make; ``"keep"`` returns the last neighbour drawn. Both
 are counted in ``exhausted``.
+
+The counters count the draws of the process that holds the filter: with DataLoader workers each
+worker counts its own and the main process's filter stays at zero. To see the rates of a filtered
+run, generate in the main process (``BalancedDKGMDataset.precompute()``, or a ``NeighbourBank``,
+whose ``filter_counts`` also survive in its files) or read them with ``num_workers=0``.
 """
 import threading
 from pathlib import Path
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ._validate import SEED_MAX, check_int
-from .errors import CheckpointError, DKGMError
+from .errors import CheckpointError, DataError, DKGMError
 from .nn import evaluating
 
 EVALUATOR_DIR = Path(__file__).parent / "pretrained" / "evaluators"
@@ -75,7 +80,8 @@ class LabelFilter:
 
     @property
     def rejection_rate(self) -> dict:
-        """Share of drawn neighbours rejected, per class index."""
+        """Share of drawn neighbours rejected, per class index (this process's draws: DataLoader
+        workers count their own, see the module docstring)."""
         return {c: self.rejected.get(c, 0) / n for c, n in sorted(self.drawn.items())}
 
     def __getstate__(self):
@@ -87,9 +93,16 @@ class LabelFilter:
         self.__dict__.update(state, _lock=threading.Lock())
 
     @torch.inference_mode()
-    def predict(self, x01: torch.Tensor) -> torch.Tensor:
+    def predict(self, x01: torch.Tensor, want=None) -> torch.Tensor:
+        """The classifier's class index for each image; ``want`` (the sources' class indices) must lie
+        among its outputs, else no neighbour could ever be accepted."""
         with evaluating(self.classifier) as net:
-            return net(x01.to(next(net.parameters()).device)).argmax(1).cpu()
+            logits = net(x01.to(next(net.parameters()).device))
+        if want is not None and len(want) and (int(want.min()) < 0 or int(want.max()) >= logits.shape[1]):
+            raise DataError(f"class indices {sorted(set(want.tolist()) - set(range(logits.shape[1])))[:5]} are not "
+                            f"outputs of the classifier ({logits.shape[1]} classes): give the labels as its class "
+                            "indices, or pass LabelFilter(..., class_index={label: index})")
+        return logits.argmax(1).cpu()
 
     def classes_of(self, x01: torch.Tensor, labels=None) -> torch.Tensor:
         """Each source's class index: its label (mapped by ``class_index``), else the prediction."""
@@ -110,7 +123,7 @@ class LabelFilter:
         for k in range(self.max_tries):
             if k:
                 out[todo] = make(todo, [retry_seed(seeds[i], k) for i in todo.tolist()])
-            bad = self.predict(out[todo]) != want[todo]
+            bad = self.predict(out[todo], want[todo]) != want[todo]
             self._count(want[todo], bad)
             todo = todo[bad]
             if not len(todo):

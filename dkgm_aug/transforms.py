@@ -37,12 +37,14 @@ The generator checkpoint loads lazily, so the transform pickles small for worker
 Class-conditional generators (``DKGM.from_preset(..., num_classes=...)``) take each image's class
 from the sample: ``aug(img, label)`` (an int or a 0-d integer tensor) or ``aug(x, y)`` (``x``
 ``[B, C, H, W]``, ``y`` a 1-D integer tensor of length B) returns ``(new images, labels unchanged)``.
-The label is the sample's first non-image input that is a number or a plain tensor of at most one
-dimension. Unconditional generators never see the labels.
+The label is the value under a ``label`` (or ``target``, ``y``...) key of a dict sample (a dict
+without exactly one such key is refused), else the sample's first non-image input that is a number
+or a plain tensor of at most one dimension. Unconditional generators never see the labels.
 """
 import contextvars
 import numbers
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 import PIL.Image
@@ -58,6 +60,7 @@ from .dkgm import check_knobs, class_indices
 from .errors import DataError, DKGMError
 from .images import to_batch
 from .label_filter import check_label_filter
+from .sampling import plain_label
 
 _SEED_MAX = 2 ** 62
 # the whole sample of the call in progress (this thread's): make_params sees only its images
@@ -198,7 +201,8 @@ class DKGMAugment(v2.Transform):
         self.rng = SeedSource(seed)
 
     def forward(self, *inputs):
-        token = _SAMPLE.set(tree_flatten(inputs if len(inputs) > 1 else inputs[0])[0])
+        sample = inputs if len(inputs) > 1 else inputs[0]
+        token = _SAMPLE.set((sample, tree_flatten(sample)[0]))
         try:
             return super().forward(*inputs)
         finally:
@@ -207,7 +211,7 @@ class DKGMAugment(v2.Transform):
     def make_params(self, flat_inputs) -> dict:
         n = batch_size(flat_inputs[0]) if flat_inputs else 1
         return dict(apply=self.rng.rand(n) < self.p, seeds=self.rng.seeds(n),
-                    labels=sample_label(_SAMPLE.get(), flat_inputs))
+                    labels=sample_label(*(_SAMPLE.get() or ((), ())), flat_inputs))
 
     def transform(self, inpt, params: dict):
         # the whole input is checked before p is looked at, so a bad image fails at any p and seed
@@ -237,20 +241,54 @@ def batch_size(inpt) -> int:
     return inpt.shape[0] if isinstance(inpt, torch.Tensor) and inpt.ndim == 4 else 1
 
 
-def sample_label(flat_sample, images):
-    """The label(s) of a sample: its first input, other than ``images``, that is a number or a plain
-    tensor of at most one dimension; ``None`` when there is none."""
+LABEL_KEYS = ("label", "labels", "target", "targets", "class", "y")
+
+
+class AmbiguousLabel(list):
+    """Numbers in a dict sample, none (or several) under a label key: which one is the class is unknown."""
+
+
+def _is_label(v) -> bool:
+    return isinstance(v, (numbers.Number, np.generic)) or (is_pure_tensor(v) and v.ndim <= 1)
+
+
+def sample_label(sample, flat_sample, images):
+    """The label(s) of a sample. In a dict (the sample, or a dict inside a tuple sample) the value
+    under a key of ``LABEL_KEYS``; else the first input, other than ``images``, that is a number or
+    a plain tensor of at most one dimension (``(img, label)``); ``None`` when there is none. A dict
+    sample with numbers but not exactly one under a label key gives an :class:`AmbiguousLabel`, which
+    a generator that uses labels refuses (an index or id field must not become the class)."""
+    dicts = [sample] if isinstance(sample, Mapping) else [d for d in sample if isinstance(d, Mapping)] \
+        if isinstance(sample, (tuple, list)) else []
+    named = [d[k] for d in dicts for k in LABEL_KEYS if k in d and _is_label(d[k])]
+    if len(named) == 1:
+        return named[0]
     taken = {id(i) for i in images}
-    for v in flat_sample:
-        if id(v) not in taken and (isinstance(v, (numbers.Number, np.generic))
-                                   or (is_pure_tensor(v) and v.ndim <= 1)):
-            return v
-    return None
+    found = [v for v in flat_sample if id(v) not in taken and _is_label(v)]
+    if found and (named or isinstance(sample, Mapping)):
+        return AmbiguousLabel(found)
+    return found[0] if found else None
 
 
 def model_labels(model, label, n: int) -> list | None:
     """The class indices (ints) a class-conditional ``model`` takes for ``n`` images from a sample's
-    ``label``, checked; ``None`` for an unconditional model, which never sees labels."""
+    ``label``, checked; a per-class kernel-smoothed score's class label values (checked by the model;
+    ``None`` without a label: the whole set); ``None`` for an unconditional model, which never sees labels."""
+    uses_labels = getattr(model, "per_class", False) or getattr(model, "conditional", False)
+    if isinstance(label, AmbiguousLabel):
+        if not uses_labels:
+            return None
+        raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
+                        f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
+                        "(or pass (img, label))")
+    if getattr(model, "per_class", False):
+        if label is None:
+            return None
+        labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
+            list(label) if isinstance(label, (list, tuple)) else [label])
+        if len(labels) != n:
+            raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
+        return [plain_label(v) for v in labels]
     if not getattr(model, "conditional", False):
         return None
     if label is None:

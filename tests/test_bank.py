@@ -235,3 +235,51 @@ def test_batch_digests_are_the_per_image_digests_files_hold(b, c, h, w, seed):
     want = [hashlib.blake2b(repr((c, h, w)).encode() + q[i].numpy().tobytes(), digest_size=16).digest()
             for i in range(b)]
     assert cache.batch_digests(x) == want and [cache.digest(xi) for xi in x] == want
+
+
+def _conditional_generator(num_classes=4):
+    from dkgm_aug import DKGM
+    torch.manual_seed(0)
+    model = DKGM.from_preset("tiny", image_size=8, channels=1, num_classes=num_classes, steps=1)
+    with torch.no_grad():                      # weights away from the silent start, so labels change outputs
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def test_a_bank_whose_rows_depend_on_labels_is_another_bank_for_other_labels(tmp_path):
+    """With a class-conditional generator (or a label filter) the rows depend on the sources' labels:
+    the same images relabelled are refused on reopening (they used to be served the old class's
+    neighbours), while an unconditional bank's fingerprint holds no labels."""
+    model = _conditional_generator()
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(1, 8, 8, generator=g) * 255).to(torch.uint8) for _ in range(6)]
+    a = [(im, y) for im, y in zip(images, [0, 0, 0, 1, 1, 1])]
+    b = [(im, y) for im, y in zip(images, [2, 2, 2, 3, 3, 3])]
+    path = tmp_path / "bank.safetensors"
+    NeighbourBank(a, model, k=2, path=path).build(progress=False)
+    assert NeighbourBank(a, model, k=2, path=path).built
+    with pytest.raises(DKGMError, match="labels_sha256"):
+        NeighbourBank(b, model, k=2, path=path)
+    assert not torch.equal(NeighbourBank(a, model, k=2).build(progress=False).neighbour(0, 0),
+                           NeighbourBank(b, model, k=2).build(progress=False).neighbour(0, 0))
+    assert "labels_sha256" not in NeighbourBank(a, micro_model(), k=2).fingerprint()
+
+
+def test_balanced_bank_generates_with_the_labels_given_to_the_dataset():
+    """BalancedDKGMDataset(labels=..., bank=k) makes its neighbours with the labels it was given (as
+    its on-demand path does), not with the items' own; a shared bank made with other labels is refused."""
+    model = _conditional_generator()
+    g = torch.Generator().manual_seed(1)
+    images = [(torch.rand(1, 8, 8, generator=g) * 255).to(torch.uint8) for _ in range(6)]
+    items = [(im, y) for im, y in zip(images, [1, 1, 1, 1, 2, 2])]     # raw labels stored in the items
+    given = [0, 0, 0, 0, 3, 3]                                          # the class indices passed
+    ds = BalancedDKGMDataset(items, model, labels=given, bank=1, cache=None, progress=False).precompute(progress=False)
+    j = ds.n_real                                                       # the first synthetic item
+    source = ds.source_index(j)
+    x = images[source][None].float() / 255 * 2 - 1
+    want = model.neighbours_from_seeds(x, [neighbour_seed(0, source, 0)], labels=[given[source]])
+    assert torch.equal(ds[j][0], ((want[0] + 1) / 2 * 255).round().to(torch.uint8))
+    own = NeighbourBank(items, model, k=1).build(progress=False)        # made with the items' labels
+    with pytest.raises(DKGMError, match="other labels"):
+        BalancedDKGMDataset(items, model, labels=given, bank=own, cache=None, progress=False)

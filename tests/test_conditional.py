@@ -345,6 +345,37 @@ def test_augment_takes_the_label_from_the_sample(cond_ckpt):
     assert set(sample) == {"image", "label"} and sample["label"] == 1
 
 
+def test_augment_takes_a_dict_samples_class_from_its_label_key_never_from_another_number(cond_ckpt):
+    """In a dict sample the class is the value under 'label' (or 'target', 'y'...) wherever that key
+    sits; an index or id field beside it is not the class (the first number used to be taken), and a
+    dict without a label key is refused by a conditional generator, passed through by others."""
+    img = tv_tensors.Image(torch.rand(1, 8, 8))
+    aug = lambda sample, ckpt=cond_ckpt: DKGMAugment(ckpt, seed=0)(sample)
+    with_index = aug({"image": img, "index": 2, "label": 1})
+    assert torch.equal(with_index["image"], aug({"image": img, "label": 1})["image"])
+    assert not torch.equal(with_index["image"], aug({"image": img, "label": 2})["image"])
+    assert torch.equal(aug({"image": img, "id": 0, "target": 1})["image"], with_index["image"])
+    for sample in ({"image": img, "index": 2}, {"image": img, "label": 1, "y": 2}):
+        with pytest.raises(DataError, match="under the key 'label'"):
+            aug(sample)
+    unconditional = micro_model()
+    out = DKGMAugment(unconditional, seed=0)({"image": img, "index": 2, "id": 3})
+    assert out["index"] == 2 and out["image"].shape == img.shape
+
+
+def test_per_class_kernel_smoothed_score_gets_the_samples_label():
+    """A KernelSmoothedScore built with labels draws from the labelled class in DKGMAugment (it used
+    to draw from the whole set, labels dropped); the albumentations twin, which has no labels, refuses it."""
+    dark, bright = torch.full((4, 1, 8, 8), 30, dtype=torch.uint8), torch.full((4, 1, 8, 8), 220, dtype=torch.uint8)
+    kss = dkgm_aug.KernelSmoothedScore(torch.cat([dark, bright]), labels=[0] * 4 + [1] * 4, h=0.05, steps=10,
+                                       alpha=1.0)
+    grey = torch.full((2, 1, 8, 8), 0.5)
+    out, _ = DKGMAugment(kss, seed=0)(grey, torch.tensor([1, 0]))
+    assert out[0].mean() > 0.7 and out[1].mean() < 0.3
+    with pytest.raises(DataError, match="per-class"):
+        dalb.DKGMAugment(kss, p=1.0)(image=np.full((8, 8), 0.5, np.float32))
+
+
 def test_augment_label_matches_the_model(cond_ckpt):
     """The label reaches the generator: the same neighbour as the model gives with that label."""
     from dkgm_aug.augment import generate

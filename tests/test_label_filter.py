@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from dkgm_aug import DKGMAugment, DKGMError, LabelFilter, list_evaluators
+from dkgm_aug import DataError, DKGMAugment, DKGMError, LabelFilter, list_evaluators
 from dkgm_aug.augment import filtered_generate
 from dkgm_aug.label_filter import retry_seed
 
@@ -188,3 +188,13 @@ def test_neighbour_bank_keeps_its_filter_counts_when_reopened(tmp_path, where):
         again = NeighbourBank(Items(), Inverter(), k=3, label_filter=fresh, path=path).build(progress=False)
         assert sum(fresh.drawn.values()) == 0 and again.filter_counts == bank.filter_counts
     assert NeighbourBank(Items(), Inverter(), k=3).build(progress=False).filter_counts is None
+
+
+def test_labels_outside_the_classifiers_outputs_are_refused():
+    """A source class the classifier cannot output would reject every neighbour (each synthetic
+    item silently a copy): refused by name, as are negative indices."""
+    x = images(4)
+    for labels in ([1, 2, 0, 1], [0, -1, 0, 0]):
+        with pytest.raises(DataError, match="not outputs of the classifier"):
+            filtered_generate(Inverter(), x, [1, 2, 3, 4], labels=labels, label_filter=LabelFilter(Bright()))
+    filtered_generate(Inverter(), x, [1, 2, 3, 4], labels=[1, 0, 1, 0], label_filter=LabelFilter(Bright()))

@@ -206,3 +206,30 @@ def test_workers_draw_different_noise(ckpt, ctx, seed):
     # items 0 and 1 are the first call in worker 0 and worker 1
     assert not torch.equal(out[0], out[1])
     assert not torch.equal(out[0], out[2])
+
+
+class SameArray(torch.utils.data.Dataset):
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.pipeline(image=np.full((8, 8), 128, np.uint8))["image"])
+
+
+@pytest.mark.slow
+def test_albumentations_twin_draws_different_noise_per_worker_and_epoch(ckpt):
+    """Every worker holds a copy of albumentations' generator: the twin mixes in the worker's seed,
+    so workers and epochs differ, and a run repeats under torch.manual_seed (it gave the same noise
+    in every worker and every epoch)."""
+    import albumentations as A
+    loader = torch.utils.data.DataLoader(SameArray(A.Compose([dalb.DKGMAugment(ckpt, p=1.0)], seed=0)),
+                                         batch_size=1, num_workers=2, multiprocessing_context="fork")
+    torch.manual_seed(5)
+    first, second = [b[0] for b in loader], [b[0] for b in loader]
+    assert not torch.equal(first[0], first[1])                       # items 0 and 1: worker 0 and worker 1
+    assert not any(torch.equal(a, b) for a, b in zip(first, second))  # epoch 2 is not epoch 1 again
+    torch.manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, [b[0] for b in loader]))

@@ -226,6 +226,12 @@ class KernelSmoothedScore(nn.Module):
             raise DataError(f"x has images of size {tuple(x.shape[2:])}, the model holds {self.image_size}; "
                             "resize them first")
 
+    @property
+    def per_class(self) -> bool:
+        """Built with labels: given an image's class label, its neighbour comes from that class's
+        training images (``DKGMAugment`` passes the sample's label; without one, the whole set)."""
+        return self.classes is not None
+
     @torch.inference_mode()
     def neighbours_from_seeds(self, x: torch.Tensor, seeds, *, labels=None, alpha: float | None = None,
                               steps: int | None = None, h: float | None = None) -> torch.Tensor:
