@@ -159,10 +159,15 @@ class Trainer:
     def _settings(self, stage: int) -> dict:
         """What a resumed run must share with the run that saved the state: ``{name: (value, where it is set)}``."""
         batch_flag = "--batch-size" if stage == 1 else "--stage2-batch-size or --batch-size"
+        loader = self.data if isinstance(self.data, torch.utils.data.DataLoader) else None
         return {"lr": (self.lr, "--lr / lr="),
-                "batch_size": (self.batch_size, f"{batch_flag} / batch_size="),
+                "batch_size": ((self.batch_size, f"{batch_flag} / batch_size=") if loader is None
+                               else (loader.batch_size, "the DataLoader's batch_size")),
                 "seed": (self.seed, "--seed / seed="),
-                "data": (self.data_id, "--data, --split, --limit, --size, --channels / data=")}
+                "data": (self.data_id, "--data, --split, --limit, --size, --channels / data="),
+                "ema_decay": (self.ema_decay, "ema_decay="),
+                "grad_clip": (self.grad_clip, "grad_clip="),
+                "amp": (self.amp and self.device.type == "cuda", "amp= (on CUDA)")}
 
     def _save_state(self, run: _Run) -> None:
         """Collective: gathers every rank's RNG states (each draws its own noise); rank 0 writes the file."""
@@ -199,8 +204,9 @@ class Trainer:
     @torch.no_grad()
     def _write_samples(self, stage: int, step: int) -> Path:
         from torchvision.utils import save_image
-        if self._preview is None:
-            self._preview = self.feed.first(8)
+        if self._preview is None:   # read outside torch's RNG stream: random transforms must not shift training
+            with torch.random.fork_rng(devices=[]):
+                self._preview = self.feed.first(8)
         real, labels = self._split(self._preview)
         with evaluating(self.model):
             rows = self.model.preview(real, stage, generator=torch.Generator(self.device).manual_seed(self.seed),
@@ -295,8 +301,15 @@ class Trainer:
         stages = tuple(self.model.stages)
         if stage not in stages:
             raise DKGMError(f"stage must be {' or '.join(map(str, stages))}, got {stage!r}")
-        if max_steps is not None:
+        default = self.max_steps
+        if max_steps is not None:       # for this call only: the next fit() trains the constructor's again
             self.max_steps = check_int("max_steps", max_steps, 1)
+        try:
+            return self._fit(stage)
+        finally:
+            self.max_steps = default
+
+    def _fit(self, stage: int):
         run = self._start(stage)
         self.model.train()
         self.losses = []

@@ -70,3 +70,15 @@ def test_sharpness_hand_computed():
     assert sharpness(gaussian_blur(rgb, 1.0)) < sharpness(rgb)
     with pytest.raises(DKGMError):
         sharpness(torch.rand(2, 8, 8))
+
+
+def test_blur_of_an_image_does_not_depend_on_the_rest_of_its_batch():
+    """An 8x8 image blurred at b = 0.6 (radius 2: reflect padding) gives the same result alone and
+    beside an image at b = 3 (radius 9 > 8: replicate padding); the whole batch used to switch to
+    replicate."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 8, 8, generator=g)
+    alone = gaussian_blur(x[:1], torch.tensor([0.6]))
+    both = gaussian_blur(x, torch.tensor([0.6, 3.0]))
+    assert torch.allclose(both[:1], alone, atol=1e-6)
+    assert torch.allclose(both[1:], gaussian_blur(x[1:], torch.tensor([3.0])), atol=1e-6)

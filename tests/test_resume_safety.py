@@ -54,6 +54,8 @@ def test_stage2_resume_keeps_the_stage1_just_trained(tmp_path):
     (dict(seed=1), "--seed / seed="),
     (dict(data=shapes_batch(12, size=8, seed=1)), "--data"),
     (dict(data=shapes_batch(10, size=8)), "--limit"),
+    (dict(ema_decay=0.5), "ema_decay="),
+    (dict(grad_clip=0.0), "grad_clip="),
 ])
 def test_resume_with_other_settings_is_refused(tmp_path, change, flag):
     trainer(tmp_path).fit(1)

@@ -138,3 +138,77 @@ def test_no_out_dir_writes_nothing(tmp_path, monkeypatch):
     t.fit(1)
     t.fit(1, max_steps=4)                       # nothing to resume from: starts again
     assert len(t.losses) == 4 and all(v > 0 for v in t.losses) and list(tmp_path.iterdir()) == []
+
+
+class _Flip(torch.utils.data.Dataset):
+    """Images with a random flip drawn from torch's global RNG, as torchvision's transforms do."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
+
+
+def _dropout_model():
+    from dkgm_aug import DKGM, UNetConfig
+    torch.manual_seed(0)
+    cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(), dropout=0.1)
+    return DKGM(UNetConfig(**cfg), UNetConfig(**cfg, time_input=True), image_size=8)
+
+
+@pytest.mark.parametrize("save_every, stop", [(3, 6), (4, 8)])       # mid-epoch (6 of 12), epoch boundary (8)
+def test_dataset_with_random_transforms_and_dropout_resumes_like_an_uninterrupted_run(tmp_path, save_every, stop):
+    """A Dataset read through torch-random transforms, into a model with dropout: stopped and resumed,
+    the run ends with the weights of the uninterrupted one (the per-epoch DataLoader drew its seed,
+    and the sample grid read its images, from torch's global RNG, which a resume restores: the two
+    runs drifted apart)."""
+    data = _Flip(shapes_batch(16, size=8))
+    run = lambda out, steps, model: Trainer(model, data, out_dir=out, batch_size=4, max_steps=steps,
+                                            save_every=save_every, progress=False).fit(1)
+    full, part = _dropout_model(), _dropout_model()
+    run(tmp_path / "full", 12, full)
+    run(tmp_path / "part", stop, part)
+    resumed = _dropout_model()
+    run(tmp_path / "part", 12, resumed)
+    for k, v in full.stage1.state_dict().items():
+        assert torch.equal(v, resumed.stage1.state_dict()[k]), k
+
+
+def test_a_dataloaders_epoch_is_its_own_batches_and_fit_steps_are_for_one_call(tmp_path):
+    """epochs= counts a given DataLoader's batches (it counted N // the Trainer's batch_size);
+    fit(stage, max_steps=k) trains k steps in that call only (it changed the Trainer's for good)."""
+    loader = torch.utils.data.DataLoader(shapes_batch(40, size=8), batch_size=4)
+    assert Trainer(micro_model(), loader, out_dir=None, epochs=1, progress=False).max_steps == 10
+    t = Trainer(micro_model(), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=5, progress=False)
+    t.fit(1, max_steps=2)
+    assert len(t.losses) == 2 and t.max_steps == 5
+    t.fit(2)
+    assert len(t.losses) == 5
+
+
+def test_resuming_a_dataloader_skips_the_batches_already_trained(tmp_path):
+    """A run on an unshuffled DataLoader stopped mid-epoch and resumed ends as the uninterrupted one
+    (it started the epoch over, training its first batches twice); a shuffled loader without
+    set_epoch says that the rest of the epoch comes from a new shuffle."""
+    loader = lambda shuffle=False: torch.utils.data.DataLoader(shapes_batch(24, size=8), batch_size=4,
+                                                               shuffle=shuffle)
+    run = lambda out, steps, model, data: Trainer(model, data, out_dir=out, max_steps=steps, save_every=4,
+                                                  progress=False).fit(1)
+    torch.manual_seed(0)
+    full = micro_model()
+    init = weights(full)
+    run(tmp_path / "full", 8, full, loader())
+    part = micro_model()
+    part.load_state_dict(init)
+    run(tmp_path / "part", 4, part, loader())
+    resumed = micro_model()
+    run(tmp_path / "part", 8, resumed, loader())
+    for k, v in full.stage1.state_dict().items():
+        assert torch.allclose(v, resumed.stage1.state_dict()[k], atol=1e-6), k
+    run(tmp_path / "shuffled", 4, micro_model(), loader(True))
+    with pytest.warns(UserWarning, match="new shuffle"):
+        run(tmp_path / "shuffled", 8, micro_model(), loader(True))

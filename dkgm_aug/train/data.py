@@ -13,6 +13,7 @@ import hashlib
 import warnings
 
 import torch
+from torch.utils.data import SequentialSampler
 
 from ..errors import DataError
 from ..images import collate_images, tensor_unit, to_model
@@ -97,7 +98,8 @@ def count_items(data) -> int:
 class Feed:
     """This rank's batches, as float images in the models' range [-1, 1] on ``device``. Every
     global batch has ``min(batch_size, N)`` items and each of the ``world_size`` ranks takes an
-    equal slice (``local_batch`` items); an epoch is ``max(1, N // batch_size)`` steps."""
+    equal slice (``local_batch`` items); an epoch is ``max(1, N // batch_size)`` steps, or a given
+    DataLoader's ``len`` (its own batches)."""
 
     def __init__(self, data, device, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, labels: bool = False):
@@ -119,7 +121,9 @@ class Feed:
         elif global_batch % world_size and rank == 0:
             warnings.warn(f"a batch of {global_batch} does not split evenly over {world_size} processes: "
                           f"each takes {self.local_batch} and the other {global_batch % world_size} are skipped")
-        self.steps_per_epoch = max(1, self.n_items // batch_size)
+        # a DataLoader's epoch is its own batches (its batch size, sampler and drop_last), ours N // batch_size
+        self.steps_per_epoch = (max(1, len(data)) if isinstance(data, torch.utils.data.DataLoader)
+                                else max(1, self.n_items // batch_size))
 
     def first(self, k: int):
         """The first ``k`` items (at most), as a batch: the images of the sample grids (with their labels
@@ -160,17 +164,32 @@ class Feed:
                 for idx in plan:
                     yield self.as_batch(self.data[idx])
             else:
+                # its own generator: the loader draws its workers' base seed from it, not from torch's
+                # global RNG, whose state a resumed run restores (an extra draw there would shift it)
                 loader = torch.utils.data.DataLoader(self.data, batch_sampler=[i.tolist() for i in plan],
-                                                     num_workers=self.num_workers, collate_fn=self.collate)
+                                                     num_workers=self.num_workers, collate_fn=self.collate,
+                                                     generator=torch.Generator().manual_seed(g.initial_seed()))
                 for batch in loader:
                     yield self.convert(batch)
             step += len(plan)
 
     def _loader_batches(self, start_step: int):
-        epoch = start_step // max(1, len(self.data))
+        """A user's DataLoader from ``start_step`` on: a resumed run skips the batches of the current
+        epoch that were trained on. The skipped ones are those of this epoch's order only when the
+        sampler is sequential or seeded per epoch (``set_epoch``, as ``DistributedSampler``); otherwise
+        the rest of the epoch comes from a new shuffle, and the run says so."""
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        sampler = self.data.sampler
+        if skip and not hasattr(sampler, "set_epoch") and not isinstance(sampler, SequentialSampler) \
+                and self.rank == 0:
+            warnings.warn(f"resuming in the middle of an epoch of a DataLoader whose sampler has no set_epoch: "
+                          f"the last {self.steps_per_epoch - skip} batches of this epoch come from a new shuffle, "
+                          "not the interrupted one's (a DistributedSampler, or a sampler with set_epoch, resumes "
+                          "exactly)")
         while True:
             if hasattr(self.data.sampler, "set_epoch"):   # DistributedSampler: reshuffle each epoch
                 self.data.sampler.set_epoch(epoch)
-            for batch in self.data:
-                yield self.convert(batch)
-            epoch += 1
+            for i, batch in enumerate(self.data):
+                if i >= skip:
+                    yield self.convert(batch)
+            epoch, skip = epoch + 1, 0
