@@ -27,7 +27,7 @@ from .augment import accelerate, check_acceleration, filtered_generate, load_gen
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
-from .images import source_unit, to_uint8
+from .images import from_8bit, source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .shards import read_folder
@@ -48,7 +48,11 @@ def _like(q: torch.Tensor, like):
         return arr.copy() if like.dtype == np.uint8 else (arr / np.float32(255)).astype(like.dtype)
     from PIL import Image
     out = Image.fromarray(np.ascontiguousarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc))
-    return out if out.mode == like.mode else out.convert(like.mode)
+    if out.mode == like.mode:
+        return out
+    if like.mode == "P":        # the source's own palette: convert("P") would dither to the 216-colour web palette
+        return out.convert("RGB").quantize(palette=like, dither=Image.Dither.NONE)
+    return from_8bit(out, like.mode)
 
 
 class BalancedDKGMDataset(torch.utils.data.Dataset):

@@ -91,6 +91,9 @@ def cmd_train(args) -> None:
             dist.destroy_process_group()
 
 
+DKGM_ONLY = ("--preset", "--steps", "--b-min", "--b-max", "--kernel", "--m", "--stage2-steps", "--stage2-batch-size")
+
+
 def build_model(args, data: ImageDataset):
     """The untrained model of ``--kind`` for the images of ``data``."""
     x0, _ = data[0]
@@ -105,6 +108,10 @@ def build_model(args, data: ImageDataset):
         return DKGM.from_preset(args.preset, image_size=size, channels=channels,
                                 alpha=0.5 if args.alpha is None else args.alpha, steps=args.steps,
                                 b_range=(args.b_min, args.b_max), kernel=args.kernel, m=args.m, **labels)
+    given = [f for f in DKGM_ONLY for a in getattr(args, "argv", ()) if a == f or a.startswith(f + "=")]
+    if given:
+        raise DKGMError(f"{', '.join(dict.fromkeys(given))} set(s) a DKGM knob; --kind {args.kind} has none (it "
+                        "would be ignored): drop it, or train --kind dkgm")
     knobs = dict(M=len(data)) if args.kind == "evae" else {}   # the penalty's M: the number of training images
     return {"evae": EVAE, "vae": VAE}[args.kind](channels=channels, image_size=size, d_z=args.d_z,
                                                  alpha=1.0 if args.alpha is None else args.alpha, **knobs)
@@ -162,15 +169,16 @@ def cmd_sample(args) -> None:
     from torchvision.utils import save_image
     model = load(args.checkpoint, device=args.device)
     data = load_data(sample_spec(args, model))
+    n, k = check_int("--n", args.n, 1), check_int("--k", args.k, 1)
     g = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(len(data), generator=g)[: args.n]
+    idx = torch.randperm(len(data), generator=g)[:n]
     real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(model_device(model))
     labels = dict(labels=[data[int(i)][1] for i in idx]) if getattr(model, "conditional", False) else {}
-    out = model.neighbours(real, k=args.k, alpha=args.alpha, steps=args.steps, generator=g, **labels)
+    out = model.neighbours(real, k=k, alpha=args.alpha, steps=args.steps, generator=g, **labels)
     # one row per source image: the real image, then its k neighbours
     grid = torch.cat([real[:, None], out], dim=1).flatten(0, 1)
-    save_image(from_model(grid).cpu(), args.out, nrow=args.k + 1, padding=1)
-    print(f"wrote {args.out}: {len(idx)} real images (left column) and {args.k} neighbours each")
+    save_image(from_model(grid).cpu(), args.out, nrow=k + 1, padding=1)
+    print(f"wrote {args.out}: {len(idx)} real images (left column) and {k} neighbours each")
 
 
 def cmd_calibrate(args) -> None:

@@ -11,13 +11,14 @@ images enter the library.
 """
 import gzip
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DataError
-from .images import tensor_unit, to_uint8
+from .images import pil_8bit, tensor_unit, to_uint8
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -52,7 +53,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, int(self.targets[i])
 
     def subset(self, indices) -> "ImageDataset":
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        """The items at ``indices`` (integers), or where a boolean mask of ``len(self)`` is True."""
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            if idx.shape != (len(self),):
+                raise DataError(f"a boolean mask must have one value per item ({len(self)}), got shape "
+                                f"{tuple(idx.shape)}")
+            idx = torch.nonzero(idx).flatten()
+        idx = idx.long()
         return ImageDataset(self.images[idx], self.targets[idx], self.classes, self.transform, self.description)
 
 
@@ -126,6 +134,12 @@ def npz(path, transform=None) -> ImageDataset:
         images = images[..., None]
     if images.ndim != 4:
         raise DataError(f"{path}: images must be N,H,W or N,H,W,C, got shape {images.shape}")
+    if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
+        raise DataError(f"{path}: images of shape {images.shape} look like N,C,H,W; an .npz holds N,H,W,C "
+                        "(np.transpose(images, (0, 2, 3, 1)))")
+    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        raise DataError(f"{path}: float labels must be whole numbers (class indices), got values such as "
+                        f"{labels[~(np.isfinite(labels) & (labels == np.round(labels)))][:3].tolist()}")
     if images.dtype != np.uint8:   # the one uint8-or-float rule and range check, then quantized
         try:
             images = to_uint8(tensor_unit(torch.from_numpy(images))).numpy()
@@ -142,15 +156,22 @@ def image_folder(root, size=None, channels: int | None = None, transform=None) -
     to ``size`` (int or (H, W)) when given; ``channels`` 1 or 3 converts the mode."""
     from PIL import Image
     root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    # class folders as torchvision's ImageFolder finds them: hidden ones (.ipynb_checkpoints) are not classes
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if root.is_dir() else []
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
     files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
              if p.suffix.lower() in exts]
     if not files:
         raise DataError(f"no images found under {root}/<class>/; expected torchvision ImageFolder layout")
+    empty = [name for c, name in enumerate(classes) if not any(fc == c for _, fc in files)]
+    if empty:
+        raise DataError(f"class folder(s) {empty[:5]} under {root} hold no images: every class needs one "
+                        "(remove the folder, or it would shift the labels of the classes after it)")
     arrays = []
     for p, _ in files:
         with Image.open(p) as im:
+            im = pil_8bit(im, str(p))
             im = im.convert({1: "L", 3: "RGB", None: "RGB" if im.mode not in ("L", "1") else "L"}[channels])
             if size is not None:
                 im = im.resize((size, size) if isinstance(size, int) else tuple(size)[::-1])
@@ -221,7 +242,10 @@ def long_tailed_indices(targets, rho: float, seed: int = 0, order=None, profile:
     """Indices of a long-tailed subset. ``profile="exp"`` is CIFAR-10-LT's: the class of rank ``r``
     in ``order`` (see :func:`class_order`; rank 0 is the head) keeps ``round(n_max * rho ** (-r / (C - 1)))``
     images; ``"step"`` keeps ``n_max`` for the first half of the classes and ``round(n_max / rho)`` for
-    the rest. ``n_max`` is the size of the largest class; which images stay is a seeded permutation."""
+    the rest (``C // 2`` head classes). ``n_max`` is the size of the largest class, and a class smaller
+    than its planned count keeps all its images; which images stay is a seeded permutation. Refused: a
+    class planned to keep no image, and a class that keeps more images than the one ranked before it
+    where the profile plans fewer (a class too small for its rank would reorder the tail)."""
     targets = torch.as_tensor(targets).flatten()
     if rho < 1:
         raise DataError(f"imbalance ratio rho must be >= 1, got {rho}")
@@ -231,13 +255,28 @@ def long_tailed_indices(targets, rho: float, seed: int = 0, order=None, profile:
     counts = torch.bincount(targets)
     n_max, n_cls = int(counts.max()), len(classes)
     g = torch.Generator().manual_seed(seed)
-    keep = {}
+    keep, planned = {}, {}
     for c in sorted(classes):            # draw in label order, so the order changes counts, not draws
         rank = classes.index(c)
         if profile == "step":
             n = n_max if rank < n_cls // 2 else round(n_max / rho)
         else:
             n = round(n_max * rho ** (-rank / (n_cls - 1))) if n_cls > 1 else n_max
+        planned[c] = n
+        if n < 1:
+            raise DataError(f"rho={rho:g} leaves class {c!r} (rank {rank}) with {n} images out of n_max={n_max}: "
+                            f"a long-tailed split keeps every class; use rho <= {n_max:g}")
         idx = torch.nonzero(targets == c).flatten()
         keep[c] = idx[torch.randperm(len(idx), generator=g)[: min(n, len(idx))]]
+    kept = [len(keep[c]) for c in classes]             # head to tail
+    short = [c for c in classes if len(keep[c]) < 0.9 * planned[c]]
+    if short:
+        warnings.warn(f"class(es) {short[:5]} hold fewer than 90% of the images their rank plans (e.g. class "
+                      f"{short[0]!r}: {len(keep[short[0]])} of {planned[short[0]]}): the split's imbalance ratio is "
+                      f"{max(kept) / min(kept):.3g}, not {rho:g}; put larger classes first (order=)", stacklevel=2)
+    for r in range(1, n_cls):
+        if kept[r] > kept[r - 1] and planned[classes[r]] < planned[classes[r - 1]]:
+            raise DataError(f"class {classes[r - 1]!r} (rank {r - 1}) has only {kept[r - 1]} images, fewer than the "
+                            f"{kept[r]} that class {classes[r]!r} keeps at rank {r}: the split would not be "
+                            "long-tailed in this class order; put larger classes first (order=) or lower rho")
     return torch.cat(list(keep.values())).sort().values

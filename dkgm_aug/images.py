@@ -98,11 +98,40 @@ def to_unit_float(img) -> torch.Tensor:
     return tensor_unit(x)
 
 
+WIDE_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def pil_8bit(im, where: str = ""):
+    """A PIL image in an 8-bit mode: 16-bit and 32-bit integer images (I;16, I) scaled from [0, 65535],
+    float ones (F) from [0, 1] (PIL's own ``convert`` clips them to 255 or cuts them to 0); others as they are."""
+    if getattr(im, "mode", None) not in WIDE_MODES:
+        return im
+    from PIL import Image
+    a, hi = np.asarray(im).astype(np.float64), WIDE_MODES[im.mode]
+    if not np.isfinite(a).all() or a.min() < 0 or a.max() > hi:
+        raise DataError(f"{where or 'image'}: a mode {im.mode} image must hold values in [0, {hi:g}], got "
+                        f"{a.min():g} .. {a.max():g}")
+    return Image.fromarray(np.round(a / hi * 255).astype(np.uint8))
+
+
+def from_8bit(out, mode: str):
+    """The 8-bit PIL image ``out`` in ``mode``, the inverse of :func:`pil_8bit` for the wide modes."""
+    from PIL import Image
+    if mode in WIDE_MODES:
+        a = np.asarray(out.convert("L")).astype(np.float64) / 255 * WIDE_MODES[mode]
+        return Image.fromarray(a.astype(np.float32)) if mode == "F" else \
+            Image.fromarray(np.round(a).astype(np.uint16 if mode.startswith("I;16") else np.int32))
+    return out.convert(mode)
+
+
 def source_unit(image) -> torch.Tensor:
     """A source image as the generator takes it: float CHW in [0, 1]. The model sees gray or
-    RGB; other PIL modes (palette, alpha, 1-bit, 16-bit) go through those."""
+    RGB; other PIL modes go through those: 16-bit, 32-bit and float gray scaled to 8 bits
+    (:func:`pil_8bit`), palette, alpha and 1-bit converted."""
     if not isinstance(image, (torch.Tensor, np.ndarray)) and getattr(image, "mode", "L") not in ("L", "RGB"):
-        image = image.convert("L" if image.mode in ("1", "LA", "La", "I", "I;16", "F") else "RGB")
+        image = pil_8bit(image)
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
     return to_unit_float(image)
 
 

@@ -83,13 +83,40 @@ def stored_labels(ds):
     return None
 
 
+def _target_transform(ds):
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    if isinstance(ds, ConcatDataset):
+        return any(_target_transform(d) for d in ds.datasets)
+    return getattr(ds, "target_transform", None) is not None
+
+
+def _stored_match(ds, stored, label_of) -> bool:
+    """Whether the stored labels are the ones the items give: not under a ``target_transform``, and
+    equal on the first, middle and last item (a ``label_key`` other than the one ``.targets`` holds)."""
+    if _target_transform(ds):
+        return False
+    n = len(stored)
+    if stored.ndim != 1 or n != len(ds) or n == 0:
+        return True              # refused by read_labels' own checks, with the stored labels' shape
+    for i in sorted({0, n // 2, n - 1}):
+        y = label_of(ds[i])
+        y = y.item() if isinstance(y, (torch.Tensor, np.ndarray, np.generic)) and np.size(y) == 1 else y
+        if y != stored[i].item():
+            return False
+    return True
+
+
 def read_labels(ds, labels=None, label_of=lambda item: item[1], progress: bool = True):
     """``(sorted distinct label values, int32 class code per item)``. From ``labels`` when given,
-    else from :func:`stored_labels` so that no image is loaded, else one pass ``label_of(ds[i])``."""
+    else from :func:`stored_labels` so that no image is loaded (when they are the items' own: no
+    ``target_transform``, and equal to three items' labels), else one pass ``label_of(ds[i])``."""
     n = len(ds)
     if n == 0:
         raise DataError("the dataset is empty: BalancedDKGMDataset needs at least one labelled item")
     arr = _as_array(labels) if labels is not None else stored_labels(ds)
+    if arr is not None and labels is None and not _stored_match(ds, arr, label_of):
+        arr = None               # the items' labels are not the stored ones: read them as the items give them
     if arr is None:
         arr = _as_array([label_of(ds[i]) for i in tqdm(range(n), desc="reading labels", disable=not progress)])
     if arr.ndim != 1 or len(arr) != n:

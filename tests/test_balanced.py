@@ -328,12 +328,16 @@ def test_pickle_is_small_with_a_path_generator(gen):
 class Million(torch.utils.data.Dataset):
     def __init__(self, n=1_000_000):
         self.targets = torch.from_numpy(np.random.default_rng(0).zipf(1.5, n) % 10)
+        self.loaded = []
 
     def __len__(self):
         return len(self.targets)
 
+        self.loaded = []
+
     def __getitem__(self, i):
-        raise AssertionError("wrapping must not load items")
+        self.loaded.append(i)
+        return torch.zeros(1, 8, 8), self.targets[i]
 
 
 def test_wrapping_a_million_items_is_compact(gen):
@@ -342,6 +346,7 @@ def test_wrapping_a_million_items_is_compact(gen):
     b = BalancedDKGMDataset(ds, gen, progress=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    assert len(ds.loaded) <= 3            # the stored targets are checked against three items, no more
     kept = sum(t.numel() * t.element_size() for t in (b._codes, b._sources))
     assert kept == 4 * len(b) + 4 * b.n_synthetic   # an int32 class code per item, an int32 source per synthetic one
     assert peak < 64 * 2 ** 20
@@ -379,3 +384,48 @@ def test_errors(gen, tmp_path):
         ds = Images()
         ds.targets = torch.zeros(10, 3)
         BalancedDKGMDataset(ds, gen)
+
+
+def test_labels_come_from_the_items_when_stored_targets_are_not_theirs(gen):
+    """A dataset whose .targets differ from what its items return (a target_transform; another
+    label_key) is balanced by the labels the items give, not by .targets (it balanced the wrong
+    classes and served 3:1)."""
+    class Relabelled(torch.utils.data.Dataset):
+        targets = [0] * 6 + [1, 1, 2, 2, 3, 3]
+        target_transform = staticmethod(lambda y: int(y >= 1))
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.full((1, 8, 8), i / 12), self.target_transform(self.targets[i])
+    ds = BalancedDKGMDataset(Relabelled(), gen, cache=None, progress=False)
+    assert ds.class_counts_before == {0: 6, 1: 6} and ds.n_synthetic == 0
+
+    class Coarse(torch.utils.data.Dataset):
+        targets = [0, 1, 2, 3, 4, 5]                    # the fine labels; items hold a coarse one too
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"image": torch.full((1, 8, 8), i / 6), "label": self.targets[i], "coarse": int(i > 0)}
+    ds = BalancedDKGMDataset(Coarse(), gen, label_key="coarse", cache=None, progress=False)
+    assert ds.class_counts_before == {0: 1, 1: 5}
+
+
+def test_synthetic_items_keep_a_wide_or_palette_sources_mode_and_levels():
+    """A 16-bit source's synthetic item is 16-bit at the source's scale (it was the 8-bit values in
+    a 16-bit image, ~250x darker); a palette source's keeps its palette (it was dithered to the
+    216-colour web palette)."""
+    from PIL import Image
+    from dkgm_aug.balanced import _like
+    q = torch.arange(64, dtype=torch.uint8).view(1, 8, 8) * 4
+    wide = Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000))
+    out = _like(q, wide)
+    assert out.mode == wide.mode and np.array_equal(np.asarray(out).astype(np.int64),
+                                                     np.round(q[0].numpy() / 255 * 65535).astype(np.int64))
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).convert("P")
+    palette = gray.quantize(colors=64)
+    back = np.asarray(_like(q, palette).convert("L")).astype(int)
+    assert np.abs(back - q[0].numpy()).max() <= 8

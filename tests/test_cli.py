@@ -160,3 +160,18 @@ def test_split_is_refused_for_npz_and_folders(tmp_path, capsys):
     with pytest.raises(DataError, match="split"):
         load_dataset(path, split="train")
     assert len(load_dataset(path)) == 4
+
+
+def test_dkgm_flags_with_another_kind_and_bad_sample_counts_are_refused(tmp_path, capsys):
+    """--kind evae/vae has no DKGM knobs: --preset, --kernel, --m, --steps, the blur range and the
+    stage-2 flags were silently ignored (yet recorded in the checkpoint's command); sample --n -1
+    sliced the images and wrote all but one."""
+    base = ["train", "--kind", "evae", "--data", "digits", "--limit", "32", "--batch-size", "16", "--stage1-steps", "1",
+            "--quiet", "--work-dir", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]
+    for flag in (["--kernel", "epanechnikov"], ["--preset=small"], ["--m", "2"], ["--stage2-steps", "5"]):
+        assert main(base + flag) == 2
+        assert "--kind evae has none" in capsys.readouterr().err
+    assert main(base) == 0
+    for n in ("-1", "0"):
+        assert main(["sample", str(tmp_path / "e.safetensors"), "--n", n, "--out", str(tmp_path / "s.png")]) == 2
+        assert "--n" in capsys.readouterr().err

@@ -131,3 +131,52 @@ def test_long_tailed_class_order_and_step_profile():
     for bad in (dict(order="sideways"), dict(order=[0, 1]), dict(profile="linear")):
         with pytest.raises(DataError):
             long_tailed_indices(targets, rho=10, **bad)
+
+
+def test_wide_pil_modes_hidden_folders_and_empty_classes(tmp_path):
+    """16-bit PNGs are scaled to 8 bits (PIL's convert clipped them to 255: all white); a hidden
+    folder (.ipynb_checkpoints) is not a class (it became class 0 and shifted every label); an empty
+    class folder is refused."""
+    from PIL import Image
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    for name in ("cat", "dog"):
+        (tmp_path / "root" / name).mkdir(parents=True)
+        Image.fromarray(ramp).save(tmp_path / "root" / name / "a.png")
+    (tmp_path / "root" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "root" / ".ipynb_checkpoints" / "a.png")
+    ds = image_folder(tmp_path / "root")
+    assert ds.classes == ["cat", "dog"] and ds.targets.tolist() == [0, 1]
+    assert torch.equal(ds.images[0, 0].long(), torch.from_numpy(np.round(ramp / 65535 * 255)).long())
+    (tmp_path / "root" / "empty").mkdir()
+    with pytest.raises(DataError, match="hold no images"):
+        image_folder(tmp_path / "root")
+
+
+def test_npz_refuses_channels_first_and_fractional_labels(tmp_path):
+    """An N,C,H,W array was read as N,H,W,C (8 channels of 1x8 images); labels 0.9999999 were cut to 0."""
+    np.savez(tmp_path / "chw.npz", images=np.zeros((4, 1, 8, 8), np.uint8), labels=np.arange(4))
+    with pytest.raises(DataError, match="look like N,C,H,W"):
+        npz(tmp_path / "chw.npz")
+    np.savez(tmp_path / "lab.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0.0, 0.9999999, 2.0]))
+    with pytest.raises(DataError, match="whole numbers"):
+        npz(tmp_path / "lab.npz")
+    np.savez(tmp_path / "ok.npz", images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0.0, 1.0, 2.0]))
+    assert npz(tmp_path / "ok.npz").targets.tolist() == [0, 1, 2]
+
+
+def test_subset_takes_a_boolean_mask_as_a_mask():
+    ds = ImageDataset(torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous(),
+                      torch.tensor([0, 1, 0, 1, 0, 1]))
+    mask = ds.targets == 1
+    assert ds.subset(mask).images[:, 0, 0, 0].tolist() == [1, 3, 5]       # it took items 0 and 1, six times
+    with pytest.raises(DataError, match="one value per item"):
+        ds.subset(mask[:3])
+
+
+def test_long_tailed_split_refuses_empty_classes_and_warns_when_rho_is_not_met():
+    t = torch.arange(10).repeat_interleave(20)
+    with pytest.raises(DataError, match="keeps every class"):
+        long_tailed_indices(t, 100)                       # 20 / 100 rounds to 0 images
+    small_head = torch.tensor([0] * 100 + [1] * 40 + [2] * 100)
+    with pytest.warns(UserWarning, match="imbalance ratio is 4"):
+        long_tailed_indices(small_head, 10, order=[1, 0, 2])
