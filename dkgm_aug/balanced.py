@@ -41,7 +41,12 @@ logger = logging.getLogger("dkgm_aug")
 def _like(q: torch.Tensor, like):
     """The uint8 CHW image ``q`` in the type, dtype and layout of ``like`` (the source image)."""
     if isinstance(like, torch.Tensor):
-        return q.clone() if like.dtype == torch.uint8 else q.to(like.dtype) / 255
+        out = q.clone() if like.dtype == torch.uint8 else q.to(like.dtype) / 255
+        if type(like) is not torch.Tensor:      # a tv_tensors.Image source gets a tv_tensors.Image back
+            from torchvision import tv_tensors
+            if isinstance(like, tv_tensors.TVTensor):
+                return tv_tensors.wrap(out, like=like)
+        return out
     hwc = q.permute(1, 2, 0).numpy()
     if isinstance(like, np.ndarray):
         arr = hwc[..., 0] if like.ndim == 2 else hwc
@@ -50,6 +55,10 @@ def _like(q: torch.Tensor, like):
     out = Image.fromarray(np.ascontiguousarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc))
     if out.mode == like.mode:
         return out
+    if like.mode in ("RGBA", "LA", "La", "RGBa", "PA"):   # the model saw the colours: the source keeps its alpha
+        out = out.convert(like.mode.replace("a", "A").replace("PA", "RGBA"))
+        out.putalpha(like.getchannel("A"))
+        return out if out.mode == like.mode else out.convert(like.mode)
     if like.mode == "P":        # the source's own palette: convert("P") would dither to the 216-colour web palette
         return out.convert("RGB").quantize(palette=like, dither=Image.Dither.NONE)
     return from_8bit(out, like.mode)

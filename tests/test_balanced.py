@@ -429,3 +429,20 @@ def test_synthetic_items_keep_a_wide_or_palette_sources_mode_and_levels():
     palette = gray.quantize(colors=64)
     back = np.asarray(_like(q, palette).convert("L")).astype(int)
     assert np.abs(back - q[0].numpy()).max() <= 8
+
+
+def test_synthetic_items_keep_a_tv_tensor_type_and_an_alpha_channel():
+    """A tv_tensors.Image source gives a tv_tensors.Image (it gave a plain tensor, which v2
+    transforms then treat differently); an RGBA or LA source keeps its own alpha (it came back opaque)."""
+    from torchvision import tv_tensors
+    from dkgm_aug.balanced import _like
+    q = torch.arange(48, dtype=torch.uint8).view(3, 4, 4) * 5
+    assert isinstance(_like(q, tv_tensors.Image(torch.zeros(3, 4, 4, dtype=torch.uint8))), tv_tensors.Image)
+    alpha = np.arange(16, dtype=np.uint8).reshape(4, 4) * 16
+    rgba = Image.fromarray(np.dstack([np.zeros((4, 4, 3), np.uint8), alpha]), mode="RGBA")
+    out = _like(q, rgba)
+    assert out.mode == "RGBA" and np.array_equal(np.asarray(out)[..., 3], alpha)
+    assert np.array_equal(np.asarray(out)[..., :3], q.permute(1, 2, 0).numpy())
+    la = Image.fromarray(np.dstack([np.zeros((4, 4), np.uint8), alpha]), mode="LA")
+    out = _like(q[:1], la)
+    assert out.mode == "LA" and np.array_equal(np.asarray(out)[..., 1], alpha)
