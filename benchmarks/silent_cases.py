@@ -1,5 +1,5 @@
-"""Replay issue 12's silent-wrong-result cases: each must raise a clear library error or give
-the right result, and none may run for more than 10 s.
+"""Replay issue 12's silent-wrong-result cases, and those a second review found (``r2.``): each
+must raise a clear library error or give the right result, and none may run for more than 10 s.
 
     python benchmarks/silent_cases.py                       # prints a table, exit 1 if a case fails
     python benchmarks/silent_cases.py --out benchmarks/results/silent_cases.md
@@ -209,6 +209,74 @@ def case_huge_config(tmp: Path, gen: Path) -> str:
     return raises(lambda: dkgm_aug.load(path), "max_bytes")
 
 
+# -- the second round (2026-11-28, found by review): each gave a wrong result with no error --------
+def case_target_transform(tmp: Path, gen: Path) -> str:
+    class Relabelled(torch.utils.data.Dataset):       # .targets are fine classes, items give coarse ones
+        targets = [0] * 6 + [1, 1, 2, 2, 3, 3]
+        target_transform = staticmethod(lambda y: int(y >= 1))
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return torch.full((1, 8, 8), i / 12), self.target_transform(self.targets[i])
+    ds = BalancedDKGMDataset(Relabelled(), gen, progress=False)
+    served = sorted(int(ds[i][1]) for i in range(len(ds)))
+    assert ds.class_counts_before == {0: 6, 1: 6} and served.count(0) == served.count(1), ds.class_counts_before
+    return f"balanced by the items' labels: class_counts_before {ds.class_counts_before}, nothing added"
+
+
+def case_relabelled_bank(tmp: Path, gen: Path) -> str:
+    from dkgm_aug import LabelFilter, NeighbourBank
+    class Bright(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot((x.flatten(1).mean(1) > 0.5).long(), 2).float()
+    images = small_set().images
+    a = [(im, int(i >= 8)) for i, im in enumerate(images)]
+    b = [(im, int(i < 8)) for i, im in enumerate(images)]                # the same images, relabelled
+    NeighbourBank(a, gen, k=2, path=tmp / "bank.safetensors", label_filter=LabelFilter(Bright())).build(progress=False)
+    return raises(lambda: NeighbourBank(b, gen, k=2, path=tmp / "bank.safetensors", label_filter=LabelFilter(Bright())),
+                  "labels_sha256")
+
+
+def case_dict_index(tmp: Path, gen: Path) -> str:
+    torch.manual_seed(0)
+    cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    cond = DKGM(UNetConfig(**cfg, num_classes=3), UNetConfig(**cfg, time_input=True), image_size=8)
+    return raises(lambda: DKGMAugment(cond, seed=0)({"image": tv_tensors.Image(torch.rand(1, 8, 8)), "index": 2}),
+                  "label")
+
+
+def case_png16(tmp: Path, gen: Path) -> str:
+    from PIL import Image
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    (tmp / "root" / "a").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp / "root" / "a" / "x.png")
+    got = dkgm_aug.data.image_folder(tmp / "root").images[0, 0]
+    assert torch.equal(got, torch.from_numpy(np.round(ramp / 65535 * 255).astype(np.uint8))), got
+    return f"16-bit PNG scaled to 8 bits: values {int(got.min())} .. {int(got.max())} (PIL's convert gave 0, 255 x 63)"
+
+
+def case_npz_chw(tmp: Path, gen: Path) -> str:
+    np.savez(tmp / "chw.npz", images=np.zeros((4, 1, 8, 8), np.uint8), labels=np.arange(4))
+    return raises(lambda: dkgm_aug.data.npz(tmp / "chw.npz"), "N,C,H,W")
+
+
+def case_filter_classes(tmp: Path, gen: Path) -> str:
+    from dkgm_aug import LabelFilter
+    items = [(im, int(y) + 5) for im, y in zip(small_set().images, small_set().targets)]   # labels 5, 6
+    three = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    return raises(lambda: BalancedDKGMDataset(items, gen, label_filter=LabelFilter(three), progress=False)
+                  .precompute(progress=False), "not outputs of the classifier")
+
+
+def case_loader_epochs(tmp: Path, gen: Path) -> str:
+    loader = torch.utils.data.DataLoader(small_set().images, batch_size=4)
+    steps = dkgm_aug.Trainer(dkgm_aug.load(gen), loader, out_dir=None, epochs=1, progress=False).max_steps
+    assert steps == len(loader), f"epochs=1 gave {steps} steps for a loader of {len(loader)} batches"
+    return f"epochs=1 of a DataLoader of {len(loader)} batches is {steps} steps"
+
+
 CASES = [
     ("1. cache file made from another dataset's pixels", case_cache_pixels),
     ("2. train A then B with the default work folder", case_default_work_dir),
@@ -222,6 +290,13 @@ CASES = [
     ("hang: 2048x2048 image into an 8x8 generator", case_huge_image),
     ("hang: steps=10**6", case_steps),
     ("memory: sparse checkpoint whose config asks for 384 base channels (GiBs)", case_huge_config),
+    ("r2. stored .targets that are not the items' labels (target_transform)", case_target_transform),
+    ("r2. a filtered bank reopened for the same images relabelled", case_relabelled_bank),
+    ("r2. dict sample with an index field and no label, conditional generator", case_dict_index),
+    ("r2. 16-bit PNG in an image folder", case_png16),
+    ("r2. .npz images stored N,C,H,W", case_npz_chw),
+    ("r2. label filter whose classifier has fewer classes than the labels", case_filter_classes),
+    ("r2. Trainer(epochs=1) with a DataLoader of its own batch size", case_loader_epochs),
 ]
 
 

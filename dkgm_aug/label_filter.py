@@ -97,7 +97,8 @@ class LabelFilter:
         """The classifier's class index for each image; ``want`` (the sources' class indices) must lie
         among its outputs, else no neighbour could ever be accepted."""
         with evaluating(self.classifier) as net:
-            logits = net(x01.to(next(net.parameters()).device))
+            weight = next(net.parameters(), None)     # a classifier without weights runs where the images are
+            logits = net(x01 if weight is None else x01.to(weight.device))
         if want is not None and len(want) and (int(want.min()) < 0 or int(want.max()) >= logits.shape[1]):
             raise DataError(f"class indices {sorted(set(want.tolist()) - set(range(logits.shape[1])))[:5]} are not "
                             f"outputs of the classifier ({logits.shape[1]} classes): give the labels as its class "

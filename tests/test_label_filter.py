@@ -198,3 +198,12 @@ def test_labels_outside_the_classifiers_outputs_are_refused():
         with pytest.raises(DataError, match="not outputs of the classifier"):
             filtered_generate(Inverter(), x, [1, 2, 3, 4], labels=labels, label_filter=LabelFilter(Bright()))
     filtered_generate(Inverter(), x, [1, 2, 3, 4], labels=[1, 0, 1, 0], label_filter=LabelFilter(Bright()))
+
+
+def test_a_classifier_without_parameters_is_taken():
+    """A rule with no weights (nn.Module with a forward only) filters too (it raised StopIteration)."""
+    class Rule(nn.Module):
+        def forward(self, x01):
+            return nn.functional.one_hot((x01.flatten(1).mean(1) > 0.5).long(), 2).float()
+    out = filtered_generate(Inverter(), images(4), [1, 2, 3, 4], labels=[1, 0, 1, 0], label_filter=LabelFilter(Rule()))
+    assert out.shape == (4, 1, 4, 4)
