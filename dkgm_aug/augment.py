@@ -39,7 +39,10 @@ class Generator(NeighbourSource, Protocol):
     that does can be registered for checkpoints with :func:`dkgm_aug.checkpoint.register_kind`.
 
     Images are ``[B, C, H, W]`` floats in ``[-1, 1]``, in and out; ``labels`` (one class label
-    per image) is for generators that condition on the class and ignored by the others;
+    per image) is for generators that condition on the class and ignored by the others. Such a
+    generator says so: ``conditional`` (with ``num_classes``: labels are class indices, required)
+    or ``per_class`` (labels are class values, optional); the transforms and banks read these to
+    pass labels, refuse a sample without one, and fingerprint the labels a bank was made with;
     ``alpha`` and ``steps`` default to the model's own knobs. ``neighbours`` returns
     ``[B, k, C, H, W]``, its noise from ``generator``. ``config()`` is JSON-ready, and
     ``from_config(config())`` builds the same model, empty of weights; ``save`` writes a
