@@ -22,7 +22,9 @@
 # CHUNK (200: a generator's steps between time checks), PLAIN_METHODS, DKGM_METHODS (the rows to run),
 # BANK (unset: online generation; K: the augmented rows draw from one shared bank of K neighbours),
 # CONDITIONAL (unset; 1: the long-tailed generator is class-conditional in both stages),
-# DKGM_ALPHA (unset: the generator's calibrated alpha; a value: imbalanced.py --dkgm-alpha).
+# DKGM_ALPHA (unset: the generator's calibrated alpha; a value: imbalanced.py --dkgm-alpha),
+# RHO (100), PROFILE (exp; or step), CLASS_ORDER (natural; reversed, perm:SEED): the split, for
+# which the long-tailed generator is trained on that split's fit part.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3)}
@@ -38,6 +40,9 @@ CHUNK=${CHUNK:-200}
 PLAIN_METHODS=${PLAIN_METHODS:-"ros balanced_softmax drs ldam_drw ce | cb_loss drw randaug mixup smote mixup_drw"}
 DKGM_METHODS=${DKGM_METHODS:-"dkgm_deferred dkgm_balanced ros_dkgm"}
 OUT=${OUT:-runs/gpu_session}
+RHO=${RHO:-100}
+PROFILE=${PROFILE:-exp}
+CLASS_ORDER=${CLASS_ORDER:-natural}
 WORK=${WORK:-/tmp/gpu_session}
 START=$(date +%s)
 seconds() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 }'; }
@@ -58,9 +63,10 @@ if [ -n "${QUICK:-}" ]; then
     FM_DATA=digits
 else
     DATA=fashion-mnist; GQ=(); LT1=${LT1:-1.5}; LT2=${LT2:-1.0}; FM1=${FM1:-3.0}; FM2=${FM2:-1.5}
-    ROWS=(--data fashion-mnist --rho 100 --epochs "$EPOCHS" --batch 128 --channels 32 64 128 256
+    SHAPE=(--rho "$RHO" --profile "$PROFILE" --class-order "$CLASS_ORDER")
+    ROWS=(--data fashion-mnist "${SHAPE[@]}" --epochs "$EPOCHS" --batch 128 --channels 32 64 128 256
           --val-fraction 0.1 --device "$DEVICE" --threads 1 --out "$WORK/lt")
-    SPLIT=(--data fashion-mnist --rho 100 --epochs "$EPOCHS" --val-fraction 0.1)
+    SPLIT=(--data fashion-mnist "${SHAPE[@]}" --epochs "$EPOCHS" --val-fraction 0.1)
     FM_DATA=fashion-mnist
 fi
 log "device $DEVICE; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
@@ -89,7 +95,7 @@ else
 $PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
 
 # 2. generators, in the background
-[[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt100-fit-$PRESET" ${CONDITIONAL:+--conditional} \
+[[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt${RHO}-${PROFILE}-${CLASS_ORDER//:/}-fit-$PRESET" ${CONDITIONAL:+--conditional} \
     --stage1-minutes "$LT1" --stage2-minutes "$LT2" &
 LT_PID=$!
 other_gens
