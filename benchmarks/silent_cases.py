@@ -211,19 +211,18 @@ def case_huge_config(tmp: Path, gen: Path) -> str:
 
 # -- the second round (2026-11-28, found by review): each gave a wrong result with no error --------
 def case_target_transform(tmp: Path, gen: Path) -> str:
-    class Relabelled(torch.utils.data.Dataset):       # .targets are fine classes, items give coarse ones
-        targets = [0] * 6 + [1, 1, 2, 2, 3, 3]
-        target_transform = staticmethod(lambda y: int(y >= 1))
+    class Coarse(torch.utils.data.Dataset):     # .targets: ten fine classes; items carry a coarse label too
+        targets = list(range(10))
 
         def __len__(self):
-            return 12
+            return 10
 
         def __getitem__(self, i):
-            return torch.full((1, 8, 8), i / 12), self.target_transform(self.targets[i])
-    ds = BalancedDKGMDataset(Relabelled(), gen, progress=False)
-    served = sorted(int(ds[i][1]) for i in range(len(ds)))
-    assert ds.class_counts_before == {0: 6, 1: 6} and served.count(0) == served.count(1), ds.class_counts_before
-    return f"balanced by the items' labels: class_counts_before {ds.class_counts_before}, nothing added"
+            return {"image": torch.full((1, 8, 8), i / 10), "label": i, "coarse": int(i >= 2)}
+    ds = BalancedDKGMDataset(Coarse(), gen, label_key="coarse", progress=False)
+    served = [int(ds[i]["coarse"]) for i in range(len(ds))]
+    assert ds.class_counts_before == {0: 2, 1: 8} and served.count(0) == served.count(1) == 8, ds.class_counts_before
+    return f"balanced by the items' coarse labels: {ds.class_counts_before} -> {ds.class_counts}"
 
 
 def case_relabelled_bank(tmp: Path, gen: Path) -> str:
@@ -290,7 +289,7 @@ CASES = [
     ("hang: 2048x2048 image into an 8x8 generator", case_huge_image),
     ("hang: steps=10**6", case_steps),
     ("memory: sparse checkpoint whose config asks for 384 base channels (GiBs)", case_huge_config),
-    ("r2. stored .targets that are not the items' labels (target_transform)", case_target_transform),
+    ("r2. stored .targets that are not the labels under label_key", case_target_transform),
     ("r2. a filtered bank reopened for the same images relabelled", case_relabelled_bank),
     ("r2. dict sample with an index field and no label, conditional generator", case_dict_index),
     ("r2. 16-bit PNG in an image folder", case_png16),
