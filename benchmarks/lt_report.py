@@ -15,8 +15,9 @@ from lt_records import NUMBERS, config_of, hardware, parse_knobs, with_recorded_
 # -- choosing and summarising ----------------------------------------------------------------------
 def select_knobs(rows: list) -> tuple:
     """``(rows of each method's chosen variant, {method: (knobs, mean val bacc, variants tried)})``:
-    the variant with the best mean validation balanced accuracy. Without a validation split nothing
-    may choose, so a method may then have only one variant."""
+    the variant with the best mean validation balanced accuracy over the seeds all variants ran
+    (all seeds when they share none). Without a validation split nothing may choose, so a method
+    may then have only one variant."""
     chosen, keep = {}, []
     for m in dict.fromkeys(r["method"] for r in rows):
         variants = {}
@@ -27,10 +28,14 @@ def select_knobs(rows: list) -> tuple:
             raise SystemExit(f"{m} was run with {len(variants)} knob variants ({', '.join(sorted(variants))}) and "
                              "not all of them with a validation split (--epochs), so none can be chosen: give each "
                              "variant its own --out, or run them all with --epochs")
-        score = {k: np.mean([r["val_bacc"] for r in rs]) if all(r["val_bacc"] is not None for r in rs) else -1.0
-                 for k, rs in variants.items()}
+        # compared on the seeds every variant ran, where they share any: a variant's extra seeds are
+        # other draws of the split's noise, not evidence for its knobs
+        shared = set.intersection(*({r["seed"] for r in rs} for rs in variants.values()))
+        score = {k: np.mean([r["val_bacc"] for r in rs if not shared or r["seed"] in shared])
+                 if all(r["val_bacc"] is not None for r in rs) else -1.0 for k, rs in variants.items()}
         best = max(variants, key=lambda k: (score[k], len(variants[k])))
-        chosen[m] = (best, score[best], len(variants))
+        own = [r["val_bacc"] for r in variants[best]]          # shown: the chosen variant's mean over its seeds
+        chosen[m] = (best, float(np.mean(own)) if score[best] >= 0 else -1.0, len(variants))
         keep += variants[best]
     return keep, chosen
 

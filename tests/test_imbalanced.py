@@ -392,3 +392,15 @@ def test_report_names_what_the_rows_used_and_refuses_to_choose_without_validatio
     with pytest.raises(SystemExit, match="no validation|not all of them with a validation"):
         lt_report.select_knobs([row("la", "la_tau=5", None), row("la", "la_tau=1", None)])
     assert lt_report.select_knobs([row("la", "la_tau=5", None)])[1]["la"][0] == "la_tau=5"
+
+
+def test_knob_variants_are_compared_on_the_seeds_they_share():
+    """A variant with an extra, lucky seed does not win on it: variants are compared over the seeds
+    all of them ran (the table still shows the chosen one's mean over its own seeds)."""
+    lt_report = load_benchmark("lt_report")
+    row = lambda knobs, seed, val: {"method": "drw", "knobs": knobs, "seed": seed, "val_bacc": val}
+    rows = [row("a", 0, 0.80), row("a", 1, 0.80), row("b", 0, 0.79), row("b", 1, 0.79), row("b", 2, 0.95)]
+    _, chosen = lt_report.select_knobs(rows)
+    assert chosen["drw"][0] == "a" and chosen["drw"][1] == pytest.approx(0.80)
+    _, chosen = lt_report.select_knobs(rows + [row("a", 2, 0.70)])         # now they share seeds 0-2
+    assert chosen["drw"][0] == "b" and chosen["drw"][1] == pytest.approx((0.79 + 0.79 + 0.95) / 3)
