@@ -24,7 +24,7 @@ class Items(torch.utils.data.Dataset):
 
 
 # Each area adds its rows in tests/bad_inputs_<area>.py (a ``rows(ckpt, model, tmp)`` there).
-AREAS = ("transforms", "balanced", "trainer", "checkpoint", "bank", "conditional")
+AREAS = ("transforms", "balanced", "trainer", "checkpoint", "bank", "conditional", "data")
 
 
 def rows(ckpt, model, tmp):
