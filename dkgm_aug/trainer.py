@@ -171,7 +171,8 @@ class Trainer:
 
     def _save_state(self, run: _Run) -> None:
         """Collective: gathers every rank's RNG states (each draws its own noise); rank 0 writes the file."""
-        rngs = gather((run.gen.get_state(), torch.get_rng_state()), self.world_size)
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None   # GPU dropout
+        rngs = gather((run.gen.get_state(), torch.get_rng_state(), cuda), self.world_size)
         if not self.writes:
             return
         meta = dict(stage=run.stage, step=run.step, max_steps=self.max_steps, world_size=self.world_size,

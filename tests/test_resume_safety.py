@@ -171,3 +171,26 @@ def test_default_out_dir_refuses_other_data(tmp_path, monkeypatch):
     Trainer(micro_model(image_size=8), shapes_batch(12, size=8), batch_size=4, max_steps=2, progress=False).fit(1)
     with pytest.raises(DKGMError, match="--data"):
         Trainer(micro_model(image_size=8), shapes_batch(8, size=8), batch_size=4, max_steps=2, progress=False).fit(1)
+
+
+def test_a_cuda_runs_state_keeps_and_restores_the_device_rng(tmp_path, monkeypatch):
+    """On CUDA, dropout draws from the device's generator: the state keeps each rank's
+    (``rng.cuda.<rank>``) and a resume sets it back (only the CPU one was kept, so GPU dropout
+    masks restarted from the seed). A CPU run's state has no such tensor."""
+    from dkgm_aug.train.ema import EMA
+    from dkgm_aug.train.state import read_state, restore, write_state
+    net = torch.nn.Linear(2, 2)
+    ema, opt, gen = EMA(net, 0.9), torch.optim.Adam(net.parameters()), torch.Generator()
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    meta = dict(step=1, model_config={})
+    write_state(tmp_path / "gpu.safetensors", "model.", net, ema, opt,
+                [(gen.get_state(), torch.get_rng_state(), cuda_state)], meta)
+    write_state(tmp_path / "cpu.safetensors", "model.", net, ema, opt,
+                [(gen.get_state(), torch.get_rng_state(), None)], meta)
+    assert "rng.cuda.0" not in read_state(tmp_path / "cpu.safetensors")[1]
+    saved_meta, tensors = read_state(tmp_path / "gpu.safetensors")
+    assert torch.equal(tensors["rng.cuda.0"], cuda_state)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    restore(tensors, saved_meta, "model.", net, ema, opt, gen, 0, torch.device("cuda", 0))
+    assert len(calls) == 1 and torch.equal(calls[0][0], cuda_state) and calls[0][1] == torch.device("cuda", 0)

@@ -4,8 +4,9 @@ must share; and the CSV log that a resume trims to the saved step.
 
 Tensor names: ``model.<the network's place in the model>.*`` (``model.stage1.*`` for DKGM's
 stage 1, ``model.*`` when a stage trains the whole model), ``ema.*``, ``opt.<param>.<key>``,
-``rng.noise.<rank>`` and ``rng.torch.<rank>``; the metadata ``state`` is JSON (the format
-``trainer-state`` of :data:`dkgm_aug.checkpoint.FORMATS`). Files from older versions, which hold
+``rng.noise.<rank>``, ``rng.torch.<rank>`` and (on CUDA) ``rng.cuda.<rank>``; the metadata
+``state`` is JSON (the format ``trainer-state`` of :data:`dkgm_aug.checkpoint.FORMATS`). Files
+from older versions, which hold
 both DKGM stages and single-process RNG states (``rng.noise``, ``rng.torch``) and record no
 settings, still resume.
 """
@@ -37,15 +38,18 @@ def weights_prefix(model: torch.nn.Module, net: torch.nn.Module) -> str:
 
 
 def write_state(path: Path, prefix: str, net, ema, opt, rngs: list, meta: dict) -> None:
-    """Write the state atomically; ``rngs`` holds each rank's ``(noise, torch)`` RNG states."""
+    """Write the state atomically; ``rngs`` holds each rank's ``(noise, torch, cuda)`` RNG states
+    (``cuda`` None off CUDA: dropout on a GPU draws from the device's generator)."""
     tensors = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
         for key, val in st.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val)
-    for r, (noise_state, torch_state) in enumerate(rngs):
+    for r, (noise_state, torch_state, *cuda_state) in enumerate(rngs):
         tensors[f"rng.noise.{r}"], tensors[f"rng.torch.{r}"] = noise_state, torch_state
+        if cuda_state and cuda_state[0] is not None:
+            tensors[f"rng.cuda.{r}"] = cuda_state[0]
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = dict(meta, param_groups=opt_state["param_groups"])
     write_tensors(path, tensors, {KEY: json.dumps(meta)}, "trainer-state")
@@ -107,7 +111,10 @@ def restore(tensors: dict, meta: dict, prefix: str, net, ema, opt, gen, rank: in
             _, idx, key = k.split(".", 2)
             state.setdefault(int(idx), {})[key] = v.to(device) if key != "step" else v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    for name, set_state in (("noise", gen.set_state), ("torch", torch.set_rng_state)):
+    setters = [("noise", gen.set_state), ("torch", torch.set_rng_state)]
+    if torch.device(device).type == "cuda":
+        setters.append(("cuda", lambda state: torch.cuda.set_rng_state(state, device)))
+    for name, set_state in setters:
         # "rng.noise"/"rng.torch": single-process files from before; a rank the file lacks
         # (more processes than the run that wrote it) keeps its fresh seed
         saved = tensors.get(f"rng.{name}.{rank}", tensors.get(f"rng.{name}") if rank == 0 else None)
