@@ -39,7 +39,7 @@ from .errors import CheckpointError, DataError, DKGMError
 from .images import source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
-from .sampling import plain_label
+from .sampling import plain_label, stored_labels, stored_match
 
 __all__ = ["NeighbourBank", "neighbour_seed"]
 logger = logging.getLogger("dkgm_aug")
@@ -175,12 +175,17 @@ class NeighbourBank:
 
     def row_labels(self) -> list:
         """Each row's source label, as its neighbours are made with it: from ``labels=`` when given,
-        else read from the items (one pass, once); None for items without a label."""
+        else the dataset's stored labels when they are the items' own (as ``BalancedDKGMDataset``
+        reads them), else read from the items (one pass, once); None for items without a label."""
         if self._row_labels is None:
+            label_of = lambda item: _field(item, self.label_key, 1)   # noqa: E731
+            stored = None if self._given_labels is not None else stored_labels(self.ds)
             if self._given_labels is not None:
                 got = [self._given_labels[i] for i in self.indices.tolist()]
+            elif stored is not None and stored_match(self.ds, stored, label_of):   # no image loaded
+                got = [stored[i] for i in self.indices.tolist()]
             else:
-                got = [_field(self.ds[i], self.label_key, 1) for i in tqdm(
+                got = [label_of(self.ds[i]) for i in tqdm(
                     self.indices.tolist(), desc="bank: reading labels", disable=len(self) < 10_000)]
             self._row_labels = [None if y is None else plain_label(y) for y in got]
         return self._row_labels

@@ -91,7 +91,7 @@ def _target_transform(ds):
     return getattr(ds, "target_transform", None) is not None
 
 
-def _stored_match(ds, stored, label_of) -> bool:
+def stored_match(ds, stored, label_of) -> bool:
     """Whether the stored labels are the ones the items give: not under a ``target_transform``, and
     equal on the first, middle and last item (a ``label_key`` other than the one ``.targets`` holds)."""
     if _target_transform(ds):
@@ -115,7 +115,7 @@ def read_labels(ds, labels=None, label_of=lambda item: item[1], progress: bool =
     if n == 0:
         raise DataError("the dataset is empty: BalancedDKGMDataset needs at least one labelled item")
     arr = _as_array(labels) if labels is not None else stored_labels(ds)
-    if arr is not None and labels is None and not _stored_match(ds, arr, label_of):
+    if arr is not None and labels is None and not stored_match(ds, arr, label_of):
         arr = None               # the items' labels are not the stored ones: read them as the items give them
     if arr is None:
         arr = _as_array([label_of(ds[i]) for i in tqdm(range(n), desc="reading labels", disable=not progress)])

@@ -283,3 +283,27 @@ def test_balanced_bank_generates_with_the_labels_given_to_the_dataset():
     own = NeighbourBank(items, model, k=1).build(progress=False)        # made with the items' labels
     with pytest.raises(DKGMError, match="other labels"):
         BalancedDKGMDataset(items, model, labels=given, bank=own, cache=None, progress=False)
+
+
+def test_reopening_a_label_dependent_bank_reads_stored_labels_not_every_image(tmp_path):
+    """The label fingerprint of a conditional bank comes from the dataset's stored labels when they
+    are the items' own: reopening it loads three items, not the whole dataset."""
+    model = _conditional_generator()
+
+    class Counted(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(2)
+            self.images = (torch.rand(12, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+            self.targets = [0] * 6 + [1] * 3 + [2] * 3
+            self.reads = 0
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            self.reads += 1
+            return self.images[i], self.targets[i]
+    ds = Counted()
+    NeighbourBank(ds, model, k=1, path=tmp_path / "bank.safetensors").build(progress=False)
+    ds.reads = 0
+    assert NeighbourBank(ds, model, k=1, path=tmp_path / "bank.safetensors").built and ds.reads <= 3
