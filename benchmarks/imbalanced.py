@@ -82,7 +82,7 @@ from common import SHIPPED, tail_classes
 # classifiers see (lt_data), one run (lt_run), the rows of runs.csv (lt_records), the report (lt_report)
 from lt_data import export_split, splits
 from lt_losses import LOSSES, METHODS
-from lt_records import append_row, config_of, knobs_of, read_rows
+from lt_records import append_row, check_generators, config_of, knobs_of, read_rows
 from lt_report import write_outputs
 from lt_run import run
 
@@ -164,8 +164,10 @@ def main(argv=None) -> int:
     lt, _, _ = splits(args)
     args.tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
 
-    done = ({(r["method"], r["knobs"], r["seed"]) for r in read_rows(out / "runs.csv", config_of(args))}
-            if args.resume else set())
+    previous = read_rows(out / "runs.csv", config_of(args)) if args.resume else []
+    if not args.report_only:
+        check_generators(previous, args, args.methods)
+    done = {(r["method"], r["knobs"], r["seed"]) for r in previous}
     jobs = [(m, s) for s in args.seeds for m in args.methods if (m, knobs_of(m, args), s) not in done
             and not args.report_only]
     for m, s in (bar := tqdm(jobs, desc="runs")):

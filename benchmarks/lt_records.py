@@ -58,6 +58,28 @@ def parse_knobs(knobs: str) -> dict:
     return dict(p.split("=", 1) for p in parts)
 
 
+def generator_sha(method: str, args) -> str:
+    """The first 16 hex digits of the sha256 of the DKGM checkpoint file a DKGM row uses ('' for
+    other rows): the knob names a path, and a file retrained in place must not pass for the old one."""
+    if "generator" not in KNOBS.get(method, ()):
+        return ""
+    from dkgm_aug.cache import generator_digest
+    return generator_digest(str(knob_value("generator", args)))[1][:16]
+
+
+def check_generators(done: list, args, methods) -> None:
+    """Refuse to resume (or report) DKGM rows whose checkpoint file has changed since they ran."""
+    now = {m: generator_sha(m, args) for m in methods}
+    stale = [r for r in done if now.get(r["method"]) and r.get("generator_sha256")
+             and r["knobs"] == knobs_of(r["method"], args) and r["generator_sha256"] != now[r["method"]]]
+    if stale:
+        gen = knob_value("generator", args)
+        raise SystemExit(f"{gen} is not the file the {len(stale)} {stale[0]['method']} "
+                         f"row(s) in runs.csv were made with (sha256 {stale[0]['generator_sha256']}..., now "
+                         f"{now[stale[0]['method']]}...): it changed in place; put the new one at another path "
+                         "(it is another knob) or use another --out")
+
+
 def config_of(args) -> dict:
     """Every setting a row depends on, but for its method's knobs; the report only pools rows
     whose settings match, and ``--resume`` only skips those. The converged protocol (``--epochs``)
@@ -96,7 +118,8 @@ def hardware(device="cpu") -> str:
 FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batch", "generator", "evae", "kss", "dkgm_p",
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
           "macro_f1", "tail_recall", "class_recall", "epochs", "val_fraction", "class_order", "profile", "channels",
-          "lr", "knobs", "chosen_epoch", "val_bacc", "rejected", "hardware", "weight_decay", "shift", "size"]
+          "lr", "knobs", "chosen_epoch", "val_bacc", "rejected", "hardware", "weight_decay", "shift", "size",
+          "generator_sha256"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
 
 

@@ -404,3 +404,22 @@ def test_knob_variants_are_compared_on_the_seeds_they_share():
     assert chosen["drw"][0] == "a" and chosen["drw"][1] == pytest.approx(0.80)
     _, chosen = lt_report.select_knobs(rows + [row("a", 2, 0.70)])         # now they share seeds 0-2
     assert chosen["drw"][0] == "b" and chosen["drw"][1] == pytest.approx((0.79 + 0.79 + 0.95) / 3)
+
+
+def test_resume_refuses_dkgm_rows_whose_generator_file_changed_in_place(imb, tmp_path):
+    """A DKGM row records its checkpoint's sha256; --resume with a file retrained at the same path
+    stops with an error (it skipped the rows as done, and the report pooled the two generators)."""
+    import shutil
+    import dkgm_aug
+    gen = tmp_path / "gen.safetensors"
+    shutil.copy(dkgm_aug.checkpoint.PRETRAINED_DIR / "digits-tiny.safetensors", gen)
+    args = ["--quick", "--epochs", "1", "--methods", "dkgm_deferred", "--generator", str(gen), "--out", str(tmp_path)]
+    assert imb.main(args) == 0
+    with open(tmp_path / "runs.csv") as f:
+        assert len(next(csv.DictReader(f))["generator_sha256"]) == 16
+    model = dkgm_aug.load(gen)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save(gen)
+    with pytest.raises(SystemExit, match="changed in place"):
+        imb.main(args + ["--resume"])
