@@ -165,6 +165,13 @@ def main(argv=None) -> int:
     args.tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
 
     previous = read_rows(out / "runs.csv", config_of(args)) if args.resume else []
+    if not args.epochs and not args.report_only:   # the report could not choose between variants: say so now
+        kept = read_rows(out / "runs.csv", config_of(args))
+        for m in args.methods:
+            knobs = {r["knobs"] for r in kept if r["method"] == m} | {knobs_of(m, args)}
+            if len(knobs) > 1:
+                raise SystemExit(f"{out} holds {m} rows with other knobs ({', '.join(sorted(knobs))}) and there is no "
+                                 "validation split (--epochs) to choose between them: use another --out")
     if not args.report_only:
         check_generators(previous, args, args.methods)
     done = {(r["method"], r["knobs"], r["seed"]) for r in previous}

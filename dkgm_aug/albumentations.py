@@ -52,7 +52,8 @@ class DKGMAugment(ImageOnlyTransform):
                     else "a per-class kernel-smoothed score (built with labels)")
             raise DataError(f"this generator is {kind} and the albumentations transform sees no labels: use "
                             "dkgm_aug.DKGMAugment (torchvision), called as aug(img, label), or BalancedDKGMDataset, "
-                            "which give the generator each image's class")
+                            "which give the generator each image's class (a kernel-smoothed score built without labels "
+                            "draws from the whole set)")
         return super().__call__(*args, force_apply=force_apply, **data)
 
     def get_params(self) -> dict:

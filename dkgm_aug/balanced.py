@@ -57,7 +57,7 @@ def _like(q: torch.Tensor, like):
         return out
     if like.mode in ("RGBA", "LA", "La", "RGBa", "PA"):   # the model saw the colours: the source keeps its alpha
         out = out.convert(like.mode.replace("a", "A").replace("PA", "RGBA"))
-        out.putalpha(like.getchannel("A"))
+        out.putalpha(like.getchannel(like.getbands()[-1]))
         return out if out.mode == like.mode else out.convert(like.mode)
     if like.mode == "P":        # the source's own palette: convert("P") would dither to the 216-colour web palette
         return out.convert("RGB").quantize(palette=like, dither=Image.Dither.NONE)

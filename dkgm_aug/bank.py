@@ -169,9 +169,13 @@ class NeighbourBank:
     def uses_labels(self) -> bool:
         """Whether the rows depend on the sources' labels: a label filter, or a generator that takes
         them (class-conditional, or a per-class kernel-smoothed score)."""
+        if self.label_filter is not None:
+            return True
+        if self._model is None and isinstance(self.generator, str):   # from the checkpoint's config, not loaded
+            cfg = read_metadata(resolve(self.generator))["config"]
+            return any(isinstance(v, dict) and v.get("num_classes") for v in cfg.values()) or bool(cfg.get("classes"))
         model = self._generator()
-        return (self.label_filter is not None or getattr(model, "conditional", False)
-                or getattr(model, "per_class", False))
+        return getattr(model, "conditional", False) or getattr(model, "per_class", False)
 
     def row_labels(self) -> list:
         """Each row's source label, as its neighbours are made with it: from ``labels=`` when given,

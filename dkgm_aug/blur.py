@@ -33,7 +33,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, mode: str) -> torch.Tensor:
     """The separable blur of a batch whose images all pad with ``mode``; one kernel length, the
     largest radius, each image's taps beyond its own radius ``ceil(3b)`` zero."""
     b, c, h, w = x.shape
-    radius = math.ceil(3 * float(sigma.max()))
+    radius = max(0, math.ceil(3 * float(sigma.max())))
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     s = sigma.clamp_min(1e-6)[:, None]
     weights = torch.exp(-offsets[None] ** 2 / (2 * s ** 2))

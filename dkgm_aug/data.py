@@ -244,8 +244,8 @@ def long_tailed_indices(targets, rho: float, seed: int = 0, order=None, profile:
     images; ``"step"`` keeps ``n_max`` for the first half of the classes and ``round(n_max / rho)`` for
     the rest (``C // 2`` head classes). ``n_max`` is the size of the largest class, and a class smaller
     than its planned count keeps all its images; which images stay is a seeded permutation. Refused: a
-    class planned to keep no image, and a class that keeps more images than the one ranked before it
-    where the profile plans fewer (a class too small for its rank would reorder the tail)."""
+    class planned to keep no image. Warned: a class short of its planned count by more than 10%, and
+    a class that keeps more images than the one ranked before it where the profile plans fewer."""
     targets = torch.as_tensor(targets).flatten()
     if rho < 1:
         raise DataError(f"imbalance ratio rho must be >= 1, got {rho}")
@@ -276,7 +276,8 @@ def long_tailed_indices(targets, rho: float, seed: int = 0, order=None, profile:
                       f"{max(kept) / min(kept):.3g}, not {rho:g}; put larger classes first (order=)", stacklevel=2)
     for r in range(1, n_cls):
         if kept[r] > kept[r - 1] and planned[classes[r]] < planned[classes[r - 1]]:
-            raise DataError(f"class {classes[r - 1]!r} (rank {r - 1}) has only {kept[r - 1]} images, fewer than the "
-                            f"{kept[r]} that class {classes[r]!r} keeps at rank {r}: the split would not be "
-                            "long-tailed in this class order; put larger classes first (order=) or lower rho")
+            warnings.warn(f"class {classes[r - 1]!r} (rank {r - 1}) has only {kept[r - 1]} images, fewer than the "
+                          f"{kept[r]} that class {classes[r]!r} keeps at rank {r}: the split is not long-tailed in "
+                          "this class order; put larger classes first (order=) or raise rho", stacklevel=2)
+            break
     return torch.cat(list(keep.values())).sort().values

@@ -130,8 +130,10 @@ def source_unit(image) -> torch.Tensor:
     (:func:`pil_8bit`), palette, alpha and 1-bit converted."""
     if not isinstance(image, (torch.Tensor, np.ndarray)) and getattr(image, "mode", "L") not in ("L", "RGB"):
         image = pil_8bit(image)
+        if image.mode == "La":             # premultiplied alpha: PIL converts it to LA only
+            image = image.convert("LA")
         if image.mode not in ("L", "RGB"):
-            image = image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
+            image = image.convert("L" if image.mode in ("1", "LA") else "RGB")
     return to_unit_float(image)
 
 

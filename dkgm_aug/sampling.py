@@ -101,7 +101,10 @@ def stored_match(ds, stored, label_of) -> bool:
         return True              # refused by read_labels' own checks, with the stored labels' shape
     for i in sorted({0, n // 2, n - 1}):
         y = label_of(ds[i])
-        y = y.item() if isinstance(y, (torch.Tensor, np.ndarray, np.generic)) and np.size(y) == 1 else y
+        if isinstance(y, (torch.Tensor, np.ndarray, np.generic)):
+            if (y.numel() if isinstance(y, torch.Tensor) else np.size(y)) != 1:
+                return False      # array labels: read_labels reads them and says what is wrong
+            y = y.item()
         if y != stored[i].item():
             return False
     return True

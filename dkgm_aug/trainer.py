@@ -148,9 +148,9 @@ class Trainer:
         """A batch as ``(x, keywords of the model's call)``: ``labels=y`` for a class-conditional model."""
         return (batch[0], dict(labels=batch[1])) if self.conditional else (batch, {})
 
-    def _batches(self, start_step: int):
-        """Yield this rank's model-range batches from ``start_step`` on, forever."""
-        return self.feed.batches(start_step)
+    def _batches(self, start_step: int, stage: int = 1):
+        """Yield this rank's model-range batches of ``stage`` from ``start_step`` on, forever."""
+        return self.feed.batches(start_step, stream=stage)
 
     # -- state ------------------------------------------------------------------------------------
     def _state_path(self, stage: int) -> Path:
@@ -318,7 +318,7 @@ class Trainer:
         with open_log(log_path, run.step) if log_path else nullcontext() as run.log:
             bar = tqdm(total=self.max_steps, initial=run.step, desc=f"stage {stage}",
                        disable=not (self.progress and self.rank == 0))
-            batches = self._batches(run.step)
+            batches = self._batches(run.step, run.stage)
             while run.step < self.max_steps:
                 loss = self._step(run, next(batches))
                 bar.update(1)

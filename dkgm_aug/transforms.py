@@ -249,7 +249,9 @@ class AmbiguousLabel(list):
 
 
 def _is_label(v) -> bool:
-    return isinstance(v, (numbers.Number, np.generic)) or (is_pure_tensor(v) and v.ndim <= 1)
+    """A class label: a number, a string (a per-class model's class value) or a plain tensor of at
+    most one dimension."""
+    return isinstance(v, (numbers.Number, np.generic, str)) or (is_pure_tensor(v) and v.ndim <= 1)
 
 
 def sample_label(sample, flat_sample, images):

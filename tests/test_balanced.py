@@ -446,3 +446,7 @@ def test_synthetic_items_keep_a_tv_tensor_type_and_an_alpha_channel():
     la = Image.fromarray(np.dstack([np.zeros((4, 4), np.uint8), alpha]), mode="LA")
     out = _like(q[:1], la)
     assert out.mode == "LA" and np.array_equal(np.asarray(out)[..., 1], alpha)
+    premultiplied = rgba.convert("RGBa")            # its alpha band is named "a"
+    assert _like(q, premultiplied).mode == "RGBa"
+    from dkgm_aug.images import source_unit
+    assert source_unit(la.convert("La")).shape == (1, 4, 4)

@@ -307,3 +307,16 @@ def test_reopening_a_label_dependent_bank_reads_stored_labels_not_every_image(tm
     NeighbourBank(ds, model, k=1, path=tmp_path / "bank.safetensors").build(progress=False)
     ds.reads = 0
     assert NeighbourBank(ds, model, k=1, path=tmp_path / "bank.safetensors").built and ds.reads <= 3
+
+
+def test_opening_a_bank_from_a_checkpoint_path_does_not_load_the_generator(tmp_path, monkeypatch):
+    """Whether the rows depend on labels is read from the checkpoint's config: reopening a built bank
+    loads no model (the label fingerprint loaded, and could compile, the generator every time)."""
+    model = _conditional_generator()
+    model.save(tmp_path / "g.safetensors")
+    g = torch.Generator().manual_seed(3)
+    items = [((torch.rand(1, 8, 8, generator=g) * 255).to(torch.uint8), y) for y in [0, 0, 1, 2]]
+    NeighbourBank(items, str(tmp_path / "g.safetensors"), k=1, path=tmp_path / "b.safetensors").build(progress=False)
+    monkeypatch.setattr(dkgm_aug.bank, "load_generator", lambda *a, **k: pytest.fail("loaded the generator"))
+    again = NeighbourBank(items, str(tmp_path / "g.safetensors"), k=1, path=tmp_path / "b.safetensors")
+    assert again.built and "labels_sha256" in again.fingerprint()

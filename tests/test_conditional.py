@@ -374,6 +374,10 @@ def test_per_class_kernel_smoothed_score_gets_the_samples_label():
     assert out[0].mean() > 0.7 and out[1].mean() < 0.3
     with pytest.raises(DataError, match="per-class"):
         dalb.DKGMAugment(kss, p=1.0)(image=np.full((8, 8), 0.5, np.float32))
+    named = dkgm_aug.KernelSmoothedScore(torch.cat([dark, bright]), labels=["dark"] * 4 + ["bright"] * 4, h=0.05,
+                                         steps=10, alpha=1.0)         # string classes reach it too
+    assert DKGMAugment(named, seed=0)(grey[0], "bright")[0].mean() > 0.7
+    assert DKGMAugment(named, seed=0)({"image": grey[0], "label": "dark"})["image"].mean() < 0.3
 
 
 def test_augment_label_matches_the_model(cond_ckpt):

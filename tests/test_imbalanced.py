@@ -423,3 +423,11 @@ def test_resume_refuses_dkgm_rows_whose_generator_file_changed_in_place(imb, tmp
     model.save(gen)
     with pytest.raises(SystemExit, match="changed in place"):
         imb.main(args + ["--resume"])
+
+
+def test_fixed_steps_knob_variants_are_refused_before_running(imb, tmp_path):
+    """Without a validation split the report cannot choose between knob variants: a run that would
+    add a second variant to an --out stops before training, not after."""
+    assert imb.main(["--quick", "--methods", "drw", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit, match="other knobs"):
+        imb.main(["--quick", "--methods", "drw", "--drw-start", "0.5", "--out", str(tmp_path)])

@@ -82,3 +82,10 @@ def test_blur_of_an_image_does_not_depend_on_the_rest_of_its_batch():
     both = gaussian_blur(x, torch.tensor([0.6, 3.0]))
     assert torch.allclose(both[:1], alone, atol=1e-6)
     assert torch.allclose(both[1:], gaussian_blur(x[1:], torch.tensor([3.0])), atol=1e-6)
+
+
+def test_blur_of_a_batch_mixing_unblurred_and_wide_images():
+    """sigma <= 0 leaves an image as it is, also beside an image blurred past its own size."""
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = gaussian_blur(x, torch.tensor([-1.0, 5.0]))
+    assert torch.allclose(y[0], x[0]) and torch.isfinite(y).all()

@@ -212,3 +212,20 @@ def test_resuming_a_dataloader_skips_the_batches_already_trained(tmp_path):
     run(tmp_path / "shuffled", 4, micro_model(), loader(True))
     with pytest.warns(UserWarning, match="new shuffle"):
         run(tmp_path / "shuffled", 8, micro_model(), loader(True))
+
+
+def test_dataset_loader_workers_are_seeded_per_rank_and_stage():
+    """The per-epoch loader of a Dataset has its own generator: seeded by the seed and epoch, and by
+    the rank and stage too, or every rank's workers (and both stages') drew the same transforms."""
+    from dkgm_aug.train.data import Feed
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(1, 4, 4)
+    first = lambda rank, stage: next(Feed(Noisy(), "cpu", 4, 0, rank=rank, world_size=2, num_workers=1)
+                                     .batches(0, stream=stage))
+    assert not torch.equal(first(0, 1), first(1, 1)) and not torch.equal(first(0, 1), first(0, 2))
+    assert torch.equal(first(0, 1), first(0, 1))

@@ -148,8 +148,9 @@ class Feed:
             raise DataError(f"{NO_LABELS}; got batches of type {type(batch).__name__}")
         return self.as_batch(batch[0]), label_tensor(batch[1]).to(self.device, non_blocking=True)
 
-    def batches(self, start_step: int):
-        """Yield this rank's batches from ``start_step`` on, forever."""
+    def batches(self, start_step: int, stream: int = 0):
+        """Yield this rank's batches from ``start_step`` on, forever; ``stream`` (the stage) seeds the
+        workers of a Dataset's loader together with the seed, the epoch and the rank."""
         if isinstance(self.data, torch.utils.data.DataLoader):
             yield from self._loader_batches(start_step)
         step = start_step
@@ -168,7 +169,9 @@ class Feed:
                 # global RNG, whose state a resumed run restores (an extra draw there would shift it)
                 loader = torch.utils.data.DataLoader(self.data, batch_sampler=[i.tolist() for i in plan],
                                                      num_workers=self.num_workers, collate_fn=self.collate,
-                                                     generator=torch.Generator().manual_seed(g.initial_seed()))
+                                                     generator=torch.Generator().manual_seed(
+                                                         ((g.initial_seed() * 1009 + stream) * 1009 + self.rank)
+                                                         % 2 ** 63))
                 for batch in loader:
                     yield self.convert(batch)
             step += len(plan)
