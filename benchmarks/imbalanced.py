@@ -164,9 +164,9 @@ def main(argv=None) -> int:
     lt, _, _ = splits(args)
     args.tail = tail_classes(torch.bincount(lt.targets, minlength=10).tolist())
 
-    previous = read_rows(out / "runs.csv", config_of(args)) if args.resume else []
+    kept = read_rows(out / "runs.csv", config_of(args))
+    previous = kept if args.resume else []
     if not args.epochs and not args.report_only:   # the report could not choose between variants: say so now
-        kept = read_rows(out / "runs.csv", config_of(args))
         for m in args.methods:
             knobs = {r["knobs"] for r in kept if r["method"] == m} | {knobs_of(m, args)}
             if len(knobs) > 1:

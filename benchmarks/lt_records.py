@@ -3,6 +3,7 @@ on (``config_of``), the columns of ``runs.csv`` and ``curves.csv``, and reading 
 them under a lock, so parallel runs can share one file."""
 import contextlib
 import csv
+import functools
 import io
 import os
 import re
@@ -63,8 +64,17 @@ def generator_sha(method: str, args) -> str:
     other rows): the knob names a path, and a file retrained in place must not pass for the old one."""
     if "generator" not in KNOBS.get(method, ()):
         return ""
+    from dkgm_aug.checkpoint import resolve
+    spec = str(knob_value("generator", args))
+    stat = resolve(spec).stat()
+    return _file_sha16(spec, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha16(spec: str, mtime_ns: int, size: int) -> str:
+    """One read of a checkpoint file per process and version of it, however many methods and rows use it."""
     from dkgm_aug.cache import generator_digest
-    return generator_digest(str(knob_value("generator", args)))[1][:16]
+    return generator_digest(spec)[1][:16]
 
 
 def check_generators(done: list, args, methods) -> None:

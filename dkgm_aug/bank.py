@@ -138,7 +138,7 @@ class NeighbourBank:
             raise DataError(f"labels= gives {len(labels)} labels for a dataset of {len(ds)} items: one per item")
         self._given_labels = labels
         self._fp = self._store = self._images = self._sources = self._counts = self._by_digest = self._checked = None
-        self._row_labels = None
+        self._row_labels = self._labels_matter = None
         if self.path is not None and self.path.exists():
             self._open()
 
@@ -169,13 +169,17 @@ class NeighbourBank:
     def uses_labels(self) -> bool:
         """Whether the rows depend on the sources' labels: a label filter, or a generator that takes
         them (class-conditional, or a per-class kernel-smoothed score)."""
-        if self.label_filter is not None:
-            return True
-        if self._model is None and isinstance(self.generator, str):   # from the checkpoint's config, not loaded
-            cfg = read_metadata(resolve(self.generator))["config"]
-            return any(isinstance(v, dict) and v.get("num_classes") for v in cfg.values()) or bool(cfg.get("classes"))
-        model = self._generator()
-        return getattr(model, "conditional", False) or getattr(model, "per_class", False)
+        if self._labels_matter is None:      # read once: make_rows asks for every shard
+            if self.label_filter is not None:
+                self._labels_matter = True
+            elif self._model is None and isinstance(self.generator, str):   # the checkpoint's config, not loaded
+                cfg = read_metadata(resolve(self.generator))["config"]
+                self._labels_matter = (any(isinstance(v, dict) and v.get("num_classes") for v in cfg.values())
+                                       or bool(cfg.get("classes")))
+            else:
+                model = self._generator()
+                self._labels_matter = bool(getattr(model, "conditional", False) or getattr(model, "per_class", False))
+        return self._labels_matter
 
     def row_labels(self) -> list:
         """Each row's source label, as its neighbours are made with it: from ``labels=`` when given,
