@@ -23,6 +23,7 @@
 # BANK (unset: online generation; K: the augmented rows draw from one shared bank of K neighbours),
 # CONDITIONAL (unset; 1: the long-tailed generator is class-conditional in both stages),
 # DKGM_ALPHA (unset: the generator's calibrated alpha; a value: imbalanced.py --dkgm-alpha),
+# LABEL_FILTER (1: each DKGM row without and with the evaluator's label filter; 0: without only),
 # RHO (100), PROFILE (exp; or step), CLASS_ORDER (natural; reversed, perm:SEED): the split, for
 # which the long-tailed generator is trained on that split's fit part.
 set -uo pipefail
@@ -43,14 +44,17 @@ OUT=${OUT:-runs/gpu_session}
 RHO=${RHO:-100}
 PROFILE=${PROFILE:-exp}
 CLASS_ORDER=${CLASS_ORDER:-natural}
+LABEL_FILTER=${LABEL_FILTER:-1}
 WORK=${WORK:-/tmp/gpu_session}
 START=$(date +%s)
 seconds() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 }'; }
 END=$((START + $(seconds "$MINUTES")))
 LAUNCH_END=$((START + $(seconds "$LAUNCH_MINUTES")))
 mkdir -p "$OUT" "$WORK"
-export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+# a fresh device machine has no dkgm_aug installed: the rows and generators import this checkout's
+export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$WORK/session.log"; }
+stop() { log "$* : stopping"; cp "$WORK/session.log" "$OUT/session.log"; exit 1; }   # before anything ran
 rows() {   # rows FILE: run its lines, PARALLEL at a time; a line not started by LAUNCH_END is skipped
     xargs -P "$PARALLEL" -I{} sh -c '[ "$(date +%s)" -lt "$1" ] && { {} >> "$2/rows.log" 2>&1 || echo "FAILED: {}" >> "$2/rows.log"; }' \
         _ "$LAUNCH_END" "$WORK" < "$1"
@@ -70,6 +74,8 @@ else
     FM_DATA=fashion-mnist
 fi
 log "device $DEVICE; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')"
+# fail in seconds, not at the deadline, where nothing could run (a lent GPU's minutes are few)
+$PY -c "import dkgm_aug, timm" >> "$WORK/session.log" 2>&1 || stop "$PY cannot import dkgm_aug or timm"
 
 SMI_PID=
 if command -v nvidia-smi > /dev/null; then
@@ -92,7 +98,7 @@ if [ -n "${GENERATOR:-}" ]; then   # a second call: the DKGM rows with a generat
     other_gens
 else
 # 1. the split the classifiers fit on, and nothing else
-$PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || log "export failed"
+$PY benchmarks/imbalanced.py "${SPLIT[@]}" --export-split "$WORK/lt_fit.npz" >> "$WORK/session.log" 2>&1 || stop "the split's export failed"
 
 # 2. generators, in the background
 [[ " $GENERATORS " == *" lt "* ]] && gen lt_gen --data "$WORK/lt_fit.npz" --evaluator "$DATA-evaluator" --name "$DATA-lt${RHO}-${PROFILE}-${CLASS_ORDER//:/}-fit-$PRESET" ${CONDITIONAL:+--conditional} \
@@ -116,9 +122,11 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
     GEN=${GENERATOR:-$(ls "$WORK"/lt_gen/*.safetensors 2>/dev/null | head -1)}
     [ -n "$GEN" ] || { log "no long-tailed generator: no DKGM rows"; return; }
     : > "$WORK/dkgm.txt"
+    FILTERS=("")
+    [ "$LABEL_FILTER" = 1 ] && FILTERS+=("--label-filter $DATA-evaluator")
     for m in $DKGM_METHODS; do     # the deferred and balanced rows first: they generate far fewer images
         for seed in $SEEDS; do
-            for filter in "" "--label-filter $DATA-evaluator"; do
+            for filter in "${FILTERS[@]}"; do
                 echo "$PY benchmarks/imbalanced.py ${ROWS[*]} --resume --generator $GEN $filter ${BANK:+--bank $BANK} ${DKGM_ALPHA:+--dkgm-alpha $DKGM_ALPHA} --methods $m --seeds $seed" >> "$WORK/dkgm.txt"
             done
         done
@@ -131,7 +139,7 @@ dkgm_rows() {   # once the long-tailed generator exists: its rows, without and w
 DKGM_STARTED=
 while [ "$(date +%s)" -lt "$END" ]; do
     if [ -z "$DKGM_STARTED" ] && { [ -z "$LT_PID" ] || ! kill -0 "$LT_PID" 2>/dev/null; }; then DKGM_STARTED=1; dkgm_rows; fi
-    [ -n "$DKGM_STARTED" ] && [ -z "$(jobs -pr)" ] && break
+    [ -n "$DKGM_STARTED" ] && [ -z "$(jobs -pr | grep -vx "${SMI_PID:-none}")" ] && break   # nvidia-smi runs on
     sleep 5
 done
 log "deadline or all done; stopping what is left: $(jobs -pr | wc -l) job(s)"
@@ -141,5 +149,9 @@ pkill -TERM -f -- "--out $WORK/"; sleep 3; pkill -KILL -f -- "--out $WORK/"
 $PY benchmarks/imbalanced.py "${ROWS[@]}" ${GEN:+--generator "$GEN"} --report-only --seeds $SEEDS > "$WORK/report.log" 2>&1 || log "report failed"
 log "rows finished: $(($(wc -l < "$WORK/lt/runs.csv" 2>/dev/null || echo 1) - 1))"
 cp "$WORK/session.log" "$OUT/session.log"
-tar -czf "$OUT/session.tar.gz" -C "$WORK" --exclude='work' --exclude='*.npz' . && log "packed $(du -h "$OUT/session.tar.gz" | cut -f1)"
+# the device tool brings back files of at most 16 MiB: generators come back one file each, beside
+# the tarball; the banks (about 100 MB) and the exported split are remade from them here
+for g in "$WORK"/*/*.safetensors; do [ -e "$g" ] && cp "$g" "$OUT/"; done
+tar -czf "$OUT/session.tar.gz" -C "$WORK" --exclude='work' --exclude='banks' --exclude='*.npz' --exclude='*.safetensors' . \
+    && log "packed $(du -h "$OUT/session.tar.gz" | cut -f1); generators: $(ls "$OUT"/*.safetensors 2>/dev/null | wc -l)"
 cp "$WORK/session.log" "$OUT/session.log"

@@ -316,16 +316,43 @@ def test_filtered_bank_rows_record_the_banks_rejection_share(imb, tmp_path):
     assert len(shares) == 2 and shares[0] == shares[1] and 0 <= float(shares[0]) <= 1
 
 
+def test_gpu_session_stops_at_once_when_nothing_can_run(tmp_path):
+    """A device machine where the rows cannot import dkgm_aug (or the split cannot be written) must
+    give its minutes back in seconds with a log that says why, not fail every row and then wait for
+    the deadline (a lent GPU spent 526 s that way)."""
+    import os
+    import subprocess
+    import time
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named dkgm_aug' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    env = dict(os.environ, QUICK="1", DEVICE="cpu", MINUTES="5", PY=str(broken), OUT=str(tmp_path / "out"),
+               WORK=str(tmp_path / "work"))
+    start = time.monotonic()
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert done.returncode != 0
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert "cannot import dkgm_aug" in log and "No module named dkgm_aug" in log
+
+
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     """The device script end to end on CPU: the long-tailed split, a generator trained on it,
     a plain row, then its DKGM rows without and with the label filter, all in the report; the
     generator class-conditional (CONDITIONAL=1) and alpha a knob of the rows (DKGM_ALPHA)."""
     import os
     import subprocess
+    # an nvidia-smi that logs until it is stopped, as the real one does beside the rows
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 900\n")
+    (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
     env = dict(os.environ, QUICK="1", DEVICE="cpu", SEEDS="0", PARALLEL="2", MINUTES="8", LAUNCH_MINUTES="7",
                GENERATORS="lt", PLAIN_METHODS="ce", DKGM_METHODS="dkgm_balanced", OUT=str(tmp_path / "out"),
-               WORK=str(tmp_path / "work"), CONDITIONAL="1", DKGM_ALPHA="0.5")
+               WORK=str(tmp_path / "work"), CONDITIONAL="1", DKGM_ALPHA="0.5",
+               PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     subprocess.run(["bash", "benchmarks/gpu_session.sh"], check=True, env=env, capture_output=True, timeout=600)
+    # every row finished before the deadline: the session ends then, not when nvidia-smi would
+    assert "stopping what is left: 0 job(s)" in (tmp_path / "out" / "session.log").read_text()
     report = (tmp_path / "work" / "lt" / "results.md").read_text()
     assert "| ce |" in report and "| dkgm_balanced |" in report
     assert "label_filter=digits-evaluator" in report                 # both variants ran: the variants table
@@ -334,6 +361,12 @@ def test_gpu_session_dry_run_on_cpu(tmp_path):
     [gen] = (tmp_path / "work" / "lt_gen").glob("*.safetensors")
     assert dkgm_aug.load(gen).conditional
     assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0
+    # the device tool brings back files of at most 16 MiB: the generator comes back beside the
+    # tarball, and neither a generator nor a neighbour bank is packed into it
+    assert (tmp_path / "out" / gen.name).read_bytes() == gen.read_bytes()
+    import tarfile
+    with tarfile.open(tmp_path / "out" / "session.tar.gz") as tar:
+        assert not [n for n in tar.getnames() if n.endswith(".safetensors") or "/banks" in n]
 
 
 def test_results_plot_without_per_class_recall_or_a_plain_method(tmp_path):
