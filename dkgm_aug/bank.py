@@ -323,10 +323,18 @@ class NeighbourBank:
         return row
 
     def row_of_digest(self, digest: bytes):
-        """The row whose source image has this :func:`dkgm_aug.cache.digest`, or None."""
+        """The (first) row whose source image has this :func:`dkgm_aug.cache.digest`, or None."""
+        rows = self.rows_of_digest(digest)
+        return rows[0] if rows else None
+
+    def rows_of_digest(self, digest: bytes) -> list:
+        """Every row whose source image has this digest: identical images are several rows, which
+        differ when they have different labels and the bank's rows depend on labels."""
         if self._by_digest is None:
-            self._by_digest = {bytes(d): r for r, d in reversed(list(enumerate(self.sources.numpy())))}
-        return self._by_digest.get(digest)
+            self._by_digest = {}
+            for r, d in enumerate(self.sources.numpy()):
+                self._by_digest.setdefault(bytes(d), []).append(r)
+        return self._by_digest.get(digest, [])
 
     def check_source(self, row: int, image) -> None:
         """Refuse a source image other than the one row ``row`` was made from (checked once per row)."""

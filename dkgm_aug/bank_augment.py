@@ -6,6 +6,11 @@ probability ``p``, by one of its ``k`` bank neighbours drawn at random. The bank
 row by a digest of its pixels (256 levels, shape included), so the transform must see the images
 the bank was made from: put it first, before crops, flips or normalisation. An image the bank does
 not hold raises a ``DataError`` at any ``p`` (``missing="keep"`` passes it through unchanged).
+When the bank's neighbours depend on labels (a class-conditional generator, a per-class
+kernel-smoothed score, a label filter), a sample's label, if it carries one (``aug(img, label)``,
+``aug(x, y)``, a dict's ``label`` key), must be the one the bank made that image's neighbours with,
+else a ``DataError`` (the data were relabelled after the bank was made); and identical images
+that the bank holds under different labels need it, to tell their rows apart.
 
 >>> bank = NeighbourBank(train_set, "fashion-mnist-tiny", k=8, path="bank.safetensors").build()  # doctest: +SKIP
 >>> train_set.transform = v2.Compose([BankAugment(bank, p=0.5, seed=0), v2.RandomHorizontalFlip()])  # doctest: +SKIP
@@ -17,12 +22,13 @@ from . import cache as cache_file
 from .bank import NeighbourBank
 from .errors import DataError, DKGMError
 from .images import tensor_unit, to_batch
-from .transforms import DKGMAugment, SeedSource, batch_size, check_p
+from .sampling import plain_label
+from .transforms import _SAMPLE, AmbiguousLabel, DKGMAugment, KeepsSample, SeedSource, batch_size, check_p, sample_label
 
 __all__ = ["BankAugment"]
 
 
-class BankAugment(v2.Transform):
+class BankAugment(KeepsSample, v2.Transform):
     """Replace each image, with probability ``p``, by one of its ``k`` neighbours in ``bank``.
 
     ``seed``: ``None`` (torch's global RNG), an int, or a ``torch.Generator``, as in
@@ -43,14 +49,16 @@ class BankAugment(v2.Transform):
 
     def make_params(self, flat_inputs) -> dict:
         n = batch_size(flat_inputs[0]) if flat_inputs else 1
-        return dict(apply=self.rng.rand(n) < self.p, pick=self.rng.seeds(n))
+        return dict(apply=self.rng.rand(n) < self.p, pick=self.rng.seeds(n),
+                    label=sample_label(*(_SAMPLE.get() or ((), ())), flat_inputs))
 
     def transform(self, inpt, params: dict):
         x01, restore = to_batch(inpt)
         apply = params["apply"]
         if len(apply) != len(x01):
             raise DKGMError(f"params were drawn for {len(apply)} images, the input has {len(x01)}")
-        rows = [self.bank.row_of_digest(d) for d in cache_file.batch_digests(x01)]   # at any p: a stray image fails now
+        # at any p: a stray image, or a label the bank did not make the image's neighbours with, fails now
+        rows = self._rows(cache_file.batch_digests(x01), params.get("label"))
         if self.missing == "error" and None in rows:
             i = rows.index(None)
             raise DataError(f"image {i} of the input (shape {tuple(x01.shape[1:])}) is not in the neighbour bank: "
@@ -64,5 +72,44 @@ class BankAugment(v2.Transform):
         out[todo] = tensor_unit(picks.to(out.device))     # one copy to the batch's device, not one per image
         return restore(out)
 
+    def _rows(self, digests: list, label) -> list:
+        """Each image's bank row (None: not in the bank), chosen by its label when the rows depend on one."""
+        candidates = [self.bank.rows_of_digest(d) for d in digests]
+        if not self.bank.uses_labels:
+            return [c[0] if c else None for c in candidates]
+        if isinstance(label, AmbiguousLabel):
+            raise DataError(f"the sample is a dict holding {len(label)} number(s), none under exactly one label key, "
+                            "and this bank's neighbours depend on the class: put the class under the key 'label'")
+        labels = _per_image(label, len(digests))
+        if labels is None and all(len(c) < 2 for c in candidates):
+            return [c[0] if c else None for c in candidates]
+        row_labels = self.bank.row_labels()
+        rows = []
+        for i, c in enumerate(candidates):
+            classes = [row_labels[r] for r in c]
+            if labels is not None and c:
+                c = [r for r, y in zip(c, classes) if y == labels[i]]
+                if not c:
+                    raise DataError(f"image {i} has label {labels[i]!r}, but the neighbour bank made its neighbours "
+                                    f"for class {classes[0]!r}: the data were relabelled after the bank was made; "
+                                    "build the bank again from the relabelled data")
+            elif len(set(classes)) > 1:
+                raise DataError(f"image {i} is in the neighbour bank under several classes ({sorted(map(repr, set(classes)))}: "
+                                "identical images with different labels), and its neighbours depend on the class: "
+                                "pass its label with it, aug(img, label) or aug(x, y)")
+            rows.append(c[0] if c else None)
+        return rows
+
     def extra_repr(self) -> str:
         return f"k={self.bank.k}, rows={len(self.bank)}, p={self.p}, missing={self.missing!r}"
+
+
+def _per_image(label, n: int):
+    """A sample's label(s) as one plain label per image, or None when the sample has none."""
+    if label is None:
+        return None
+    labels = label.reshape(-1).tolist() if isinstance(label, torch.Tensor) else (
+        list(label) if isinstance(label, (list, tuple)) else [label])
+    if len(labels) != n:
+        raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
+    return [plain_label(y) for y in labels]

@@ -151,7 +151,20 @@ class GeneratorHandle:
         self._lock = threading.Lock()
 
 
-class DKGMAugment(v2.Transform):
+class KeepsSample:
+    """A mixin for a v2 transform whose ``make_params`` reads the sample's label: torchvision hands
+    it only the images, so ``forward`` keeps the whole sample at hand (``_SAMPLE``) meanwhile."""
+
+    def forward(self, *inputs):
+        sample = inputs if len(inputs) > 1 else inputs[0]
+        token = _SAMPLE.set((sample, tree_flatten(sample)[0]))
+        try:
+            return super().forward(*inputs)
+        finally:
+            _SAMPLE.reset(token)
+
+
+class DKGMAugment(KeepsSample, v2.Transform):
     """Replace each image, with probability ``p``, by a debiased KDE neighbour from a DKGM generator.
 
     ``ckpt``: a shipped name (``dkgm_aug.list_pretrained()``), a checkpoint path, or a model.
@@ -199,14 +212,6 @@ class DKGMAugment(v2.Transform):
         self.dtype, self.compile = check_acceleration(dtype, compile, self.device)
         self.handle = GeneratorHandle(ckpt, self.device, self.dtype, self.compile)
         self.rng = SeedSource(seed)
-
-    def forward(self, *inputs):
-        sample = inputs if len(inputs) > 1 else inputs[0]
-        token = _SAMPLE.set((sample, tree_flatten(sample)[0]))
-        try:
-            return super().forward(*inputs)
-        finally:
-            _SAMPLE.reset(token)
 
     def make_params(self, flat_inputs) -> dict:
         n = batch_size(flat_inputs[0]) if flat_inputs else 1

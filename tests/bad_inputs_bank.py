@@ -58,6 +58,14 @@ def _flipped(ckpt):
     return BankAugment(bank, p=0.0)(Pixels().images[0].flip(-1))
 
 
+def _conditional_bank(twins: bool):
+    """A class-conditional bank over Pixels, or over Pixels with image 0 again under class 1."""
+    from dkgm_aug import DKGM
+    items = [Pixels()[i] for i in range(4)] + ([(Pixels().images[0], 1)] if twins else [])
+    return NeighbourBank(items, DKGM.from_preset("tiny", image_size=8, channels=1, num_classes=2, steps=1).eval(),
+                         k=1).build(progress=False)
+
+
 def rows(ckpt, model, tmp):
     folder = Path(tmp) / "bank"
     folder.mkdir(exist_ok=True)
@@ -80,6 +88,10 @@ def rows(ckpt, model, tmp):
         ("bank: BankAugment given no bank", lambda: BankAugment("bank.safetensors"), (DKGMError, "NeighbourBank")),
         ("bank: BankAugment after a flip (image not in the bank)", lambda: _flipped(ckpt),
          (DataError, "must come before any transform")),
+        ("bank: BankAugment given a label other than the conditional bank's (data relabelled)",
+         lambda: BankAugment(_conditional_bank(False), p=0.0)(Pixels().images[3], 0), (DataError, "relabelled")),
+        ("bank: BankAugment, no label, an image the conditional bank holds under two classes",
+         lambda: BankAugment(_conditional_bank(True), p=0.0)(Pixels().images[0]), (DataError, "several classes")),
         ("bank: set_epoch(-1)", lambda: BalancedDKGMDataset(Pixels(), ckpt, bank=1, progress=False).set_epoch(-1),
          (DKGMError, "epoch must be an integer >= 0")),
         ("precompute: shard_size = 0", lambda: precompute(Pixels(), ckpt, folder / "s0", shard_size=0),

@@ -320,3 +320,30 @@ def test_opening_a_bank_from_a_checkpoint_path_does_not_load_the_generator(tmp_p
     monkeypatch.setattr(dkgm_aug.bank, "load_generator", lambda *a, **k: pytest.fail("loaded the generator"))
     again = NeighbourBank(items, str(tmp_path / "g.safetensors"), k=1, path=tmp_path / "b.safetensors")
     assert again.built and "labels_sha256" in again.fingerprint()
+
+
+def test_bank_augment_serves_the_row_of_the_sample_label_when_rows_depend_on_labels():
+    """A class-conditional bank holds identical images under different labels as different rows:
+    BankAugment picks the row of the sample's label (it served the first row's class to both),
+    refuses to guess without a label, and refuses a label the bank did not make the image's
+    neighbours with (data relabelled after the bank was made: the old class's neighbours, silently)."""
+    model = _conditional_generator()
+    g = torch.Generator().manual_seed(4)
+    twin, other = ((torch.rand(1, 8, 8, generator=g) * 255).to(torch.uint8) for _ in range(2))
+    bank = NeighbourBank([(twin, 0), (twin, 2), (other, 1)], model, k=1).build(progress=False)
+    aug = lambda: BankAugment(bank, p=1.0, seed=0)                       # noqa: E731
+    want = lambda row: bank.neighbour(row, 0)                            # noqa: E731 (k=1: the only one)
+    assert not torch.equal(want(0), want(1))                            # the two classes' neighbours differ
+    assert torch.equal(aug()(twin, 2)[0], want(1)) and torch.equal(aug()(twin, 0)[0], want(0))
+    assert torch.equal(aug()({"image": twin, "label": torch.tensor(2)})["image"], want(1))
+    x, y = aug()(torch.stack([twin, twin, other]), torch.tensor([2, 0, 1]))
+    assert torch.equal(x[0], want(1)) and torch.equal(x[1], want(0)) and torch.equal(x[2], want(2))
+    with pytest.raises(DataError, match="several classes"):
+        aug()(twin)
+    assert torch.equal(aug()(other), want(2))                          # one class: no label needed
+    with pytest.raises(DataError, match="relabelled"):
+        aug()(other, 3)
+    with pytest.raises(DataError, match="relabelled"):
+        BankAugment(bank, p=0.0)(other, 3)                               # checked at any p
+    plain = NeighbourBank([(twin, 0), (twin, 2), (other, 1)], micro_model(), k=1).build(progress=False)
+    assert torch.equal(BankAugment(plain, p=0.0)(other, 3)[0], other)   # an unconditional bank ignores labels
