@@ -190,7 +190,7 @@ class Augmenter:
         self.seconds, self.n_changed = 0.0, 0
 
     def __call__(self, x, y, g):
-        x = self.neighbours(self.bank, x, y)      # the bank knows the unshifted pixels: it goes first
+        x = self.neighbours(self.bank, x, y, with_labels=True)   # the bank knows the unshifted pixels: it goes first
         x = random_shift(x, self.shift, g)
         if self.randaug is not None:   # per image, so each gets its own ops (a batch call shares them)
             x = torch.stack([self.randaug(im) for im in x])
@@ -200,7 +200,8 @@ class Augmenter:
         """The minority items of the uint8 batch ``x`` (labels ``y``, on the CPU) through ``transform``
         (each replaced with probability p), in place; timed, and the changed items counted.
         ``with_labels``: the transform also takes the items' labels and returns ``(images, labels)``
-        (DKGMAugment: a class-conditional generator needs them); without, images only (BankAugment)."""
+        (DKGMAugment: a class-conditional generator needs them; BankAugment checks them against the
+        classes its rows were made with); without, images only."""
         m = self.minority[y]
         if transform is None or not m.any():
             return x

@@ -17,6 +17,7 @@ import torch
 from .checkpoint import load
 from .errors import DataError, DKGMError
 from .images import check_unit_range, from_model, to_model
+from .nn import evaluating
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -96,17 +97,22 @@ def check_image_size(model, height: int, width: int) -> None:
 
 
 def load_generator(spec, device=None):
-    """A generator from a shipped name, a checkpoint path, or a model object (returned as is).
-    A model object needs only the :class:`NeighbourSource` part of :class:`Generator`: it is used,
-    never saved."""
+    """A generator from a shipped name, a checkpoint path, or a model object. A model object needs
+    only the :class:`NeighbourSource` part of :class:`Generator`: it is used, never saved, and
+    never changed: its train/eval mode stays (generation runs in eval mode and restores it), and
+    on another ``device`` a copy is used (the user's object is not moved)."""
     if isinstance(spec, torch.nn.Module):
         if not isinstance(spec, NeighbourSource):
             raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator (see dkgm_aug.augment.Generator)")
-        model = spec
-    else:
-        model = load(spec)
-    model.eval()
+        return spec if device is None or same_device(model_device(spec), device) else copy.deepcopy(spec).to(device)
+    model = load(spec).eval()
     return model.to(device) if device is not None else model
+
+
+def same_device(a, b) -> bool:
+    """Whether two devices are the same (``cuda`` and ``cuda:0`` are, on a one-GPU machine)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def check_acceleration(dtype, compile, device) -> tuple:
@@ -189,9 +195,10 @@ def generate(model, x01: torch.Tensor, seeds, alpha=None, steps=None, convert_ch
     x = to_model(match_channels(x01.to(device, torch.float32), model.channels, convert_channels)).to(model_dtype(model))
     n = cpu_chunk(*x.shape[-2:]) if device.type == "cpu" else len(x)
     try:
-        parts = [model.neighbours_from_seeds(x[i:i + n], seeds[i:i + n], alpha=alpha, steps=steps,
-                                             labels=None if labels is None else labels[i:i + n])
-                 for i in range(0, len(x), n)]
+        with evaluating(model):     # a user's model in train mode is put back in it
+            parts = [model.neighbours_from_seeds(x[i:i + n], seeds[i:i + n], alpha=alpha, steps=steps,
+                                                 labels=None if labels is None else labels[i:i + n])
+                     for i in range(0, len(x), n)]
     except RuntimeError as exc:   # torch._dynamo's BackendCompilerFailed, e.g. no C++ compiler for a CPU
         if "BackendCompilerFailed" not in (c.__name__ for c in type(exc).__mro__):
             raise

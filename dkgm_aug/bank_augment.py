@@ -15,6 +15,7 @@ that the bank holds under different labels need it, to tell their rows apart.
 >>> bank = NeighbourBank(train_set, "fashion-mnist-tiny", k=8, path="bank.safetensors").build()  # doctest: +SKIP
 >>> train_set.transform = v2.Compose([BankAugment(bank, p=0.5, seed=0), v2.RandomHorizontalFlip()])  # doctest: +SKIP
 """
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -108,7 +109,7 @@ def _per_image(label, n: int):
     """A sample's label(s) as one plain label per image, or None when the sample has none."""
     if label is None:
         return None
-    labels = label.reshape(-1).tolist() if isinstance(label, torch.Tensor) else (
+    labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
         list(label) if isinstance(label, (list, tuple)) else [label])
     if len(labels) != n:
         raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")

@@ -103,6 +103,9 @@ def build_model(args, data: ImageDataset):
     if args.conditional and args.kind != "dkgm":
         raise DKGMError(f"--conditional trains a class-conditional DKGM; --kind {args.kind} has no labels")
     if args.kind == "dkgm":
+        if any(a == "--d-z" or a.startswith("--d-z=") for a in getattr(args, "argv", ())):
+            raise DKGMError("--d-z sets the latent dimension of an EVAE or VAE; a DKGM has none (it would be "
+                            "ignored): drop it, or train --kind evae")
         labels = dict(num_classes=int(data.targets.max()) + 1,   # classes 0..max label of the training data
                       conditional_stages=tuple(args.conditional_stages or (1, 2))) if args.conditional else {}
         return DKGM.from_preset(args.preset, image_size=size, channels=channels,
@@ -173,7 +176,8 @@ def cmd_sample(args) -> None:
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[:n]
     real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(model_device(model))
-    labels = dict(labels=[data[int(i)][1] for i in idx]) if getattr(model, "conditional", False) else {}
+    uses_labels = getattr(model, "conditional", False) or getattr(model, "per_class", False)
+    labels = dict(labels=[data[int(i)][1] for i in idx]) if uses_labels else {}
     out = model.neighbours(real, k=k, alpha=args.alpha, steps=args.steps, generator=g, **labels)
     # one row per source image: the real image, then its k neighbours
     grid = torch.cat([real[:, None], out], dim=1).flatten(0, 1)

@@ -42,6 +42,7 @@ without exactly one such key is refused), else the sample's first non-image inpu
 or a plain tensor of at most one dimension. Unconditional generators never see the labels.
 """
 import contextvars
+import copy
 import numbers
 import threading
 from collections.abc import Mapping
@@ -136,7 +137,8 @@ class GeneratorHandle:
             if self._model is None:
                 self._model = accelerate(load_generator(self.spec, self.device), self.dtype, self.compile)
             if self.device is None and like is not None and model_device(self._model) != like.device:
-                self._model = self._model.to(like.device)       # follow the input's device
+                # follow the input's device (a copy of a user's model object: it is not moved)
+                self._model = (copy.deepcopy(self._model) if self._model is self.spec else self._model).to(like.device)
             return self._model
 
     def __getstate__(self):
@@ -254,9 +256,10 @@ class AmbiguousLabel(list):
 
 
 def _is_label(v) -> bool:
-    """A class label: a number, a string (a per-class model's class value) or a plain tensor of at
-    most one dimension."""
-    return isinstance(v, (numbers.Number, np.generic, str)) or (is_pure_tensor(v) and v.ndim <= 1)
+    """A class label: a number, a string (a per-class model's class value), or a plain tensor or
+    numpy array of at most one dimension."""
+    return (isinstance(v, (numbers.Number, np.generic, str)) or (is_pure_tensor(v) and v.ndim <= 1)
+            or (type(v) is np.ndarray and v.ndim <= 1))
 
 
 def sample_label(sample, flat_sample, images):

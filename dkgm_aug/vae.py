@@ -190,12 +190,22 @@ class _LatentAutoencoder(nn.Module):
         return [x, to_model(self.reconstruct(x01)), to_model(self.reconstruct(x01, sample=True, generator=generator))]
 
     # -- generation -------------------------------------------------------------------------------
+    def _check_size(self, x: torch.Tensor) -> None:
+        """Generation takes images of the training size only: the decoder's 32x32 canvas is trained on
+        that crop alone, so any other size came back with a grey frame (or cut), with no error."""
+        if tuple(x.shape[-2:]) != self.image_size:
+            (h, w), (h0, w0) = x.shape[-2:], self.image_size
+            raise DataError(f"this {type(self).__name__} was trained on {h0}x{w0} images and generates at that size "
+                            f"only, got {h}x{w} (the rest of its decoder's canvas is untrained: a grey frame); resize "
+                            f"first, e.g. v2.Resize(({h0}, {w0})) before DKGMAugment and v2.Resize(({h}, {w})) after it")
+
     @torch.inference_mode()
     def reconstruct(self, x01: torch.Tensor, sample: bool = False, alpha=None, generator=None) -> torch.Tensor:
         """Encode and decode images in [0, 1] (eval mode): from the posterior mean, or, with
         ``sample=True``, from one posterior draw (noise scaled by ``alpha``, default 1: the
         posterior itself, whatever the model's generation knob ``alpha`` is)."""
         check_images(x01, self.channels, "x01")
+        self._check_size(x01)
         with evaluating(self):
             mu, spread = self.encode(x01)
             z = (self.sample_latent(mu, spread, alpha=alpha, generator=generator) if sample
@@ -205,6 +215,7 @@ class _LatentAutoencoder(nn.Module):
     @torch.inference_mode()
     def _generate(self, x: torch.Tensor, noise: torch.Tensor, alpha) -> torch.Tensor:
         check_images(x, self.channels)
+        self._check_size(x)
         alpha = self.alpha if alpha is None else check_knobs(alpha=alpha)
         with evaluating(self):
             mu, spread = self.encode(from_model(x))

@@ -8,6 +8,12 @@ import dkgm_aug.albumentations as dalb
 from dkgm_aug import DataError, DKGMAugment, DKGMError
 
 
+def _evae8():
+    from dkgm_aug import EVAE
+    torch.manual_seed(0)
+    return EVAE(channels=1, image_size=8, d_z=3, widths=(4, 4, 8, 8)).eval()
+
+
 def _mask_kept(ckpt):
     mask = tv_tensors.Mask(torch.tensor([[[0, 1], [1, 0]]]).repeat(1, 4, 4))
     _, out = v2.Compose([DKGMAugment(ckpt, seed=0)])(tv_tensors.Image(torch.rand(1, 8, 8)), mask)
@@ -84,6 +90,9 @@ def rows(ckpt, model, tmp):
          (DKGMError, "compile must be True or False")),
         ("compile=True, a generator without networks (transform)",
          lambda: DKGMAugment(NoNetworks(), compile=True)(torch.rand(1, 8, 8)), (DKGMError, "no networks")),
+        ("an EVAE given images of another size than it was trained on (transform)",
+         lambda: DKGMAugment(_evae8(), p=1.0, seed=0)(torch.rand(1, 10, 10)),
+         (DataError, "was trained on 8x8 images and generates at that size only")),
     ]
     if not torch.cuda.is_available():
         table.append(("device='cuda' on a machine without CUDA (transform)", lambda: DKGMAugment(ckpt, device="cuda"),

@@ -172,6 +172,8 @@ def test_dkgm_flags_with_another_kind_and_bad_sample_counts_are_refused(tmp_path
         assert main(base + flag) == 2
         assert "--kind evae has none" in capsys.readouterr().err
     assert main(base) == 0
+    dkgm = [a for a in base if a not in ("--kind", "evae")] + ["--d-z", "8"]   # the reverse: an EVAE knob, a DKGM
+    assert main(dkgm) == 2 and "--d-z sets the latent dimension" in capsys.readouterr().err
     for n in ("-1", "0"):
         assert main(["sample", str(tmp_path / "e.safetensors"), "--n", n, "--out", str(tmp_path / "s.png")]) == 2
         assert "--n" in capsys.readouterr().err

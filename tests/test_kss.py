@@ -252,3 +252,34 @@ def test_kss_memorisation_quick(tmp_path):
     assert "| h |" in text and (tmp_path / "r.csv").stat().st_size > 0 and (tmp_path / "r.png").stat().st_size > 0
     exact = [r for r in rows if r["mode"] == "sample" and r["h"] == 0]
     assert exact and all(r["memorisation"] >= 0.9 for r in exact)
+
+
+def test_per_class_score_takes_numpy_labels_like_tensor_labels():
+    """A numpy label array (aug(x, y) with y from a numpy pipeline, or a 0-d array) was not taken for
+    a label: a per-class score model then drew from the whole set, silently."""
+    import numpy as np
+    images, labels = two_class_set(n_per_class=6, size=4)
+    model = KernelSmoothedScore(images, labels=labels, h=0.05, steps=5)
+    x = torch.full((4, 1, 4, 4), 0.5)
+    want = dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(x, torch.ones(4, dtype=torch.long))[0]
+    got = dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(x, np.ones(4, dtype=np.int64))[0]
+    assert torch.equal(got, want)
+    one = dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(x[0], np.array(1))[0]
+    assert torch.equal(one, dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(x[0], 1)[0])
+    assert float(got.mean()) > 0.6                     # the bright class's neighbours
+
+
+def test_cli_sample_draws_a_per_class_models_neighbours_from_the_sources_class(tmp_path):
+    """`dkgm-aug sample` passed labels to a class-conditional DKGM only: a per-class score model's
+    grid showed neighbours of the whole set (half of them of another class) and exited 0."""
+    import numpy as np
+    from PIL import Image
+    from dkgm_aug.cli import main
+    images, labels = two_class_set(n_per_class=6, size=8)
+    KernelSmoothedScore(images, labels=labels, h=0.05, steps=5).save(tmp_path / "kss.safetensors")
+    np.savez(tmp_path / "src.npz", images=np.full((4, 8, 8), 128, np.uint8), labels=np.zeros(4, np.int64))
+    assert main(["sample", str(tmp_path / "kss.safetensors"), "--data", str(tmp_path / "src.npz"), "--n", "4",
+                 "--k", "3", "--out", str(tmp_path / "grid.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L")).astype(float)
+    tiles = [grid[1 + r * 9:9 + r * 9, 1 + c * 9:9 + c * 9].mean() for r in range(4) for c in range(1, 4)]
+    assert max(tiles) < 100                             # every neighbour from the dark class 0

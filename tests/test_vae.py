@@ -297,3 +297,32 @@ def test_evae_vs_vae_benchmark_quick(tmp_path):
     rows = (tmp_path / "q.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * 2 * 2   # header + (VAE, EVAE) x (d_z 8, 64) x (sample, mean)
     assert all(math.isfinite(float(r.split(",")[5])) for r in rows[1:])
+
+
+def test_evae_generates_at_its_training_size_only():
+    """An EVAE decodes a 32x32 canvas trained on its image_size crop alone: images of another size
+    (a Resize(32) before DKGMAugment) came back with an untrained grey frame and no error."""
+    model = tiny().eval()
+    x = shapes_batch(2, size=8)
+    assert dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(x).shape == x.shape
+    big = F.pad(x, (1, 1, 1, 1))
+    with pytest.raises(DataError, match="trained on 8x8 images"):
+        dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(big)
+    with pytest.raises(DataError, match="trained on 8x8 images"):
+        model.reconstruct(big)
+
+
+def test_a_users_model_keeps_its_mode_and_generates_in_eval_mode():
+    """DKGMAugment and BalancedDKGMDataset used to switch a user's model object to eval mode for good
+    (a training loop going on with it trained with frozen BatchNorm statistics); generation runs in
+    eval mode, whatever the model's mode, and leaves the mode as it was."""
+    model = tiny()
+    x = shapes_batch(3, size=8)
+    want = dkgm_aug.DKGMAugment(tiny().eval(), p=1.0, seed=0)(x)
+    model.train()
+    got = dkgm_aug.DKGMAugment(model, p=1.0, seed=0)(x)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(got, want)                       # BatchNorm's running statistics, as in eval mode
+    items = [(img, y) for img, y in zip(images_uint8(4), [0, 0, 0, 1])]
+    BalancedDKGMDataset(items, model, cache=None, progress=False).precompute(progress=False)
+    assert model.training
