@@ -295,14 +295,15 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dkgm-aug", description="Train and sample DKGM generators.")
+    # no abbreviated options: the checks that refuse a knob another kind would ignore read argv
+    p = argparse.ArgumentParser(prog="dkgm-aug", description="Train and sample DKGM generators.", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a generator (DKGM: both stages) and write a checkpoint",
+    t = sub.add_parser("train", allow_abbrev=False, help="train a generator (DKGM: both stages) and write a checkpoint",
                        formatter_class=HelpFormatter)
     add_train_arguments(t)
     t.set_defaults(func=cmd_train)
-    s = sub.add_parser("sample", help="write a grid of real images and their KDE neighbours",
+    s = sub.add_parser("sample", allow_abbrev=False, help="write a grid of real images and their KDE neighbours",
                        formatter_class=HelpFormatter)
     s.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     s.add_argument("--data", default=None, help="the source images (default: the data the checkpoint was trained on)")
@@ -315,11 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="the PNG grid to write")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     s.set_defaults(func=cmd_sample)
-    d = sub.add_parser("demo", help="balance a long-tailed Fashion-MNIST split with a shipped generator",
+    d = sub.add_parser("demo", allow_abbrev=False, help="balance a long-tailed Fashion-MNIST split with a shipped generator",
                        description=demo.__doc__, formatter_class=HelpFormatter)
     demo.add_arguments(d)
     d.set_defaults(func=demo.run)
-    c = sub.add_parser("calibrate", help="choose a generator's default alpha and stage-2 steps on training images",
+    c = sub.add_parser("calibrate", allow_abbrev=False, help="choose a generator's default alpha and stage-2 steps on training images",
                        formatter_class=HelpFormatter)
     c.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     c.add_argument("--data", default=None, help="the images (default: the data the checkpoint was trained on)")
@@ -332,12 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="picks the images and draws the noise")
     c.add_argument("--out", default=None, help="the calibrated checkpoint (default: <name>-calibrated.safetensors)")
     c.set_defaults(func=cmd_calibrate)
-    r = sub.add_parser("precompute", help="write the synthetic set of a BalancedDKGMDataset, or a neighbour bank, "
+    r = sub.add_parser("precompute", allow_abbrev=False, help="write the synthetic set of a BalancedDKGMDataset, or a neighbour bank, "
                        "as shards (torchrun splits them over processes)", description=precompute.__doc__,
                        formatter_class=HelpFormatter)
     precompute.add_arguments(r)
     r.set_defaults(func=cmd_precompute)
-    i = sub.add_parser("info", help="print a checkpoint's config and metadata (other dkgm_aug files: what they are)",
+    i = sub.add_parser("info", allow_abbrev=False, help="print a checkpoint's config and metadata (other dkgm_aug files: what they are)",
                        formatter_class=HelpFormatter)
     i.add_argument("checkpoint", help="a checkpoint path or a shipped generator name")
     i.set_defaults(func=cmd_info)

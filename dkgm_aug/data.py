@@ -151,17 +151,30 @@ def npz(path, transform=None) -> ImageDataset:
                         None if classes is None else [str(c) for c in classes], transform, f"npz {path}")
 
 
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def _class_files(folder: Path) -> list:
+    """A class folder's images in torchvision's ImageFolder order: its subfolders too (walked in
+    sorted order, each folder's files sorted; hidden subfolders skipped, as hidden class folders are),
+    by torchvision's extensions (and .gif)."""
+    found = []
+    for here, dirs, names in sorted(os.walk(folder, followlinks=True)):
+        if any(part.startswith(".") for part in Path(here).relative_to(folder).parts):
+            continue
+        found += [Path(here) / n for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return found
+
+
 def image_folder(root, size=None, channels: int | None = None, transform=None) -> ImageDataset:
-    """Images in ``root/<class>/*.png|jpg|...`` (torchvision's ImageFolder layout), resized
+    """Images in ``root/<class>/**/*.png|jpg|...`` (torchvision's ImageFolder layout and order), resized
     to ``size`` (int or (H, W)) when given; ``channels`` 1 or 3 converts the mode."""
     from PIL import Image
     root = Path(root)
     # class folders as torchvision's ImageFolder finds them: hidden ones (.ipynb_checkpoints) are not classes
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if root.is_dir() else []
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).iterdir())
-             if p.suffix.lower() in exts]
+    files = [(p, c) for c, name in enumerate(classes) for p in _class_files(root / name)]
     if not files:
         raise DataError(f"no images found under {root}/<class>/; expected torchvision ImageFolder layout")
     empty = [name for c, name in enumerate(classes) if not any(fc == c for _, fc in files)]

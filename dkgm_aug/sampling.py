@@ -63,8 +63,14 @@ def _as_array(raw) -> np.ndarray:
 
 
 def stored_labels(ds):
-    """The labels ``ds`` keeps beside its images, or None: ``.targets`` or ``.labels``, through
-    ``Subset`` (the base's labels at ``.indices``) and ``ConcatDataset`` (each part's, in order)."""
+    """The labels ``ds`` keeps beside its images, or None: a torchvision ``DatasetFolder``'s
+    ``.samples`` (what its items read: classes merged by editing ``samples`` leave ``.targets``
+    stale), ``.targets`` or ``.labels``, through ``Subset`` (the base's labels at ``.indices``) and
+    ``ConcatDataset`` (each part's, in order)."""
+    samples = getattr(ds, "samples", None)
+    if (isinstance(samples, list) and samples and len(samples) == len(ds)
+            and all(isinstance(s, tuple) and len(s) == 2 for s in samples)):
+        return _as_array([s[1] for s in samples])
     for name in ("targets", "labels"):
         raw = getattr(ds, name, None)
         if isinstance(raw, (list, tuple, np.ndarray, torch.Tensor)):
@@ -91,15 +97,19 @@ def _target_transform(ds):
     return getattr(ds, "target_transform", None) is not None
 
 
+SPOT_CHECKS = 16   # items whose labels are read to trust stored labels (evenly spaced, first and last among them)
+
+
 def stored_match(ds, stored, label_of) -> bool:
     """Whether the stored labels are the ones the items give: not under a ``target_transform``, and
-    equal on the first, middle and last item (a ``label_key`` other than the one ``.targets`` holds)."""
+    equal on ``SPOT_CHECKS`` evenly spaced items (a ``label_key`` other than the one ``.targets``
+    holds; labels changed in ``__getitem__``)."""
     if _target_transform(ds):
         return False
     n = len(stored)
     if stored.ndim != 1 or n != len(ds) or n == 0:
         return True              # refused by read_labels' own checks, with the stored labels' shape
-    for i in sorted({0, n // 2, n - 1}):
+    for i in sorted({int(v) for v in np.linspace(0, n - 1, min(n, SPOT_CHECKS))}):
         y = label_of(ds[i])
         if isinstance(y, (torch.Tensor, np.ndarray, np.generic)):
             if (y.numel() if isinstance(y, torch.Tensor) else np.size(y)) != 1:
@@ -113,7 +123,7 @@ def stored_match(ds, stored, label_of) -> bool:
 def read_labels(ds, labels=None, label_of=lambda item: item[1], progress: bool = True):
     """``(sorted distinct label values, int32 class code per item)``. From ``labels`` when given,
     else from :func:`stored_labels` so that no image is loaded (when they are the items' own: no
-    ``target_transform``, and equal to three items' labels), else one pass ``label_of(ds[i])``."""
+    ``target_transform``, and equal to ``SPOT_CHECKS`` items' labels), else one pass ``label_of(ds[i])``."""
     n = len(ds)
     if n == 0:
         raise DataError("the dataset is empty: BalancedDKGMDataset needs at least one labelled item")

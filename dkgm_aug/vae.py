@@ -228,7 +228,9 @@ class _LatentAutoencoder(nn.Module):
         """The generator interface: one posterior sample per image (``[-1, 1]`` in and out),
         image ``i``'s latent noise drawn from ``torch.Generator().manual_seed(seeds[i])``.
         ``alpha`` scales the latent noise (1.0: the model's own posterior spread; 0: the
-        posterior-mean reconstruction); ``labels`` and ``steps`` are accepted and unused."""
+        posterior-mean reconstruction); ``labels`` are accepted and unused (unconditional), ``steps``
+        must be None (there is no stage 2: a value would be ignored)."""
+        _no_steps(steps)
         if len(seeds) != len(x):
             raise DKGMError(f"{len(seeds)} seeds for {len(x)} images")
         noise = torch.cat([self.draw_noise(1, torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -238,6 +240,7 @@ class _LatentAutoencoder(nn.Module):
     def neighbours(self, x: torch.Tensor, k: int = 1, *, labels=None, alpha: float | None = None,
                    steps: int | None = None, generator=None) -> torch.Tensor:
         """``k`` posterior samples per image: ``[B, k, C, H, W]`` in [-1, 1]."""
+        _no_steps(steps)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise DKGMError(f"k must be an integer >= 1, got {k!r}")
         check_images(x, self.channels)
@@ -317,6 +320,12 @@ class VAE(_LatentAutoencoder):
     def regulariser(self, mu, spread):
         """``KL(N(mu, sigma^2) || N(0, I))`` summed over latent dimensions."""
         return -0.5 * (1 + spread - mu.pow(2) - spread.exp()).sum(1)
+
+
+def _no_steps(steps) -> None:
+    if steps is not None:
+        raise DKGMError(f"steps={steps!r}: steps are DKGM's stage-2 iterations (or the score sampler's); an EVAE "
+                        "or VAE has none, and would ignore them: leave steps unset")
 
 
 def _as_uint8_images(images) -> torch.Tensor:

@@ -93,6 +93,9 @@ def rows(ckpt, model, tmp):
         ("an EVAE given images of another size than it was trained on (transform)",
          lambda: DKGMAugment(_evae8(), p=1.0, seed=0)(torch.rand(1, 10, 10)),
          (DataError, "was trained on 8x8 images and generates at that size only")),
+        ("steps= given to an EVAE, which has no stage 2 (transform)",
+         lambda: DKGMAugment(_evae8(), p=1.0, seed=0, steps=3)(torch.rand(1, 8, 8)),
+         (DKGMError, "an EVAE or VAE has none, and would ignore them")),
     ]
     if not torch.cuda.is_available():
         table.append(("device='cuda' on a machine without CUDA (transform)", lambda: DKGMAugment(ckpt, device="cuda"),

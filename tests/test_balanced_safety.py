@@ -177,7 +177,7 @@ def test_subset_and_concat_labels_read_no_item(gen):
     sub = torch.utils.data.Subset(base, [0, 1, 2, 6, 7, 9])
     both = torch.utils.data.ConcatDataset([sub, torch.utils.data.Subset(Images(seed=1), torch.arange(10))])
     b = BalancedDKGMDataset(torch.utils.data.Subset(both, list(range(2, 16))), gen, progress=False)
-    assert base.calls <= 3        # stored labels, checked against three items (first, middle, last), no pass
+    assert base.calls <= 16       # stored labels, checked against 16 spread items, no pass
     labels = [both[i][1] for i in range(2, 16)]
     assert b.targets[:b.n_real] == labels and b.class_counts_before == {c: labels.count(c) for c in (0, 1, 2)}
 
@@ -281,3 +281,27 @@ def test_cache_with_a_model_object_as_generator(tmp_path):
     first = BalancedDKGMDataset(ds, model, cache=cache, progress=False).precompute(progress=False)
     again = BalancedDKGMDataset(ds, model, cache=cache, progress=False)
     assert len(again._cache) == first.n_synthetic and torch.equal(again[6][0], first[6][0])
+
+
+def test_a_dataset_folder_with_classes_merged_in_samples_is_balanced_by_its_items_labels():
+    """torchvision's DatasetFolder reads its items' labels from ``.samples``; merging classes there
+    (a common recipe) leaves ``.targets`` stale. The stored labels were trusted after three items
+    agreed, so the counts and the balancing followed the stale labels (a class that no longer exists
+    got synthetic items). ``.samples`` is what the items read, and is read first now."""
+    class Folder(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.images = torch.randint(0, 256, (100, 1, 8, 8), generator=g, dtype=torch.uint8)
+            self.targets = [0] * 40 + [2] * 10 + [1] * 50                  # as found on disk
+            merge = {0: 0, 1: 1, 2: 1}                                      # classes 1 and 2 merged
+            self.samples = [(f"img{i}.png", merge[y]) for i, y in enumerate(self.targets)]
+            self.samples[5] = ("img5.png", 2)                              # one item relabelled by hand
+
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return self.images[i], self.samples[i][1]
+    ds = BalancedDKGMDataset(Folder(), "fashion-mnist-tiny", progress=False)
+    assert ds.class_counts_before == {0: 39, 1: 60, 2: 1}
+    assert ds.class_counts == {0: 60, 1: 60, 2: 60} and len(ds) == 3 * 60

@@ -174,6 +174,12 @@ def test_dkgm_flags_with_another_kind_and_bad_sample_counts_are_refused(tmp_path
     assert main(base) == 0
     dkgm = [a for a in base if a not in ("--kind", "evae")] + ["--d-z", "8"]   # the reverse: an EVAE knob, a DKGM
     assert main(dkgm) == 2 and "--d-z sets the latent dimension" in capsys.readouterr().err
+    for short in (["--kern", "epanechnikov"], ["--pres", "small"], ["--stage2-s", "5"]):   # argparse took prefixes,
+        with pytest.raises(SystemExit):                                                 # which the checks missed
+            main(base + short)
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "e.safetensors"), "--steps", "8", "--out", str(tmp_path / "s.png")]) == 2
+    assert "an EVAE or VAE has none" in capsys.readouterr().err         # sample --steps did nothing to an EVAE
     for n in ("-1", "0"):
         assert main(["sample", str(tmp_path / "e.safetensors"), "--n", n, "--out", str(tmp_path / "s.png")]) == 2
         assert "--n" in capsys.readouterr().err

@@ -180,3 +180,25 @@ def test_long_tailed_split_refuses_empty_classes_and_warns_when_rho_is_not_met()
     small_head = torch.tensor([0] * 100 + [1] * 40 + [2] * 100)
     with pytest.warns(UserWarning, match="imbalance ratio is 4"):
         long_tailed_indices(small_head, 10, order=[1, 0, 2])
+
+
+def test_image_folder_finds_what_torchvision_finds_in_its_order(tmp_path):
+    """Images in a class folder's subfolders, and .pgm/.ppm files, were skipped without a word
+    (torchvision's ImageFolder reads them): a class lost images silently. Now the same images in
+    torchvision's order (hidden subfolders skipped, as hidden class folders are)."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    files = ["cat/b.png", "cat/a.pgm", "cat/Sub/c.png", "cat/Sub/deeper/d.ppm", "dog/e.PNG", "dog/f.jpg.txt"]
+    for v, f in enumerate(files):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        if f.endswith(".txt"):
+            (tmp_path / f).write_text("not an image")
+        else:
+            Image.fromarray(np.full((4, 4), 10 * (v + 1), np.uint8)).save(tmp_path / f)
+    (tmp_path / "cat" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "cat" / ".ipynb_checkpoints" / "b-checkpoint.png")
+    ours = image_folder(tmp_path, channels=1)
+    theirs = [s for s in ImageFolder(tmp_path).samples if ".ipynb_checkpoints" not in s[0]]
+    want = [int(np.asarray(Image.open(p).convert("L"))[0, 0]) for p, _ in theirs]
+    assert ours.images[:, 0, 0, 0].tolist() == want and len(want) == 5
+    assert ours.targets.tolist() == [y for _, y in theirs]
