@@ -205,6 +205,14 @@ class NeighbourBank:
             self._store = shards.Store(self.path, "bank", self.fingerprint(), len(self))
         except CheckpointError as exc:
             warnings.warn(f"{exc}; ignoring it, build() will make the bank again", stacklevel=3)
+            return
+        # the fingerprint holds no pixels: the first row's source against the data, at once (each row's
+        # is checked when first served); one image read
+        if len(self) and self.ds is not None and \
+                bytes(self._store.sources[0].numpy()) != cache_file.digest(source_unit(self.source_image(0))):
+            self._store = None
+            raise DKGMError(f"the neighbour bank {self.path} was made from other images (row 0's source differs from "
+                            "the data's): the data changed since; delete it or pass another path")
 
     # -- making rows ---------------------------------------------------------------------------------
     def _generator(self, device=None):
@@ -255,7 +263,8 @@ class NeighbourBank:
         model = self._generator(check_device(device))
         if self.path is not None and self.path.suffix != ".safetensors":
             shards.write_shards(self.path, "bank", self.fingerprint(), len(self), shard_size,
-                                lambda a, b: self.make_rows(a, b, model, batch_size), progress=progress)
+                                lambda a, b: self.make_rows(a, b, model, batch_size), progress=progress,
+                                source_digest=lambda r: cache_file.digest(source_unit(self.source_image(r))))
         else:
             with tqdm(total=len(self), desc=f"bank: {self.k} neighbours per image", disable=not progress) as bar:
                 images, sources, counts = self.make_rows(0, len(self), model, batch_size, bar)
@@ -314,6 +323,10 @@ class NeighbourBank:
         if self._store is not None:
             return torch.from_numpy(np.array(self._store.row(row)[r]))
         return self._images[row, r]
+
+    def source_image(self, row: int):
+        """The source image of row ``row`` in the dataset at hand (as the item holds it)."""
+        return _field(self.ds[int(self.indices[row])], self.image_key, 0)
 
     def row_of_index(self, index: int) -> int:
         """The row of dataset item ``index``."""

@@ -28,6 +28,7 @@ from ._validate import check_device, check_int
 from .balanced import BalancedDKGMDataset
 from .bank import NeighbourBank
 from .errors import DKGMError
+from .images import source_unit
 from .sampling import STRATEGIES
 from .train.distributed import init_distributed
 
@@ -93,14 +94,17 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
                                          device=device, progress=False, dtype=dtype, compile=compile)
             kind, n_rows = "balanced", target.n_synthetic
             make = _synthetic_rows(target, target._generator(), batch_size)
+            source = lambda j: target._image(ds[int(target._sources[j])])   # noqa: E731
         else:
             target = NeighbourBank(ds, generator, bank_k, alpha=alpha, steps=steps, seed=seed, device=device,
                                    dtype=dtype, compile=compile)
             kind, n_rows, model = "bank", len(target), target._generator()
             make = lambda a, b: target.make_rows(a, b, model, batch_size)   # noqa: E731
+            source = lambda r: target.source_image(r)                      # noqa: E731
         done = shards.write_shards(Path(out), kind, target.fingerprint(), n_rows, shard_size, make, rank, world,
                                    progress=progress and (rank == 0 or not joined), info=info,
-                                   after_shard=after_shard)
+                                   after_shard=after_shard,
+                                   source_digest=lambda row: cache_file.digest(source_unit(source(row))))
         done.update(kind=kind, rows=n_rows, rank=rank, world_size=world, seconds=time.perf_counter() - start,
                     complete=None)
         if world == 1 or dist.is_initialized():

@@ -179,17 +179,25 @@ def read_manifest(folder) -> dict:
 
 
 def write_shards(folder, kind: str, fingerprint: dict, n_rows: int, shard_size: int, make, rank: int = 0,
-                 world_size: int = 1, progress: bool = True, info=None, after_shard=None) -> dict:
+                 world_size: int = 1, progress: bool = True, info=None, after_shard=None, source_digest=None) -> dict:
     """Write the shards of rank ``rank`` (shards ``rank``, ``rank + world_size``, ...) into ``folder``,
     skipping those already finished. ``make(start, stop)`` returns ``(images, sources)`` of those rows,
     or ``(images, sources, stats)`` (see :func:`write_shard`), and must depend on nothing else, so that
-    any split over ranks gives the same files.
+    any split over ranks gives the same files. ``source_digest(row)``: the digest of the row's source
+    image in the data at hand; a finished shard whose first row was made from another image is
+    refused (the fingerprint holds no pixels: a rerun on changed data skipped every shard as done).
     ``after_shard(n)`` (tests) is called after this process has written its ``n``-th shard."""
     folder = Path(folder)
     ranges = shard_ranges(n_rows, shard_size)
     ensure_manifest(folder, manifest(kind, fingerprint, n_rows, shard_size, info))
     mine = list(range(rank, len(ranges), world_size))
     todo = [i for i in mine if not finished(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i])]
+    for i in (i for i in mine if i not in todo and source_digest is not None and ranges[i][1] > ranges[i][0]):
+        start = ranges[i][0]
+        _, sources = open_shard(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i], verify=False)
+        if bytes(sources[0].numpy()) != source_digest(start):
+            raise DKGMError(f"{folder} was made from other images (row {start}'s source differs from the data's): "
+                            "the data changed since; delete the folder or pass another one")
     total = sum(ranges[i][1] - ranges[i][0] for i in todo)
     with tqdm(total=total, desc=f"rank {rank}: shards" if world_size > 1 else "shards", disable=not progress) as bar:
         for n, i in enumerate(todo, 1):

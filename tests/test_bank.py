@@ -80,9 +80,13 @@ def test_file_is_reopened_and_never_regenerated(gen, tmp_path, monkeypatch):
     assert again.built and torch.equal(again.neighbour(9, 1), bank.neighbour(9, 1))
     with pytest.raises(DKGMError, match=r"differs in \['k'"):
         NeighbourBank(Items(), gen, k=3, path=path)
+    with pytest.raises(DKGMError, match=r"was made from other images \(row 0"):   # at once, on reopening
+        NeighbourBank(Items(seed=1), gen, k=2, path=path)
+    changed = Items()
+    changed.images[9] = 255 - changed.images[9]                      # one image changed: found when served
     with pytest.raises(DKGMError, match=r"was made from other images \(item 9"):
-        other = NeighbourBank(Items(seed=1), gen, k=2, path=path)
-        b = BalancedDKGMDataset(Items(seed=1), gen, progress=False, bank=other)
+        other = NeighbourBank(changed, gen, k=2, path=path)
+        b = BalancedDKGMDataset(changed, gen, progress=False, bank=other)
         b[len(b) - 1]
 
 

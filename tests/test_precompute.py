@@ -93,3 +93,22 @@ def test_torchrun_two_processes_equal_one_bit_for_bit(gen, tmp_path):  # noqa: F
     rerun = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "two")], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert "wrote 0 shard(s), skipped 13 finished" in rerun.stdout, rerun.stderr[-3000:]
+
+
+def test_a_rerun_on_changed_images_is_refused_not_reported_complete(gen, tmp_path):  # noqa: F811
+    """The shards' fingerprint holds no pixels: a rerun of precompute on changed images (same labels)
+    skipped every shard as finished and said "complete"; a bank served from such a folder passed
+    every image through unaugmented under BankAugment(missing="keep")."""
+    from dkgm_aug import DKGMError
+    data = lt_digits()
+    for kind in (dict(), dict(bank_k=1)):
+        out = tmp_path / ("bank" if kind else "synth")
+        assert precompute(data, gen, out, shard_size=64, progress=False, **kind)["complete"]
+        assert precompute(data, gen, out, shard_size=64, progress=False, **kind)["skipped"] > 0   # same data: fine
+        changed = data.subset(list(range(len(data))))
+        changed.images = 255 - changed.images                                      # every image inverted
+        with pytest.raises(DKGMError, match="made from other images"):
+            precompute(changed, gen, out, shard_size=64, progress=False, **kind)
+    NeighbourBank(changed, gen, k=1, path=tmp_path / "bank2").build(progress=False)   # a folder bank of its own
+    with pytest.raises(DKGMError, match="made from other images"):
+        NeighbourBank(data, gen, k=1, path=tmp_path / "bank2").build(progress=False)
