@@ -214,9 +214,19 @@ def cmd_calibrate(args) -> None:
 
 
 def cmd_precompute(args) -> None:
-    """Under torchrun every process runs this and writes its share of the shards."""
-    name = args.data if args.data in DATASETS else str(Path(args.data).resolve())   # the same data from anywhere
-    spec = dict(data=name, split=args.split, limit=check_int("--limit", args.limit, 0))
+    """Under torchrun every process runs this and writes its share of the shards. The data: ``--data``
+    (at the generator's size and channels as trained), else the data it was trained on, as ``sample``
+    takes them (``--data`` used to default to Fashion-MNIST whatever the generator had seen)."""
+    model = load(args.generator)
+    if args.data is None and not model.info.get("training", {}).get("data_spec"):
+        if (model.channels, tuple(model.image_size)) != (1, (28, 28)):
+            raise DKGMError(f"{args.generator} does not record the data it was trained on: pass --data")
+        args = argparse.Namespace(**{**vars(args), "data": "fashion-mnist"})   # checkpoints from before data_spec
+    spec = sample_spec(args, model)
+    if spec["data"] not in DATASETS:
+        spec["data"] = str(Path(spec["data"]).resolve())   # the same data from anywhere
+    if args.limit:
+        spec["limit"] = check_int("--limit", args.limit, 0)
     precompute.run(args, load_data(spec), spec)
 
 

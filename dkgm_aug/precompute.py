@@ -120,9 +120,11 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
 
 def add_arguments(p) -> None:
     p.add_argument("generator", help="a checkpoint path or a shipped generator name")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits, a .npz or an image folder")
-    p.add_argument("--split", default=None, help="the split of --data (fashion-mnist, digits: default train)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
+    p.add_argument("--data", default=None, help="fashion-mnist, digits, a .npz or an image folder, loaded at the "
+                   "generator's size and channels as trained (default: the data the generator was trained on)")
+    p.add_argument("--split", default=None, help="the split of --data (default: as trained; fashion-mnist, digits: train)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use only the first N images (0: all, or as trained when --data is not given)")
     p.add_argument("--rho", type=float, default=None,
                    help="first take a long-tailed subset with imbalance ratio RHO (dkgm_aug.data.long_tailed_indices)")
     p.add_argument("--lt-seed", type=int, default=0, help="which images the long-tailed subset keeps")

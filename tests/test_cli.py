@@ -183,3 +183,19 @@ def test_dkgm_flags_with_another_kind_and_bad_sample_counts_are_refused(tmp_path
     for n in ("-1", "0"):
         assert main(["sample", str(tmp_path / "e.safetensors"), "--n", n, "--out", str(tmp_path / "s.png")]) == 2
         assert "--n" in capsys.readouterr().err
+
+
+def test_precompute_without_data_uses_the_generators_training_data(tmp_path, capsys):
+    """`precompute GEN --out DIR` defaulted to Fashion-MNIST whatever the generator was trained on
+    (an 8x8 digits generator then made neighbours of 28x28 clothes, with no error); now it takes
+    the data the checkpoint records, as `sample` does, and refuses a checkpoint that records none."""
+    import json
+    gen = tmp_path / "e.safetensors"
+    assert main(["train", "--kind", "evae", "--data", "digits", "--limit", "32", "--batch-size", "16",
+                 "--stage1-steps", "1", "--quiet", "--work-dir", str(tmp_path / "run"), "--out", str(gen)]) == 0
+    assert main(["precompute", str(gen), "--limit", "20", "--quiet", "--out", str(tmp_path / "s")]) == 0
+    spec = json.loads((tmp_path / "s" / "manifest.json").read_text())["info"]["data"]
+    assert spec["data"] == "digits" and spec["limit"] == 20
+    dkgm_aug.EVAE(channels=1, image_size=8, d_z=3, widths=(4, 4, 8, 8)).save(tmp_path / "bare.safetensors")
+    assert main(["precompute", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "t")]) == 2
+    assert "does not record the data it was trained on" in capsys.readouterr().err
