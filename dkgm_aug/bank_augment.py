@@ -15,7 +15,6 @@ that the bank holds under different labels need it, to tell their rows apart.
 >>> bank = NeighbourBank(train_set, "fashion-mnist-tiny", k=8, path="bank.safetensors").build()  # doctest: +SKIP
 >>> train_set.transform = v2.Compose([BankAugment(bank, p=0.5, seed=0), v2.RandomHorizontalFlip()])  # doctest: +SKIP
 """
-import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -23,8 +22,8 @@ from . import cache as cache_file
 from .bank import NeighbourBank
 from .errors import DataError, DKGMError
 from .images import tensor_unit, to_batch
-from .sampling import plain_label
-from .transforms import _SAMPLE, AmbiguousLabel, DKGMAugment, KeepsSample, SeedSource, batch_size, check_p, sample_label
+from .transforms import (_SAMPLE, AmbiguousLabel, DKGMAugment, KeepsSample, SeedSource, batch_size, check_p,
+                         plain_labels, refuse_ambiguous, sample_label)
 
 __all__ = ["BankAugment"]
 
@@ -79,9 +78,8 @@ class BankAugment(KeepsSample, v2.Transform):
         if not self.bank.uses_labels:
             return [c[0] if c else None for c in candidates]
         if isinstance(label, AmbiguousLabel):
-            raise DataError(f"the sample is a dict holding {len(label)} number(s), none under exactly one label key, "
-                            "and this bank's neighbours depend on the class: put the class under the key 'label'")
-        labels = _per_image(label, len(digests))
+            refuse_ambiguous(label)
+        labels = plain_labels(label, len(digests))
         if labels is None and all(len(c) < 2 for c in candidates):
             return [c[0] if c else None for c in candidates]
         row_labels = self.bank.row_labels()
@@ -104,13 +102,3 @@ class BankAugment(KeepsSample, v2.Transform):
     def extra_repr(self) -> str:
         return f"k={self.bank.k}, rows={len(self.bank)}, p={self.p}, missing={self.missing!r}"
 
-
-def _per_image(label, n: int):
-    """A sample's label(s) as one plain label per image, or None when the sample has none."""
-    if label is None:
-        return None
-    labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
-        list(label) if isinstance(label, (list, tuple)) else [label])
-    if len(labels) != n:
-        raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
-    return [plain_label(y) for y in labels]

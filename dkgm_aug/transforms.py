@@ -280,6 +280,23 @@ def sample_label(sample, flat_sample, images):
     return found[0] if found else None
 
 
+def refuse_ambiguous(label: AmbiguousLabel):
+    raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
+                    f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
+                    "(or pass (img, label))")
+
+
+def plain_labels(label, n: int) -> list | None:
+    """A sample's label(s) as one plain (hashable) label per image, or None when it has none."""
+    if label is None:
+        return None
+    labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
+        list(label) if isinstance(label, (list, tuple)) else [label])
+    if len(labels) != n:
+        raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
+    return [plain_label(v) for v in labels]
+
+
 def model_labels(model, label, n: int) -> list | None:
     """The class indices (ints) a class-conditional ``model`` takes for ``n`` images from a sample's
     ``label``, checked; a per-class kernel-smoothed score's class label values (checked by the model;
@@ -288,17 +305,9 @@ def model_labels(model, label, n: int) -> list | None:
     if isinstance(label, AmbiguousLabel):
         if not uses_labels:
             return None
-        raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
-                        f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
-                        "(or pass (img, label))")
+        refuse_ambiguous(label)
     if getattr(model, "per_class", False):
-        if label is None:
-            return None
-        labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
-            list(label) if isinstance(label, (list, tuple)) else [label])
-        if len(labels) != n:
-            raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
-        return [plain_label(v) for v in labels]
+        return plain_labels(label, n)
     if not getattr(model, "conditional", False):
         return None
     if label is None:
