@@ -195,7 +195,10 @@ def neighbour_quality(net: FeatureNet, images01: torch.Tensor, labels: torch.Ten
     """The yardstick's scores of images ``[N, C, H, W]`` in [0, 1] made from sources with
     ``labels``: sharpness, Frechet distance to ``ref_features`` (real images' features from the
     same ``net``), and label preservation (share that ``net`` assigns to their source's class)."""
+    labels = torch.as_tensor(labels)
+    if labels.shape != (len(images01),):   # [N, 1] broadcast to [N, N]: a wrong share, silently
+        raise DataError(f"labels must be 1-D, one per image ({len(images01)}), got shape {tuple(labels.shape)}")
     f = features(net, images01)
-    kept = (net.head(f).argmax(1) == torch.as_tensor(labels)).double().mean()
+    kept = (net.head(f).argmax(1) == labels.to(f.device)).double().mean()
     return dict(sharpness=sharpness(images01), frechet_distance=frechet_distance(f, ref_features),
                 label_preservation=float(kept))

@@ -109,7 +109,11 @@ class LabelFilter:
         """Each source's class index: its label (mapped by ``class_index``), else the prediction."""
         if labels is None:
             return self.predict(x01)
-        mapped = [self.class_index.get(y, y) if self.class_index else y for y in labels]
+        if self.class_index and any(y not in self.class_index for y in labels):
+            missing = sorted({repr(y) for y in labels if y not in self.class_index})
+            raise DataError(f"labels {missing[:5]} are not in class_index: map every label to a class index of "
+                            "the classifier (an unmapped label was taken as an index: another class, silently)")
+        mapped = [self.class_index[y] if self.class_index else y for y in labels]
         if not all(isinstance(y, int) and not isinstance(y, bool) for y in mapped):
             raise DKGMError(f"labels {sorted(set(map(repr, mapped)))[:5]} are not class indices of the classifier; "
                             "pass LabelFilter(..., class_index={label: index})")

@@ -23,6 +23,15 @@ def test_choose_keeps_labels_then_matches_sharpness_then_prefers_diversity():
     assert none["labels_kept"] is False and none["label_preservation"] == 0.95
 
 
+def test_a_setting_exactly_on_the_tolerance_is_within_it():
+    """0.92 - 0.1 is 0.8200000000000001 in floats: a setting at exactly 0.82 was dropped, and a
+    blurrier one chosen in its place, still marked as keeping the labels."""
+    real = dict(sharpness=0.18, label_preservation=0.92)
+    rows = [row(0.5, 4, 0.18, 0.82), row(0.25, 4, 0.10, 0.86)]
+    chosen = choose(rows, real, tolerance=0.1)
+    assert (chosen["alpha"], chosen["sharpness"], chosen["labels_kept"]) == (0.5, 0.18, True)
+
+
 def test_cli_calibrate_writes_the_defaults(tmp_path, capsys):
     out = tmp_path / "cal.safetensors"
     assert main(["calibrate", "digits-tiny", "--data", "digits", "--n", "32", "--out", str(out)]) == 0

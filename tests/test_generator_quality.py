@@ -76,3 +76,18 @@ def test_label_preservation_follows_the_labels(bench):
     _, fd_flat, wrong = bench.scores(net, torch.zeros_like(x), (test.targets[:100] + 1) % 10, ref)
     assert right > 0.9 and wrong < 0.3
     assert fd_flat > 5 * fd_real
+
+
+def test_label_preservation_refuses_labels_that_would_broadcast(bench):
+    """Labels shaped [N, 1] broadcast against the N predictions to [N, N]: the share came out
+    wrong with no error. They are refused."""
+    from dkgm_aug import DataError
+    from dkgm_aug.features import neighbour_quality
+    test = digits(split="test")
+    net, _ = bench.yardstick("digits")
+    x01 = test.images[:20].float() / 255
+    ref = bench.features(net, test.images[100:200])
+    good = neighbour_quality(net, x01, test.targets[:20], ref)["label_preservation"]
+    assert good > 0.9
+    with pytest.raises(DataError, match=r"labels must be 1-D, one per image \(20\), got shape \(20, 1\)"):
+        neighbour_quality(net, x01, test.targets[:20, None], ref)

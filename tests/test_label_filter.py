@@ -90,6 +90,10 @@ def test_labels_must_be_class_indices_or_mapped():
     f = LabelFilter(Bright(), class_index={"cat": 1, "dog": 0})
     filtered_generate(Inverter(), x, [1, 2], labels=["cat", "dog"], label_filter=f)
     assert set(f.drawn) == {0, 1}
+    # a label the map lacks was taken as a class index of its own: label 1 became index 1, "label 3"
+    partial = LabelFilter(Bright(), class_index={3: 0, 7: 1})
+    with pytest.raises(DataError, match=r"labels \['1'\] are not in class_index"):
+        filtered_generate(Inverter(), x, [1, 2], labels=[3, 1], label_filter=partial)
 
 
 def test_transform_with_filter_keeps_classes_and_is_deterministic():
