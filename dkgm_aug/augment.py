@@ -99,11 +99,13 @@ def check_image_size(model, height: int, width: int) -> None:
 def load_generator(spec, device=None):
     """A generator from a shipped name, a checkpoint path, or a model object. A model object needs
     only the :class:`NeighbourSource` part of :class:`Generator`: it is used, never saved, and
-    never changed: its train/eval mode stays (generation runs in eval mode and restores it), and
-    on another ``device`` a copy is used (the user's object is not moved)."""
+    never changed: one in train mode is used through an eval-mode copy (taken once: later weight
+    updates are not seen), and on another ``device`` a copy is used (the user's object is not moved)."""
     if isinstance(spec, torch.nn.Module):
         if not isinstance(spec, NeighbourSource):
             raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator (see dkgm_aug.augment.Generator)")
+        if spec.training:      # an eval-mode copy: toggling the user's own model could race with other threads
+            return copy.deepcopy(spec).eval().to(device if device is not None else model_device(spec))
         return spec if device is None or same_device(model_device(spec), device) else copy.deepcopy(spec).to(device)
     model = load(spec).eval()
     return model.to(device) if device is not None else model

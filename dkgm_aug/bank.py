@@ -207,12 +207,13 @@ class NeighbourBank:
             warnings.warn(f"{exc}; ignoring it, build() will make the bank again", stacklevel=3)
             return
         # the fingerprint holds no pixels: the first row's source against the data, at once (each row's
-        # is checked when first served); one image read
+        # is checked when served by BalancedDKGMDataset, BankAugment finds images by their pixels); one
+        # image read. A warning: a dataset whose transform already holds BankAugment reads changed pixels
         if len(self) and self.ds is not None and \
                 bytes(self._store.sources[0].numpy()) != cache_file.digest(source_unit(self.source_image(0))):
-            self._store = None
-            raise DKGMError(f"the neighbour bank {self.path} was made from other images (row 0's source differs from "
-                            "the data's): the data changed since; delete it or pass another path")
+            warnings.warn(f"the neighbour bank {self.path} was made from other images than the dataset's (row 0's "
+                          "source differs): the data changed since it was made, or the dataset's transform changes "
+                          "its images; delete the bank if the data changed", stacklevel=3)
 
     # -- making rows ---------------------------------------------------------------------------------
     def _generator(self, device=None):

@@ -64,13 +64,12 @@ def _as_array(raw) -> np.ndarray:
 
 def stored_labels(ds):
     """The labels ``ds`` keeps beside its images, or None: a torchvision ``DatasetFolder``'s
-    ``.samples`` (what its items read: classes merged by editing ``samples`` leave ``.targets``
-    stale), ``.targets`` or ``.labels``, through ``Subset`` (the base's labels at ``.indices``) and
+    ``.samples`` (what its ``__getitem__`` reads: classes merged by editing ``samples`` leave
+    ``.targets`` stale), ``.targets`` or ``.labels``, through ``Subset`` (the base's labels at ``.indices``) and
     ``ConcatDataset`` (each part's, in order)."""
-    samples = getattr(ds, "samples", None)
-    if (isinstance(samples, list) and samples and len(samples) == len(ds)
-            and all(isinstance(s, tuple) and len(s) == 2 for s in samples)):
-        return _as_array([s[1] for s in samples])
+    from torchvision.datasets import DatasetFolder
+    if type(ds).__getitem__ is DatasetFolder.__getitem__ and len(ds.samples) == len(ds):   # its items read samples
+        return _as_array([s[1] for s in ds.samples])
     for name in ("targets", "labels"):
         raw = getattr(ds, name, None)
         if isinstance(raw, (list, tuple, np.ndarray, torch.Tensor)):

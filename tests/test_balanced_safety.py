@@ -283,25 +283,37 @@ def test_cache_with_a_model_object_as_generator(tmp_path):
     assert len(again._cache) == first.n_synthetic and torch.equal(again[6][0], first[6][0])
 
 
-def test_a_dataset_folder_with_classes_merged_in_samples_is_balanced_by_its_items_labels():
+def test_a_dataset_folder_with_classes_merged_in_samples_is_balanced_by_its_items_labels(tmp_path):
     """torchvision's DatasetFolder reads its items' labels from ``.samples``; merging classes there
     (a common recipe) leaves ``.targets`` stale. The stored labels were trusted after three items
     agreed, so the counts and the balancing followed the stale labels (a class that no longer exists
-    got synthetic items). ``.samples`` is what the items read, and is read first now."""
-    class Folder(torch.utils.data.Dataset):
+    got synthetic items). A DatasetFolder's ``.samples`` is what its items read, and is read first;
+    any other dataset's ``samples`` attribute is not taken for labels."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    sizes = {"a": 40, "b": 10, "c": 50}
+    g = np.random.default_rng(0)
+    for name, n in sizes.items():
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.fromarray(g.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / name / f"{i:03d}.png")
+    folder = ImageFolder(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im.convert("L")).copy())[None])
+    merge = {0: 0, 1: 0, 2: 2}                        # b (class 1, items 40-49) merged into a
+    folder.samples = [(p, merge[y]) for p, y in folder.samples]
+    folder.samples[5] = (folder.samples[5][0], 2)     # one image of a relabelled by hand
+    ds = BalancedDKGMDataset(folder, "fashion-mnist-tiny", progress=False, cache=None)
+    assert ds.class_counts_before == {0: 49, 2: 51}   # no class 1 is left to fill
+    assert ds.class_counts == {0: 51, 2: 51}
+
+    class Annotated(torch.utils.data.Dataset):       # a samples list that holds no labels
         def __init__(self):
-            g = torch.Generator().manual_seed(0)
-            self.images = torch.randint(0, 256, (100, 1, 8, 8), generator=g, dtype=torch.uint8)
-            self.targets = [0] * 40 + [2] * 10 + [1] * 50                  # as found on disk
-            merge = {0: 0, 1: 1, 2: 1}                                      # classes 1 and 2 merged
-            self.samples = [(f"img{i}.png", merge[y]) for i, y in enumerate(self.targets)]
-            self.samples[5] = ("img5.png", 2)                              # one item relabelled by hand
+            self.images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+            self.targets = [0, 0, 0, 1]
+            self.samples = [("x.png", None)] * 4
 
         def __len__(self):
-            return 100
+            return 4
 
         def __getitem__(self, i):
-            return self.images[i], self.samples[i][1]
-    ds = BalancedDKGMDataset(Folder(), "fashion-mnist-tiny", progress=False)
-    assert ds.class_counts_before == {0: 39, 1: 60, 2: 1}
-    assert ds.class_counts == {0: 60, 1: 60, 2: 60} and len(ds) == 3 * 60
+            return self.images[i], self.targets[i]
+    assert BalancedDKGMDataset(Annotated(), "fashion-mnist-tiny", progress=False).class_counts_before == {0: 3, 1: 1}

@@ -80,7 +80,7 @@ def test_file_is_reopened_and_never_regenerated(gen, tmp_path, monkeypatch):
     assert again.built and torch.equal(again.neighbour(9, 1), bank.neighbour(9, 1))
     with pytest.raises(DKGMError, match=r"differs in \['k'"):
         NeighbourBank(Items(), gen, k=3, path=path)
-    with pytest.raises(DKGMError, match=r"was made from other images \(row 0"):   # at once, on reopening
+    with pytest.warns(UserWarning, match=r"made from other images than the dataset's \(row 0"):   # on reopening
         NeighbourBank(Items(seed=1), gen, k=2, path=path)
     changed = Items()
     changed.images[9] = 255 - changed.images[9]                      # one image changed: found when served
@@ -351,3 +351,31 @@ def test_bank_augment_serves_the_row_of_the_sample_label_when_rows_depend_on_lab
         BankAugment(bank, p=0.0)(other, 3)                               # checked at any p
     plain = NeighbourBank([(twin, 0), (twin, 2), (other, 1)], micro_model(), k=1).build(progress=False)
     assert torch.equal(BankAugment(plain, p=0.0)(other, 3)[0], other)   # an unconditional bank ignores labels
+
+
+def test_bank_augment_reads_only_labels_a_sample_names_plainly():
+    """The label check of a label-dependent bank must not refuse samples it cannot read a class
+    from: list labels of a batch count, an index beside the label, a float weight or a dict without
+    a label key are no label, and a bank whose rows have no label (a filter over bare images)
+    checks nothing."""
+    model = _conditional_generator()
+    g = torch.Generator().manual_seed(5)
+    images = [(torch.rand(1, 8, 8, generator=g) * 255).to(torch.uint8) for _ in range(3)]
+    bank = NeighbourBank(list(zip(images, [0, 1, 2])), model, k=1).build(progress=False)
+    aug = BankAugment(bank, p=1.0, seed=0)
+    x = torch.stack(images)
+    assert torch.equal(aug(x, [0, 1, 2])[0], torch.stack([bank.neighbour(r, 0) for r in range(3)]))
+    with pytest.raises(DataError, match="relabelled"):
+        aug(x, [0, 1, 3])                                           # a list of labels is read, one per image
+    for sample in ((images[1], 7, 1), (images[1], 0.5), {"image": images[1], "index": 0}):
+        out = aug(*sample) if isinstance(sample, tuple) else aug(sample)
+        first = out["image"] if isinstance(out, dict) else out[0]
+        assert torch.equal(first, bank.neighbour(1, 0))           # no class read: the image's one row
+    from dkgm_aug import LabelFilter
+
+    class Dark(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([1 - x.mean((1, 2, 3)), x.mean((1, 2, 3))], 1)
+    bare = NeighbourBank(images, micro_model(image_size=8), k=1, label_filter=LabelFilter(Dark())).build(progress=False)
+    assert bare.row_labels() == [None, None, None]
+    assert BankAugment(bare, p=0.0)(images[0], 1)[0].shape == images[0].shape
