@@ -1,4 +1,4 @@
-"""Replay issue 12's silent-wrong-result cases, and those a second review found (``r2.``): each
+"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.``, ``r3.``): each
 must raise a clear library error or give the right result, and none may run for more than 10 s.
 
     python benchmarks/silent_cases.py                       # prints a table, exit 1 if a case fails
@@ -276,6 +276,56 @@ def case_loader_epochs(tmp: Path, gen: Path) -> str:
     return f"epochs=1 of a DataLoader of {len(loader)} batches is {steps} steps"
 
 
+# -- the third round (2026-11-28, reviews of the siblings, the CLI and data, the maths) ----------------
+def case_evae_size(tmp: Path, gen: Path) -> str:
+    torch.manual_seed(0)
+    evae = dkgm_aug.EVAE(channels=1, image_size=8, d_z=3, widths=(4, 4, 8, 8)).eval()
+    return raises(lambda: DKGMAugment(evae, p=1.0, seed=0)(torch.rand(1, 10, 10)), "trained on 8x8")
+
+
+def case_folder_merged(tmp: Path, gen: Path) -> str:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    g = np.random.default_rng(0)
+    for name, n in (("a", 40), ("b", 10), ("c", 50)):
+        (tmp / "f" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(g.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp / "f" / name / f"{i:03d}.png")
+    folder = ImageFolder(tmp / "f", transform=lambda im: torch.from_numpy(np.asarray(im.convert("L")).copy())[None])
+    folder.samples = [(p, 0 if y == 1 else y) for p, y in folder.samples]   # b merged into a; .targets stale
+    ds = BalancedDKGMDataset(folder, gen, progress=False, cache=None)
+    assert ds.class_counts_before == {0: 50, 2: 50}, ds.class_counts_before
+    return f"balanced by .samples: {ds.class_counts_before} (.targets said {{0: 40, 1: 10, 2: 50}})"
+
+
+def case_precompute_changed(tmp: Path, gen: Path) -> str:
+    from dkgm_aug.precompute import precompute
+    data = small_set()
+    precompute(data, gen, tmp / "s", shard_size=4, progress=False)
+    changed = data.subset(list(range(len(data))))
+    changed.images = 255 - changed.images
+    return raises(lambda: precompute(changed, gen, tmp / "s", shard_size=4, progress=False), "other images")
+
+
+def case_bank_relabelled_sample(tmp: Path, gen: Path) -> str:
+    from dkgm_aug import BankAugment, NeighbourBank
+    torch.manual_seed(0)
+    cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    cond = DKGM(UNetConfig(**cfg, num_classes=3), UNetConfig(**cfg, time_input=True), image_size=8).eval()
+    images = small_set().images
+    bank = NeighbourBank([(im, int(i >= 8)) for i, im in enumerate(images)], cond, k=1).build(progress=False)
+    return raises(lambda: BankAugment(bank, p=1.0, seed=0)(images[0], 2), "relabelled")
+
+
+def case_calibrate_edge(tmp: Path, gen: Path) -> str:
+    from dkgm_aug.calibrate import choose
+    rows = [dict(alpha=0.5, steps=4, sharpness=0.18, label_preservation=0.82),
+            dict(alpha=0.25, steps=4, sharpness=0.10, label_preservation=0.86)]
+    chosen = choose(rows, dict(sharpness=0.18, label_preservation=0.92), tolerance=0.1)
+    assert chosen["alpha"] == 0.5, chosen
+    return "a setting exactly on the tolerance is kept (0.92 - 0.1 = 0.8200000000000001 in floats)"
+
+
 CASES = [
     ("1. cache file made from another dataset's pixels", case_cache_pixels),
     ("2. train A then B with the default work folder", case_default_work_dir),
@@ -296,6 +346,11 @@ CASES = [
     ("r2. .npz images stored N,C,H,W", case_npz_chw),
     ("r2. label filter whose classifier has fewer classes than the labels", case_filter_classes),
     ("r2. Trainer(epochs=1) with a DataLoader of its own batch size", case_loader_epochs),
+    ("r3. an 8x8 EVAE given 10x10 images (a grey frame)", case_evae_size),
+    ("r3. ImageFolder with classes merged in .samples", case_folder_merged),
+    ("r3. precompute rerun on changed images", case_precompute_changed),
+    ("r3. BankAugment given a label the conditional bank did not use", case_bank_relabelled_sample),
+    ("r3. calibration: a setting exactly on the label tolerance", case_calibrate_edge),
 ]
 
 
