@@ -150,7 +150,7 @@ while [ "$(date +%s)" -lt "$END" ]; do
     [ -n "$DKGM_STARTED" ] && [ -z "$(jobs -pr | grep -vx "${SMI_PID:-none}")" ] && break   # nvidia-smi runs on
     sleep 5
 done
-log "deadline or all done; stopping what is left: $(jobs -pr | wc -l) job(s)"
+log "deadline or all done; stopping what is left: $(jobs -pr | grep -vx "${SMI_PID:-none}" | wc -l) job(s)"
 # only this session's runs: each names an --out under $WORK (other runs on the machine are left alone)
 pkill -TERM -f -- "--out $WORK/"; sleep 3; pkill -KILL -f -- "--out $WORK/"
 [ -n "$SMI_PID" ] && kill "$SMI_PID"
