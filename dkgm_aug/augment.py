@@ -105,9 +105,13 @@ def load_generator(spec, device=None):
         if not isinstance(spec, NeighbourSource):
             raise DKGMError(f"{type(spec).__name__} is not a dkgm_aug generator (see dkgm_aug.augment.Generator)")
         if spec.training:      # an eval-mode copy: toggling the user's own model could race with other threads
-            return copy.deepcopy(spec).eval().to(device if device is not None else model_device(spec))
-        return spec if device is None or same_device(model_device(spec), device) else copy.deepcopy(spec).to(device)
-    model = load(spec).eval()
+            model = copy.deepcopy(spec).eval()
+        elif device is None or same_device(model_device(spec), device):
+            return spec
+        else:
+            model = copy.deepcopy(spec)
+    else:
+        model = load(spec).eval()
     return model.to(device) if device is not None else model
 
 

@@ -218,6 +218,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     def _image(self, item):
         return self._field(item, self.image_key, 0)
 
+    def source_image(self, j: int):
+        """The source image of synthetic item ``j`` (counted among the synthetic items), as its item holds it."""
+        return self._image(self.ds[int(self._sources[j])])
+
     def _label(self, item):
         return self._field(item, self.label_key, 1)
 
@@ -325,7 +329,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         with tqdm(total=len(todo), desc="generating", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 js = todo[start:start + batch_size]
-                images = [self._image(self.ds[int(self._sources[j])]) for j in js]
+                images = [self.source_image(j) for j in js]
                 self._keep(js, *self._make(js, images, model))
                 bar.update(len(js))
         if self.label_filter is not None and todo:
@@ -389,7 +393,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         self._digests, self._checked = digests.clone(), torch.zeros(self.n_synthetic, dtype=torch.bool)
         self._cache_path = path
         if self.n_synthetic:
-            self._check_sources({0: self._image(self.ds[int(self._sources[0])])})
+            self._check_sources({0: self.source_image(0)})
         self._cache_file_ok = self._cache_file_ok or Path(path) == self.cache
         return self
 

@@ -209,8 +209,7 @@ class NeighbourBank:
         # the fingerprint holds no pixels: the first row's source against the data, at once (each row's
         # is checked when served by BalancedDKGMDataset, BankAugment finds images by their pixels); one
         # image read. A warning: a dataset whose transform already holds BankAugment reads changed pixels
-        if len(self) and self.ds is not None and \
-                bytes(self._store.sources[0].numpy()) != cache_file.digest(source_unit(self.source_image(0))):
+        if len(self) and self.ds is not None and bytes(self._store.sources[0].numpy()) != self.source_digest(0):
             warnings.warn(f"the neighbour bank {self.path} was made from other images than the dataset's (row 0's "
                           "source differs): the data changed since it was made, or the dataset's transform changes "
                           "its images; delete the bank if the data changed", stacklevel=3)
@@ -265,7 +264,7 @@ class NeighbourBank:
         if self.path is not None and self.path.suffix != ".safetensors":
             shards.write_shards(self.path, "bank", self.fingerprint(), len(self), shard_size,
                                 lambda a, b: self.make_rows(a, b, model, batch_size), progress=progress,
-                                source_digest=lambda r: cache_file.digest(source_unit(self.source_image(r))))
+                                source_digest=self.source_digest)
         else:
             with tqdm(total=len(self), desc=f"bank: {self.k} neighbours per image", disable=not progress) as bar:
                 images, sources, counts = self.make_rows(0, len(self), model, batch_size, bar)
@@ -328,6 +327,10 @@ class NeighbourBank:
     def source_image(self, row: int):
         """The source image of row ``row`` in the dataset at hand (as the item holds it)."""
         return _field(self.ds[int(self.indices[row])], self.image_key, 0)
+
+    def source_digest(self, row: int) -> bytes:
+        """The :func:`dkgm_aug.cache.digest` of row ``row``'s source image in the dataset at hand."""
+        return cache_file.digest(source_unit(self.source_image(row)))
 
     def row_of_index(self, index: int) -> int:
         """The row of dataset item ``index``."""

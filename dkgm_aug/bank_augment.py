@@ -52,7 +52,7 @@ class BankAugment(KeepsSample, v2.Transform):
     def make_params(self, flat_inputs) -> dict:
         n = batch_size(flat_inputs[0]) if flat_inputs else 1
         return dict(apply=self.rng.rand(n) < self.p, pick=self.rng.seeds(n),
-                    labels=_class_labels((_SAMPLE.get() or ((), ()))[0], n))
+                    labels=_class_labels(_SAMPLE.get(), n) if self.bank.uses_labels else None)
 
     def transform(self, inpt, params: dict):
         x01, restore = to_batch(inpt)

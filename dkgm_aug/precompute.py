@@ -58,7 +58,7 @@ def _synthetic_rows(balanced: BalancedDKGMDataset, model, batch_size: int):
         images, digests = [], []
         for b in range(start, stop, batch_size):
             js = list(range(b, min(b + batch_size, stop)))
-            sources = [balanced._image(balanced.ds[int(balanced._sources[j])]) for j in js]
+            sources = [balanced.source_image(j) for j in js]
             qs, ds = balanced._make(js, sources, model)
             images, digests = images + qs, digests + ds
         if not images:
@@ -94,17 +94,16 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
                                          device=device, progress=False, dtype=dtype, compile=compile)
             kind, n_rows = "balanced", target.n_synthetic
             make = _synthetic_rows(target, target._generator(), batch_size)
-            source = lambda j: target._image(ds[int(target._sources[j])])   # noqa: E731
+            digest = lambda j: cache_file.digest(source_unit(target.source_image(j)))   # noqa: E731
         else:
             target = NeighbourBank(ds, generator, bank_k, alpha=alpha, steps=steps, seed=seed, device=device,
                                    dtype=dtype, compile=compile)
             kind, n_rows, model = "bank", len(target), target._generator()
             make = lambda a, b: target.make_rows(a, b, model, batch_size)   # noqa: E731
-            source = lambda r: target.source_image(r)                      # noqa: E731
+            digest = target.source_digest
         done = shards.write_shards(Path(out), kind, target.fingerprint(), n_rows, shard_size, make, rank, world,
                                    progress=progress and (rank == 0 or not joined), info=info,
-                                   after_shard=after_shard,
-                                   source_digest=lambda row: cache_file.digest(source_unit(source(row))))
+                                   after_shard=after_shard, source_digest=digest)
         done.update(kind=kind, rows=n_rows, rank=rank, world_size=world, seconds=time.perf_counter() - start,
                     complete=None)
         if world == 1 or dist.is_initialized():

@@ -192,10 +192,10 @@ def write_shards(folder, kind: str, fingerprint: dict, n_rows: int, shard_size: 
     ensure_manifest(folder, manifest(kind, fingerprint, n_rows, shard_size, info))
     mine = list(range(rank, len(ranges), world_size))
     todo = [i for i in mine if not finished(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i])]
-    for i in (i for i in mine if i not in todo and source_digest is not None and ranges[i][1] > ranges[i][0]):
+    for i in sorted(set(mine) - set(todo)) if source_digest is not None else ():
         start = ranges[i][0]
         _, sources = open_shard(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i], verify=False)
-        if bytes(sources[0].numpy()) != source_digest(start):
+        if len(sources) and bytes(sources[0].numpy()) != source_digest(start):
             raise DKGMError(f"{folder} was made from other images (row {start}'s source differs from the data's): "
                             "the data changed since; delete the folder or pass another one")
     total = sum(ranges[i][1] - ranges[i][0] for i in todo)

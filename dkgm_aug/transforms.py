@@ -155,11 +155,12 @@ class GeneratorHandle:
 
 class KeepsSample:
     """A mixin for a v2 transform whose ``make_params`` reads the sample's label: torchvision hands
-    it only the images, so ``forward`` keeps the whole sample at hand (``_SAMPLE``) meanwhile."""
+    it only the images, so ``forward`` keeps the whole sample at hand (``_SAMPLE``, unflattened)
+    meanwhile."""
 
     def forward(self, *inputs):
         sample = inputs if len(inputs) > 1 else inputs[0]
-        token = _SAMPLE.set((sample, tree_flatten(sample)[0]))
+        token = _SAMPLE.set(sample)
         try:
             return super().forward(*inputs)
         finally:
@@ -216,9 +217,9 @@ class DKGMAugment(KeepsSample, v2.Transform):
         self.rng = SeedSource(seed)
 
     def make_params(self, flat_inputs) -> dict:
-        n = batch_size(flat_inputs[0]) if flat_inputs else 1
+        n, sample = batch_size(flat_inputs[0]) if flat_inputs else 1, _SAMPLE.get()
         return dict(apply=self.rng.rand(n) < self.p, seeds=self.rng.seeds(n),
-                    labels=sample_label(*(_SAMPLE.get() or ((), ())), flat_inputs))
+                    labels=sample_label(sample, tree_flatten(sample)[0], flat_inputs))
 
     def transform(self, inpt, params: dict):
         # the whole input is checked before p is looked at, so a bad image fails at any p and seed
@@ -280,23 +281,6 @@ def sample_label(sample, flat_sample, images):
     return found[0] if found else None
 
 
-def refuse_ambiguous(label: AmbiguousLabel):
-    raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
-                    f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
-                    "(or pass (img, label))")
-
-
-def plain_labels(label, n: int) -> list | None:
-    """A sample's label(s) as one plain (hashable) label per image, or None when it has none."""
-    if label is None:
-        return None
-    labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
-        list(label) if isinstance(label, (list, tuple)) else [label])
-    if len(labels) != n:
-        raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
-    return [plain_label(v) for v in labels]
-
-
 def model_labels(model, label, n: int) -> list | None:
     """The class indices (ints) a class-conditional ``model`` takes for ``n`` images from a sample's
     ``label``, checked; a per-class kernel-smoothed score's class label values (checked by the model;
@@ -305,9 +289,17 @@ def model_labels(model, label, n: int) -> list | None:
     if isinstance(label, AmbiguousLabel):
         if not uses_labels:
             return None
-        refuse_ambiguous(label)
+        raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
+                        f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
+                        "(or pass (img, label))")
     if getattr(model, "per_class", False):
-        return plain_labels(label, n)
+        if label is None:
+            return None
+        labels = label.reshape(-1).tolist() if isinstance(label, (torch.Tensor, np.ndarray)) else (
+            list(label) if isinstance(label, (list, tuple)) else [label])
+        if len(labels) != n:
+            raise DataError(f"{len(labels)} labels for {n} images: pass one class label per image")
+        return [plain_label(v) for v in labels]
     if not getattr(model, "conditional", False):
         return None
     if label is None:
