@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dkgm-p", type=float, default=0.5, help="DKGMAugment's p in dkgm_augment and ros_dkgm")
     p.add_argument("--dkgm-alpha", type=float, default=None,
                    help="DKGM methods: the noise level alpha (default: the generator's own, calibrated one); a knob")
+    p.add_argument("--dkgm-steps", type=int, default=None,
+                   help="DKGM methods: stage-2 steps, 0 for stage-1 neighbours only (default: the generator's own); a knob")
     p.add_argument("--bank", type=int, default=0, metavar="K",
                    help="DKGM rows (dkgm_balanced, dkgm_deferred and the augmented ones) draw from a bank of K neighbours per "
                         "minority image, made once and shared by seeds and methods, instead of generating online")

@@ -133,9 +133,10 @@ def neighbour_bank(args, lt, minority):
     indices = torch.nonzero(minority[lt.targets]).flatten()
     gen = generator_for("ros_dkgm", args, lt, 0)
     stem = (f"{Path(str(gen)).stem}-k{args.bank}" + ("-filtered" if args.label_filter else "")
-            + (f"-alpha{args.dkgm_alpha:g}" if args.dkgm_alpha is not None else ""))
+            + (f"-alpha{args.dkgm_alpha:g}" if args.dkgm_alpha is not None else "")
+            + (f"-steps{args.dkgm_steps}" if args.dkgm_steps is not None else ""))
     bank = NeighbourBank(lt, gen, k=args.bank, indices=indices, seed=0, device=args.device, alpha=args.dkgm_alpha,
-                         label_filter=label_filter(args), path=Path(args.out) / "banks" / stem)
+                         steps=args.dkgm_steps, label_filter=label_filter(args), path=Path(args.out) / "banks" / stem)
     return bank.build(progress=not args.quick)
 
 
@@ -170,7 +171,7 @@ def build_pool(method: str, args, lt, seed: int) -> Pool:
         bank = neighbour_bank(args, lt, minority_classes(counts)) if dkgm and args.bank else None
         return Pool(images, targets, balanced=BalancedDKGMDataset(
             lt, generator=generator_for(method, args, lt, seed), sampling_strategy="auto", seed=seed,
-            alpha=args.dkgm_alpha if dkgm else None, bank=bank,
+            alpha=args.dkgm_alpha if dkgm else None, steps=args.dkgm_steps if dkgm else None, bank=bank,
             cache="memory", progress=False, device=args.device, label_filter=label_filter(args)))
     return Pool(images, targets)
 
@@ -184,7 +185,8 @@ class Augmenter:
         self.shift, self.minority = args.shift, minority_classes(counts)
         self.randaug = v2.RandAugment() if method == "randaug" else None
         online, banked = method in AUGMENTED and not args.bank, method in AUGMENTED and bool(args.bank)
-        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), alpha=args.dkgm_alpha, p=args.dkgm_p, seed=seed,
+        self.dkgm = (DKGMAugment(generator_for(method, args, lt, seed), alpha=args.dkgm_alpha, steps=args.dkgm_steps,
+                                 p=args.dkgm_p, seed=seed,
                                  device=args.device, label_filter=label_filter(args)) if online else None)
         self.bank = BankAugment(neighbour_bank(args, lt, self.minority), p=args.dkgm_p, seed=seed) if banked else None
         self.seconds, self.n_changed = 0.0, 0

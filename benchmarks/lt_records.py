@@ -25,8 +25,8 @@ KNOBS = {"drw": ("drw_start",), "drs": ("drw_start",), "ldam_drw": ("drw_start",
          "evae_balanced": ("evae",), "kss_balanced": ("kss",)}
 for _m in GENERATIVE:      # a label filter is a knob of every generative method (shown only when set)
     KNOBS[_m] += ("label_filter",)
-for _m in ("dkgm_balanced", "dkgm_deferred") + AUGMENTED:   # so are a neighbour bank and DKGM's alpha (when set)
-    KNOBS[_m] += ("bank", "dkgm_alpha")
+for _m in ("dkgm_balanced", "dkgm_deferred") + AUGMENTED:   # so are a neighbour bank, DKGM's alpha and steps (when set)
+    KNOBS[_m] += ("bank", "dkgm_alpha", "dkgm_steps")
 
 
 def knob_value(name: str, args):
@@ -49,7 +49,7 @@ def knobs_of(method: str, args) -> str:
         names = names + KNOBS.get(args.combine_loss, ())
     return " ".join(f"{n}={knob_value(n, args)}" for n in dict.fromkeys(names)
                     if (n != "label_filter" or args.label_filter) and (n != "bank" or args.bank)
-                    and (n != "dkgm_alpha" or args.dkgm_alpha is not None))
+                    and (n not in ("dkgm_alpha", "dkgm_steps") or getattr(args, n) is not None))
 
 
 def parse_knobs(knobs: str) -> dict:

@@ -1,4 +1,4 @@
-"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.``, ``r3.``): each
+"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.`` to ``r4.``): each
 must raise a clear library error or give the right result, and none may run for more than 10 s.
 
     python benchmarks/silent_cases.py                       # prints a table, exit 1 if a case fails
@@ -326,6 +326,66 @@ def case_calibrate_edge(tmp: Path, gen: Path) -> str:
     return "a setting exactly on the tolerance is kept (0.92 - 0.1 = 0.8200000000000001 in floats)"
 
 
+def _conditional(n_classes=3) -> DKGM:
+    torch.manual_seed(0)
+    cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
+    return DKGM(UNetConfig(**cfg, num_classes=n_classes), UNetConfig(**cfg, time_input=True), image_size=8)
+
+
+def case_tuple_index(tmp: Path, gen: Path) -> str:
+    return raises(lambda: DKGMAugment(_conditional(), seed=0)(tv_tensors.Image(torch.rand(1, 8, 8)), 2, 1),
+                  "more than one number")
+
+
+def case_npz_string_labels(tmp: Path, gen: Path) -> str:
+    np.savez(tmp / "s.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array(["0", "2", "10", "9"]))
+    got = dkgm_aug.data.npz(tmp / "s.npz").targets.tolist()
+    assert got == [0, 2, 10, 9], got
+    np.savez(tmp / "b.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.array([b"cat", b"ant"]))
+    names = dkgm_aug.data.npz(tmp / "b.npz").classes
+    assert names == ["ant", "cat"], names
+    return "integer strings are class indices ('2' stays 2; it was class 3), byte strings decoded ('ant', not \"b'ant'\")"
+
+
+def case_calibrate_class_order(tmp: Path, gen: Path) -> str:
+    from dkgm_aug.calibrate import calibrate
+    from dkgm_aug.label_filter import load_evaluator
+    digits = dkgm_aug.data.load_dataset("digits", split="train")
+    other_order = ImageDataset(digits.images, (digits.targets * 3 + 1) % 10)
+    return raises(lambda: calibrate(dkgm_aug.load("digits-tiny"), other_order, load_evaluator("digits-evaluator"),
+                                    n=64, alphas=(0.25,), steps=(2,)), "class order")
+
+
+def case_conditional_class_order(tmp: Path, gen: Path) -> str:
+    model = _conditional()
+    model.info["classes"] = ["cat", "dog", "eel"]
+    data = ImageDataset(small_set((5, 3, 1)).images, torch.tensor([0] * 5 + [1] * 3 + [2]), ["dog", "cat", "eel"])
+    return raises(lambda: BalancedDKGMDataset(data, model, progress=False, cache=None)[-1], "trained with classes")
+
+
+def case_merged_small_class(tmp: Path, gen: Path) -> str:
+    counts = [200, 200, 20, 200, 200]
+    targets = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+
+    class Merged(ImageDataset):              # class 2 read as class 1: .targets is stale
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x, 1 if int(y) == 2 else int(y)
+    ds = BalancedDKGMDataset(Merged(small_set((len(targets),)).images, targets), gen, progress=False, cache=None)
+    assert 2 not in ds.class_counts_before, ds.class_counts_before
+    return f"balanced from the items' own labels: {ds.class_counts}"
+
+
+def case_kss_relabel(tmp: Path, gen: Path) -> str:
+    images = small_set((3, 3)).images
+    kss = dkgm_aug.KernelSmoothedScore(images, [0, 0, 0, 1, 1, 1], h=0.0, steps=5)
+    kss.set_mean(0)
+    kss.label_codes[0] = 1
+    fresh = dkgm_aug.KernelSmoothedScore(images, [1, 0, 0, 1, 1, 1], h=0.0, steps=5)
+    assert torch.equal(kss.set_mean(0), fresh.set_mean(0))
+    return "class 0's mean follows the relabel (the cached members were served before)"
+
+
 CASES = [
     ("1. cache file made from another dataset's pixels", case_cache_pixels),
     ("2. train A then B with the default work folder", case_default_work_dir),
@@ -351,6 +411,12 @@ CASES = [
     ("r3. precompute rerun on changed images", case_precompute_changed),
     ("r3. BankAugment given a label the conditional bank did not use", case_bank_relabelled_sample),
     ("r3. calibration: a setting exactly on the label tolerance", case_calibrate_edge),
+    ("r4. (img, index, label) to a conditional generator", case_tuple_index),
+    ("r4. .npz labels as integer strings and byte strings", case_npz_string_labels),
+    ("r4. calibrate on data in another class order than the evaluator's", case_calibrate_class_order),
+    ("r4. conditional generator, dataset classes in another order", case_conditional_class_order),
+    ("r4. a small class merged in __getitem__, stale .targets", case_merged_small_class),
+    ("r4. kernel-smoothed score relabelled in place", case_kss_relabel),
 ]
 
 

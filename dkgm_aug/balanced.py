@@ -31,7 +31,7 @@ from .images import from_8bit, source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .shards import read_folder
-from .sampling import class_names, index_plan, oversampling_targets, read_labels
+from .sampling import check_class_order, class_names, index_plan, oversampling_targets, plain_label, read_labels
 
 __all__ = ["BalancedDKGMDataset", "oversampling_targets"]
 
@@ -131,6 +131,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         self.sampling_strategy = sampling_strategy
 
         self.class_values, real_codes = read_labels(ds, labels, self._label, progress)
+        self._labels_given = labels is not None
         self.classes = class_names(ds, self.class_values) or self.class_values
         counts = np.bincount(real_codes.numpy(), minlength=len(self.class_values)).tolist()
         self.class_counts_before = dict(zip(self.class_values, counts))
@@ -242,6 +243,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         idx = [self._index(i) for i in indices]
         sources = {i - self.n_real: self.ds[int(self._sources[i - self.n_real])] for i in idx if i >= self.n_real}
         images = {j: self._image(item) for j, item in sources.items()}
+        self._check_labels(sources)
         if self.bank is not None:
             made = self.bank.pick({j: int(self._sources[j]) for j in images}, images, self.seed, int(self._epoch))
         else:
@@ -257,6 +259,20 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                 item = self._replace(sources[j], _like(made[j] if j in made else self._cache[j], images[j]))
             items.append(item if self.transform is None else self._replace(item, self.transform(self._image(item))))
         return items
+
+    def _check_labels(self, sources: dict) -> None:
+        """A synthetic item is served under its source item's label: that label must still be the
+        class it was planned for (labels read from ``.targets`` may differ from the items' own)."""
+        if self._labels_given:
+            return
+        for j, item in sources.items():
+            planned = self.class_values[int(self._codes[self.n_real + j])]
+            label = plain_label(self._label(item))
+            if label != planned:
+                raise DataError(f"item {int(self._sources[j])} now reads label {label!r}, but its synthetic item "
+                                f"{self.n_real + j} was planned for class {planned!r} (the labels were read "
+                                "when the dataset was wrapped): the dataset's labels changed, or its stored "
+                                "labels (.targets) are not its items' own; pass labels= or wrap it again")
 
     def _on_demand(self, js: list, images: list) -> dict:
         if not self._warned and torch.utils.data.get_worker_info() is not None:
@@ -312,7 +328,9 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
     def _generator(self, device=None):
         if self._model is None:
-            self._model = accelerate(load_generator(self.generator, self.device), self.dtype, self.compile)
+            model = load_generator(self.generator, self.device)
+            check_class_order(model, self.ds)
+            self._model = accelerate(model, self.dtype, self.compile)
         return self._model if device is None else self._model.to(device)
 
     def precompute(self, batch_size: int = 256, device=None, progress: bool = True):

@@ -39,6 +39,7 @@ from .errors import CheckpointError, DataError, DKGMError
 from .images import source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
+from .sampling import check_class_order
 from .sampling import plain_label, stored_labels, stored_match
 
 __all__ = ["NeighbourBank", "neighbour_seed"]
@@ -217,7 +218,9 @@ class NeighbourBank:
     # -- making rows ---------------------------------------------------------------------------------
     def _generator(self, device=None):
         if self._model is None:
-            self._model = accelerate(load_generator(self.generator, self.device), self.dtype, self.compile)
+            model = load_generator(self.generator, self.device)
+            check_class_order(model, self.ds)
+            self._model = accelerate(model, self.dtype, self.compile)
         return self._model if device is None else self._model.to(device)
 
     def make_rows(self, start: int, stop: int, model, batch_size: int = 256, bar=None) -> tuple:

@@ -12,14 +12,15 @@ variance) and label preservation (share the evaluator puts in the source's class
 3. ties go to the larger alpha (more diverse neighbours).
 
 When no setting keeps the labels, the one with the best label preservation is taken and the
-result says so. Only training images are used: no knob is chosen by looking at test data.
+result says so. Labels the evaluator has no class for, and real sources it puts in their own class
+less than half the time (the data's class order is not the evaluator's), are refused. Only training images are used: no knob is chosen by looking at test data.
 The chosen knobs become the model's ``alpha`` and ``steps``, which ``DKGMAugment`` and
 ``BalancedDKGMDataset`` use when given none; the whole grid is kept in ``info["calibration"]``.
 """
 import torch
 
 from ._validate import check_float, check_int
-from .errors import DKGMError
+from .errors import DataError, DKGMError
 from .features import features, neighbour_quality
 from .images import from_model, tensor_unit, to_model
 from .kernels import noise_from_seeds
@@ -27,6 +28,7 @@ from .nn import evaluating
 
 ALPHAS = (0.1, 0.25, 0.5, 0.75, 1.0)
 STEPS = (0, 1, 2, 3, 4, 6, 8)
+REAL_MIN = 0.5      # the evaluator must put at least this share of the real images in their own class
 
 
 @torch.inference_mode()
@@ -74,6 +76,13 @@ def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, 
     images01, labels = tensor_unit(dataset.images[idx]), dataset.targets[idx]
     with evaluating(model):
         real = neighbour_quality(evaluator, images01, labels, features(evaluator, images01))
+        if real["label_preservation"] < REAL_MIN:
+            names = getattr(dataset, "classes", None)
+            raise DataError(f"the evaluator assigns {real['label_preservation']:.2f} of the real images to their "
+                            "own class, so label preservation cannot rank the settings: the data's class order "
+                            "probably differs from the evaluator's" + (f" (the data's classes: {list(names)[:5]}...;"
+                            " an image folder's are its sorted folder names)" if names else "")
+                            + "; give the labels as the evaluator's class indices, or use an evaluator of this data")
         rows = score_grid(model, images01, labels, evaluator, alphas, steps, seed)
     chosen = choose(rows, real, tolerance)
     model.alpha, model.steps = float(chosen["alpha"]), int(chosen["steps"])

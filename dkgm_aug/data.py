@@ -11,6 +11,7 @@ images enter the library.
 """
 import gzip
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -125,11 +126,17 @@ def digits(split: str = "all", transform=None, test_fraction: float = 0.2, seed:
 
 
 def npz(path, transform=None) -> ImageDataset:
-    """An ``.npz`` with ``images`` (``N,H,W`` or ``N,H,W,C``; uint8, or floats in [0, 1]) and ``labels``."""
+    """An ``.npz`` with ``images`` (``N,H,W`` or ``N,H,W,C``; uint8, or floats in [0, 1]) and ``labels``:
+    class indices (integers >= 0, whole floats, integer strings) or class names (strings, bytes)."""
     with np.load(path, allow_pickle=False) as f:
         if "images" not in f or "labels" not in f:
             raise DataError(f"{path} must hold arrays 'images' and 'labels', found {list(f.keys())}")
-        images, labels = f["images"], f["labels"]
+        images = f["images"]
+        try:
+            labels = f["labels"]
+        except ValueError as exc:        # an object array: numpy will not unpickle it
+            raise DataError(f"{path}: labels are an object array ({exc}); store class indices (integers) or "
+                            "strings") from None
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -137,18 +144,45 @@ def npz(path, transform=None) -> ImageDataset:
     if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
         raise DataError(f"{path}: images of shape {images.shape} look like N,C,H,W; an .npz holds N,H,W,C "
                         "(np.transpose(images, (0, 2, 3, 1)))")
-    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
-        raise DataError(f"{path}: float labels must be whole numbers (class indices), got values such as "
-                        f"{labels[~(np.isfinite(labels) & (labels == np.round(labels)))][:3].tolist()}")
+    classes, labels = _npz_labels(path, labels)
     if images.dtype != np.uint8:   # the one uint8-or-float rule and range check, then quantized
         try:
             images = to_uint8(tensor_unit(torch.from_numpy(images))).numpy()
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from None
-    classes, labels = np.unique(labels, return_inverse=True) if labels.dtype.kind in "US" else (None, labels)
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
                         torch.from_numpy(labels.astype(np.int64)),
                         None if classes is None else [str(c) for c in classes], transform, f"npz {path}")
+
+
+LABEL_MAX = 2 ** 31 - 1
+
+
+def _npz_labels(path, labels: np.ndarray):
+    """``(class names or None, int64 labels)`` of an ``.npz``: integers (or whole floats, bools) as
+    class indices; strings (bytes decoded) as class names in sorted order, unless every one is an
+    integer, which is then the class index; negative, too large and complex labels refused."""
+    if labels.dtype.kind == "S":
+        labels = np.char.decode(labels, "utf-8")
+    if labels.dtype.kind == "U":
+        if not all(re.fullmatch(r"\s*[+-]?\d+\s*", v) for v in labels.reshape(-1).tolist()):
+            classes, codes = np.unique(labels, return_inverse=True)
+            return [str(c) for c in classes], codes.astype(np.int64)
+        labels = np.array([int(v) for v in labels.reshape(-1).tolist()], dtype=object).reshape(labels.shape)
+    if labels.dtype.kind == "c":
+        raise DataError(f"{path}: labels are complex numbers ({labels.dtype}); store class indices (integers)")
+    if labels.dtype.kind not in "biufO":
+        raise DataError(f"{path}: labels of dtype {labels.dtype} are not class indices or names")
+    if labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        raise DataError(f"{path}: float labels must be whole numbers (class indices), got values such as "
+                        f"{labels[~(np.isfinite(labels) & (labels == np.round(labels)))][:3].tolist()}")
+    if labels.size and labels.min() < 0:
+        raise DataError(f"{path}: negative labels such as {labels[labels < 0][:3].tolist()}: class indices start "
+                        "at 0 (drop unlabelled items, or give them a class)")
+    if labels.size and labels.max() > LABEL_MAX:
+        raise DataError(f"{path}: labels too large for class indices (up to {LABEL_MAX}), such as "
+                        f"{labels[labels > LABEL_MAX][:3].tolist()}")
+    return None, labels.astype(np.int64)
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}

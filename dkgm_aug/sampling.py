@@ -101,14 +101,19 @@ SPOT_CHECKS = 16   # items whose labels are read to trust stored labels (evenly 
 
 def stored_match(ds, stored, label_of) -> bool:
     """Whether the stored labels are the ones the items give: not under a ``target_transform``, and
-    equal on ``SPOT_CHECKS`` evenly spaced items (a ``label_key`` other than the one ``.targets``
-    holds; labels changed in ``__getitem__``)."""
+    equal on ``SPOT_CHECKS`` evenly spaced items and on the first item of each stored class (a
+    ``label_key`` other than the one ``.targets`` holds; labels changed in ``__getitem__``, a small
+    class merged into another among them)."""
     if _target_transform(ds):
         return False
     n = len(stored)
     if stored.ndim != 1 or n != len(ds) or n == 0:
         return True              # refused by read_labels' own checks, with the stored labels' shape
-    for i in sorted({int(v) for v in np.linspace(0, n - 1, min(n, SPOT_CHECKS))}):
+    try:                         # NaN labels and unorderable ones are refused later by read_labels
+        firsts = [] if stored.dtype.kind == "f" and np.isnan(stored).any() else np.unique(stored, return_index=True)[1]
+    except TypeError:
+        firsts = []
+    for i in sorted({int(v) for v in np.linspace(0, n - 1, min(n, SPOT_CHECKS))} | {int(v) for v in firsts}):
         y = label_of(ds[i])
         if isinstance(y, (torch.Tensor, np.ndarray, np.generic)):
             if (y.numel() if isinstance(y, torch.Tensor) else np.size(y)) != 1:
@@ -161,6 +166,26 @@ def class_names(ds, values: list):
                                                        for v in values):
         return None
     return list(names) if 0 <= values[0] and values[-1] < len(names) else None
+
+
+def check_class_order(model, ds) -> None:
+    """A class-conditional ``model`` takes class indices: refuse a dataset whose ``classes`` (by name)
+    sit at other indices than the ones the model was trained with (an image folder's sorted folder
+    names against the training data's order), which would condition each image on another class.
+    Names that are only the indices ('0', '1', ...) say nothing and are not compared."""
+    trained = getattr(model, "info", {}).get("classes") if getattr(model, "conditional", False) else None
+    names = _names(ds)
+    if not isinstance(trained, (list, tuple)) or not isinstance(names, (list, tuple)):
+        return
+    trained, names = [str(c) for c in trained], [str(c) for c in names]
+    if any(n == [str(i) for i in range(len(n))] for n in (trained, names)):
+        return
+    moved = [c for c in names if c in trained and names.index(c) != trained.index(c)]
+    if moved:
+        raise DataError(f"the generator was trained with classes {trained}, the dataset's are {names}: class "
+                        f"{moved[0]!r} is index {trained.index(moved[0])} to the generator but "
+                        f"{names.index(moved[0])} here, so its images would be conditioned on another class; "
+                        "give the dataset the generator's class order (e.g. relabel its targets)")
 
 
 def oversampling_targets(strategy, counts: dict, y) -> dict:

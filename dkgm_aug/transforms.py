@@ -38,8 +38,9 @@ Class-conditional generators (``DKGM.from_preset(..., num_classes=...)``) take e
 from the sample: ``aug(img, label)`` (an int or a 0-d integer tensor) or ``aug(x, y)`` (``x``
 ``[B, C, H, W]``, ``y`` a 1-D integer tensor of length B) returns ``(new images, labels unchanged)``.
 The label is the value under a ``label`` (or ``target``, ``y``...) key of a dict sample (a dict
-without exactly one such key is refused), else the sample's first non-image input that is a number
-or a plain tensor of at most one dimension. Unconditional generators never see the labels.
+without exactly one such key is refused), else the sample's one non-image input that is a number
+or a plain tensor of at most one dimension (a tuple with several, ``(img, index, label)``, is
+refused). Unconditional generators never see the labels.
 """
 import contextvars
 import copy
@@ -253,7 +254,12 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "class", "y")
 
 
 class AmbiguousLabel(list):
-    """Numbers in a dict sample, none (or several) under a label key: which one is the class is unknown."""
+    """Numbers in a sample whose class is unknown: in a dict, none (or several) under a label key; in a
+    tuple, more than one beside the image (``(img, index, label)``)."""
+
+    def __init__(self, values, in_dict: bool):
+        super().__init__(values)
+        self.in_dict = in_dict
 
 
 def _is_label(v) -> bool:
@@ -265,10 +271,11 @@ def _is_label(v) -> bool:
 
 def sample_label(sample, flat_sample, images):
     """The label(s) of a sample. In a dict (the sample, or a dict inside a tuple sample) the value
-    under a key of ``LABEL_KEYS``; else the first input, other than ``images``, that is a number or
+    under a key of ``LABEL_KEYS``; else the one input, other than ``images``, that is a number or
     a plain tensor of at most one dimension (``(img, label)``); ``None`` when there is none. A dict
-    sample with numbers but not exactly one under a label key gives an :class:`AmbiguousLabel`, which
-    a generator that uses labels refuses (an index or id field must not become the class)."""
+    sample with numbers but not exactly one under a label key, or a tuple with several numbers beside
+    the image, gives an :class:`AmbiguousLabel`, which a generator that uses labels refuses (an index
+    or id field must not become the class)."""
     dicts = [sample] if isinstance(sample, Mapping) else [d for d in sample if isinstance(d, Mapping)] \
         if isinstance(sample, (tuple, list)) else []
     named = [d[k] for d in dicts for k in LABEL_KEYS if k in d and _is_label(d[k])]
@@ -276,8 +283,8 @@ def sample_label(sample, flat_sample, images):
         return named[0]
     taken = {id(i) for i in images}
     found = [v for v in flat_sample if id(v) not in taken and _is_label(v)]
-    if found and (named or isinstance(sample, Mapping)):
-        return AmbiguousLabel(found)
+    if (found and (named or isinstance(sample, Mapping))) or len(found) > 1:
+        return AmbiguousLabel(found, in_dict=bool(named) or isinstance(sample, Mapping))
     return found[0] if found else None
 
 
@@ -289,6 +296,10 @@ def model_labels(model, label, n: int) -> list | None:
     if isinstance(label, AmbiguousLabel):
         if not uses_labels:
             return None
+        if not label.in_dict:
+            raise DataError(f"the sample holds more than one number beside its image ({len(label)}), so its class "
+                            "is unknown (an index or a weight must not become the class): pass (img, label), or a "
+                            "dict with the class under the key 'label'")
         raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
                         f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
                         "(or pass (img, label))")

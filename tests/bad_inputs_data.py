@@ -37,6 +37,12 @@ def rows(ckpt, model, tmp):
         (".npz float labels that are not whole numbers",
          lambda: npz(_npz(f"{tmp}/frac.npz", np.zeros((3, 8, 8), np.uint8), np.array([0.0, 0.9999999, 2.0]))),
          (DataError, "whole numbers")),
+        (".npz negative labels (-1 for unlabelled)",
+         lambda: npz(_npz(f"{tmp}/neg.npz", np.zeros((3, 8, 8), np.uint8), np.array([-1, 0, 1]))),
+         (DataError, "negative labels")),
+        (".npz uint64 labels beyond int64",
+         lambda: npz(_npz(f"{tmp}/big.npz", np.zeros((2, 8, 8), np.uint8), np.array([0, 2 ** 63 + 5], np.uint64))),
+         (DataError, "too large")),
         ("image folder with an empty class folder", lambda: image_folder(_empty_class(f"{tmp}/folder")),
          (DataError, "hold no images")),
         ("subset with a boolean mask of the wrong length", lambda: small.subset(torch.tensor([True, False])),
@@ -46,6 +52,9 @@ def rows(ckpt, model, tmp):
         ("conditional generator: dict sample with an index and no label key",
          lambda: DKGMAugment(micro_model(image_size=8).with_labels(3, stages=(1,)), seed=0)(
              {"image": shapes_batch(1, size=8)[0], "index": 2}), (DataError, "under the key 'label'")),
+        ("conditional generator: tuple sample (img, index, label)",
+         lambda: DKGMAugment(micro_model(image_size=8).with_labels(3, stages=(1,)), seed=0)(
+             shapes_batch(1, size=8)[0], 2, 1), (DataError, "more than one number")),
         ("label filter: labels the classifier cannot output",
          lambda: filtered_generate(micro_model(image_size=8), shapes_batch(2, size=8), [1, 2], labels=[0, 5],
                                    label_filter=LabelFilter(_three_classes())),

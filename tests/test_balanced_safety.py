@@ -1,6 +1,7 @@
 """BalancedDKGMDataset refuses what would give silently wrong results (issue 12): cache files made
 from other pixels or plans, unusable cache paths, NaN labels, bad seeds and devices; and it takes
 dict items, extra tuple fields, ``labels=``, Subset/ConcatDataset labels and class names."""
+import collections
 import fcntl
 import multiprocessing
 import os
@@ -317,3 +318,32 @@ def test_a_dataset_folder_with_classes_merged_in_samples_is_balanced_by_its_item
         def __getitem__(self, i):
             return self.images[i], self.targets[i]
     assert BalancedDKGMDataset(Annotated(), "fashion-mnist-tiny", progress=False).class_counts_before == {0: 3, 1: 1}
+
+
+def test_a_small_class_relabelled_in_getitem_is_found_by_a_check_of_each_class(gen):
+    """Stored ``.targets`` were trusted after 16 evenly spaced items agreed, so a small class that
+    ``__getitem__`` merges into another (none of the 16 landed on it) got synthetic items served
+    under the other class's label: that class ended with twice its share. One item of each stored
+    class is checked too; and a synthetic item whose source now reads another label is refused."""
+    from dkgm_aug.data import ImageDataset
+    counts = [200, 200, 20, 200, 200]                 # class-sorted; class 2 falls between the checks
+    targets = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+
+    class Merged(ImageDataset):
+        merge = {2: 1}
+
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x, self.merge.get(int(y), int(y))
+    ds = Merged(torch.randint(0, 256, (len(targets), 1, 8, 8), dtype=torch.uint8), targets)
+    bal = BalancedDKGMDataset(ds, gen, progress=False, cache=None)
+    assert bal.class_counts_before == {0: 200, 1: 220, 3: 200, 4: 200}
+    served = [bal[i][1] for i in range(bal.n_real, len(bal))]
+    assert sorted(collections.Counter(served).items()) == [(0, 20), (3, 20), (4, 20)]
+
+    Merged.merge = {}                                 # labels as stored now: planned from them
+    bal = BalancedDKGMDataset(ds, gen, progress=False, cache=None)
+    Merged.merge = {2: 1}                             # and changed after planning
+    j = next(i for i in range(bal.n_real, len(bal)) if bal.targets[i] == 2)
+    with pytest.raises(DataError, match="reads label 1.*planned.*class 2"):
+        bal[j]

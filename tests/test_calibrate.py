@@ -47,3 +47,26 @@ def test_cli_calibrate_needs_an_evaluator_for_other_data(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", images=np.zeros((8, 8, 8), np.uint8), labels=np.arange(8) % 2)
     assert main(["calibrate", "digits-tiny", "--data", str(tmp_path / "d.npz"), "--n", "4"]) == 2
     assert "--evaluator" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_labels_the_evaluator_does_not_use():
+    """Labels in another class order than the evaluator's (an image folder named zero..nine sorts
+    'eight' first) made the real images' label preservation 0.07, so nearly every setting counted as
+    keeping labels; labels beyond the evaluator's classes gave 0.0 and the most label-destroying
+    setting, recorded as labels_kept=True. Both are refused now, with the reason."""
+    import pytest
+    import torch
+    from dkgm_aug import DataError
+    from dkgm_aug.calibrate import calibrate
+    from dkgm_aug.data import ImageDataset, load_dataset
+    from dkgm_aug.label_filter import load_evaluator
+    digits, evaluator = load_dataset("digits", split="train"), load_evaluator("digits-evaluator")
+    model = dkgm_aug.load("digits-tiny")
+    grid = dict(n=64, alphas=(0.25,), steps=(2,))
+    shuffled = ImageDataset(digits.images, (digits.targets * 3 + 1) % 10)     # another class order
+    with pytest.raises(DataError, match=r"evaluator assigns 0\.\d+ of the real images.*class order"):
+        calibrate(model, shuffled, evaluator, **grid)
+    beyond = ImageDataset(digits.images, digits.targets + 5)
+    with pytest.raises(DataError, match=r"labels \[10.*14\].*10 classes"):
+        calibrate(model, beyond, evaluator, **grid)
+    assert calibrate(model, digits, evaluator, **grid)["real"]["label_preservation"] > 0.9

@@ -363,6 +363,21 @@ def test_augment_takes_a_dict_samples_class_from_its_label_key_never_from_anothe
     assert out["index"] == 2 and out["image"].shape == img.shape
 
 
+def test_augment_refuses_a_tuple_sample_with_an_index_beside_the_label(cond_ckpt):
+    """(img, index, label) used to give the index to a conditional generator as the class (the first
+    number of a tuple was taken): with more than one number beside the image, which one is the class
+    is unknown, so a generator that uses labels refuses; others pass the sample through."""
+    img = tv_tensors.Image(torch.rand(1, 8, 8))
+    for sample in ((img, 2, 1), (img, torch.tensor(0), torch.tensor(1)), [img, 1, 0.5]):
+        with pytest.raises(DataError, match="more than one number"):
+            DKGMAugment(cond_ckpt, seed=0)(*sample)
+    out = DKGMAugment(micro_model(), seed=0)(img, 2, 1)
+    assert out[1:] == (2, 1) and out[0].shape == img.shape
+    alone, _ = DKGMAugment(cond_ckpt, seed=0)(img, 1)                # (img, label) still works
+    nested = DKGMAugment(cond_ckpt, seed=0)(img, {"index": 2, "label": 1})
+    assert torch.equal(nested[0], alone)
+
+
 def test_per_class_kernel_smoothed_score_gets_the_samples_label():
     """A KernelSmoothedScore built with labels draws from the labelled class in DKGMAugment (it used
     to draw from the whole set, labels dropped); the albumentations twin, which has no labels, refuses it."""
@@ -462,3 +477,22 @@ def test_cli_trains_a_conditional_dkgm(tmp_path, capsys):
     assert main(["train", "--kind", "evae", "--data", "digits", "--limit", "16", "--conditional",
                  "--out", str(tmp_path / "e.safetensors")]) == 2
     assert "--kind evae" in capsys.readouterr().err
+
+
+def test_a_dataset_with_the_classes_in_another_order_is_refused_by_a_conditional_generator(tmp_path):
+    """A conditional generator trained on classes ['cat', 'dog', 'eel'] given an image folder that
+    names them in another order conditioned each image on another class (index 0 is 'cat' to the
+    generator, 'dog' here), with no error; index names ('0', '1', ...) carry no order and pass."""
+    from dkgm_aug.data import ImageDataset
+    model = micro_model(image_size=8).with_labels(3, stages=(1,))
+    model.info["classes"] = ["cat", "dog", "eel"]
+    images = (torch.rand(9, 1, 8, 8) * 255).to(torch.uint8)
+    targets = torch.tensor([0] * 5 + [1] * 3 + [2])
+    swapped = ImageDataset(images, targets, ["dog", "cat", "eel"])
+    with pytest.raises(DataError, match="'dog' is index 1 to the generator but 0 here"):
+        dkgm_aug.BalancedDKGMDataset(swapped, model, progress=False)[-1]
+    with pytest.raises(DataError, match="trained with classes"):
+        dkgm_aug.NeighbourBank(swapped, model, k=1).build(progress=False)
+    for names in (["cat", "dog", "eel"], ["0", "1", "2"], ["cat", "dog", "fox"]):
+        ds = dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, names), model, progress=False)
+        assert ds[len(ds) - 1][0].shape == (1, 8, 8)

@@ -202,3 +202,26 @@ def test_image_folder_finds_what_torchvision_finds_in_its_order(tmp_path):
     want = [int(np.asarray(Image.open(p).convert("L"))[0, 0]) for p, _ in theirs]
     assert ours.images[:, 0, 0, 0].tolist() == want and len(want) == 5
     assert ours.targets.tolist() == [y for _, y in theirs]
+
+
+def test_npz_labels_are_read_as_meant_or_refused(tmp_path):
+    """Byte-string labels kept their b'...' repr as class names, integer strings were sorted as text
+    ('10' before '2', so '2' became class 3), and negative, huge and complex labels were cast silently
+    (a uint64 2**63 + 5 wrapped to a negative class); object arrays failed with numpy's error."""
+    def load(labels, **kw):
+        np.savez(tmp_path / "l.npz", images=np.zeros((len(labels), 4, 4), np.uint8), labels=np.asarray(labels, **kw))
+        return npz(tmp_path / "l.npz")
+    ds = load([b"cat", b"dog", b"ant"])
+    assert ds.classes == ["ant", "cat", "dog"] and ds.targets.tolist() == [1, 2, 0]
+    ds = load(["0", "2", "10", "9", " 1"])
+    assert ds.targets.tolist() == [0, 2, 10, 9, 1] and ds.classes[2] == "2"
+    assert load([True, False]).targets.tolist() == [1, 0]
+    for labels, kw, match in (([-1, 0, 1], {}, "negative"), ([0, 2 ** 63 + 5], dict(dtype=np.uint64), "too large"),
+                              ([0.0, 1e20], {}, "too large"), ([0j, 1 + 0j], {}, "complex"),
+                              (["0", "-3"], {}, "negative")):
+        with pytest.raises(DataError, match=f"l.npz: .*{match}"):
+            load(labels, **kw)
+    np.savez(tmp_path / "o.npz", images=np.zeros((2, 4, 4), np.uint8), labels=np.array([{}, 1], dtype=object))
+    with pytest.raises(DataError, match="o.npz: .*object"):
+        npz(tmp_path / "o.npz")
+

@@ -89,7 +89,7 @@ def test_online_augmenter_gives_dkgm_augment_each_minority_images_label(lt_data,
     recorder = Recorder()
     monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: recorder)
     args = argparse.Namespace(shift=0, bank=0, generator="unused", data="digits", dkgm_p=1.0, device="cpu",
-                              label_filter=None, dkgm_alpha=None)
+                              label_filter=None, dkgm_alpha=None, dkgm_steps=None)
     aug = lt_data.Augmenter("dkgm_augment", args, None, torch.tensor([5, 3, 2]), seed=0)
     x = torch.arange(6 * 4, dtype=torch.uint8).reshape(6, 1, 2, 2)    # six different images
     y = torch.tensor([2, 0, 1, 0, 1, 2])
@@ -107,13 +107,44 @@ def test_dkgm_alpha_is_a_knob_that_reaches_the_generator(lt_data, lt_records, mo
     made = []
     monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: made.append(k) or None)
     args = argparse.Namespace(shift=0, bank=0, generator="g.safetensors", data="digits", dkgm_p=0.5, device="cpu",
-                              label_filter=None, dkgm_alpha=0.75, combine_loss="balanced_softmax", la_tau=1.0)
+                              label_filter=None, dkgm_alpha=0.75, dkgm_steps=None, combine_loss="balanced_softmax", la_tau=1.0)
     lt_data.Augmenter("ros_dkgm", args, None, torch.tensor([5, 3, 2]), seed=0)
     assert made[-1]["alpha"] == 0.75
     assert "dkgm_alpha=0.75" in lt_records.knobs_of("ros_dkgm", args)
     args.dkgm_alpha = None
     lt_data.Augmenter("ros_dkgm", args, None, torch.tensor([5, 3, 2]), seed=0)
     assert made[-1]["alpha"] is None and "dkgm_alpha" not in lt_records.knobs_of("ros_dkgm", args)
+
+
+def test_dkgm_steps_is_a_knob_that_reaches_the_generator_and_the_bank(lt_data, lt_records, monkeypatch):
+    """--dkgm-steps (0: stage-1 neighbours only) goes to DKGMAugment and to the neighbour bank, whose
+    folder it names, and is shown among the knobs; without it, the generator's own steps."""
+    made, banks = [], []
+    monkeypatch.setattr(lt_data, "DKGMAugment", lambda *a, **k: made.append(k) or None)
+    args = argparse.Namespace(shift=0, bank=0, generator="g.safetensors", data="digits", dkgm_p=0.5, device="cpu",
+                              label_filter=None, dkgm_alpha=None, dkgm_steps=0, combine_loss="balanced_softmax",
+                              la_tau=1.0)
+    lt_data.Augmenter("ros_dkgm", args, None, torch.tensor([5, 3, 2]), seed=0)
+    assert made[-1]["steps"] == 0
+    assert "dkgm_steps=0" in lt_records.knobs_of("ros_dkgm", args)
+    args.drw_start = 0.8
+    assert lt_records.parse_knobs(lt_records.knobs_of("dkgm_deferred", args))["dkgm_steps"] == "0"
+
+    class Bank:
+        def __init__(self, *a, **k):
+            banks.append(k)
+
+        def build(self, progress):
+            return self
+    monkeypatch.setattr("dkgm_aug.NeighbourBank", Bank)
+    monkeypatch.setattr(lt_data, "generator_for", lambda *a: "g.safetensors")
+    lt = argparse.Namespace(targets=torch.tensor([0, 1, 1]))
+    args.bank, args.out, args.quick = 2, "out", True
+    lt_data.neighbour_bank(args, lt, torch.tensor([False, True]))
+    assert banks[-1]["steps"] == 0 and str(banks[-1]["path"]).endswith("g-k2-steps0")
+    args.dkgm_steps, args.bank = None, 0
+    lt_data.Augmenter("ros_dkgm", args, None, torch.tensor([5, 3, 2]), seed=0)
+    assert made[-1]["steps"] is None and "dkgm_steps" not in lt_records.knobs_of("ros_dkgm", args)
 
 
 def test_quick_run_writes_csv_table_and_plot(imb, lt_losses, tmp_path):

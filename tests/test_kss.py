@@ -283,3 +283,34 @@ def test_cli_sample_draws_a_per_class_models_neighbours_from_the_sources_class(t
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("L")).astype(float)
     tiles = [grid[1 + r * 9:9 + r * 9, 1 + c * 9:9 + c * 9].mean() for r in range(4) for c in range(1, 4)]
     assert max(tiles) < 100                             # every neighbour from the dark class 0
+
+
+def test_cached_float_copies_follow_relabelled_reassigned_and_replaced_buffers():
+    """The float copies of the set were keyed on the image buffer's device and version only: an
+    in-place relabel (label_codes), a new images tensor assigned whose version matched, or
+    ``images.data = ...`` kept serving the old class members and pixels."""
+    def build():
+        g = torch.Generator().manual_seed(0)
+        return KernelSmoothedScore(torch.randint(0, 256, (6, 1, 4, 4), generator=g, dtype=torch.uint8),
+                                   [0, 0, 0, 1, 1, 1], h=0.0, steps=5)
+
+    def fresh(m):
+        return KernelSmoothedScore(m.images.clone(), [m.classes[c] for c in m.label_codes.tolist()], h=0.0, steps=5)
+    m = build(); m.set_mean(0); m.set_mean(1)
+    m.label_codes[0] = 1
+    assert torch.equal(m.set_mean(0), fresh(m).set_mean(0)) and torch.equal(m.set_mean(1), fresh(m).set_mean(1))
+    m = build(); m.set_mean(0)
+    new = 255 - m.images.clone()
+    new.add_(0)                                   # version 1, as the buffer's after its copy_
+    m.images = new
+    assert torch.equal(m.set_mean(0), fresh(m).set_mean(0))
+    m = build(); m.set_mean(0)
+    m.images.data = 255 - m.images.clone()
+    assert torch.equal(m.set_mean(0), fresh(m).set_mean(0))
+    m, x = build(), torch.rand(2, 1, 4, 4) * 2 - 1
+    m.neighbours_from_seeds(x, [1, 2], labels=[0, 1])
+    new = 255 - m.images.clone()
+    new.add_(0)
+    m.images = new
+    assert torch.equal(m.neighbours_from_seeds(x, [1, 2], labels=[0, 1]),
+                       fresh(m).neighbours_from_seeds(x, [1, 2], labels=[0, 1]))

@@ -7,10 +7,10 @@ would dominate the cost for small sets; large sets are streamed chunk by chunk i
 so memory stays ``chunk_size * D`` whatever the set's size.
 
 The cache is a plain dict owned by the model (``model._cache``), keyed by what the
-float copy depends on: class, device, dtype, and the image buffer's device and version
-counter (an in-place write to the buffer makes old entries unreachable). The model empties
-it when its buffers move or load, and when it is pickled (DataLoader workers rebuild
-their own copies).
+float copy depends on: class, device, dtype, and the stamp of the image and label buffers
+(device, storage address and version counter of each: an in-place write, a ``.data``
+swap or a relabel makes old entries unreachable). The model empties it when its buffers
+move, load or are assigned, and when it is pickled (DataLoader workers rebuild their own copies).
 """
 import torch
 
@@ -21,11 +21,16 @@ from ..images import uint8_to_model
 CACHE_ELEMENTS = 2 ** 26
 
 
+def stamp(*buffers) -> tuple:
+    """What identifies the contents of ``buffers`` (None allowed) for the cache."""
+    return tuple(None if b is None else (b.device, b.data_ptr(), b._version) for b in buffers)
+
+
 def class_members(cache: dict, images: torch.Tensor, label_codes, code):
     """Indices of the images of class ``code`` (None: the whole set, returned as None)."""
     if code is None:
         return None
-    key = ("members", code, images.device, images._version)
+    key = ("members", code, stamp(images, label_codes))
     if key not in cache:
         cache[key] = torch.nonzero(label_codes == code).flatten().to(images.device)
     return cache[key]
@@ -37,7 +42,8 @@ def _cached_values(cache: dict) -> int:
 
 def reference_chunks(cache: dict, images: torch.Tensor, members, key, chunk_size: int, device, dtype):
     """A function returning an iterator of ``(ref [n, D] floats in [-1, 1], ||ref||^2 / 2)``
-    chunks of ``images`` (or of its rows ``members``, not empty); ``key`` names the subset in the cache."""
+    chunks of ``images`` (or of its rows ``members``, not empty); ``key`` names the subset in the
+    cache, with the stamp of every buffer the subset depends on."""
     n_images = images.shape[0]
     n = n_images if members is None else len(members)
     d = images[0].numel()
@@ -50,7 +56,7 @@ def reference_chunks(cache: dict, images: torch.Tensor, members, key, chunk_size
                 yield r, 0.5 * r.pow(2).sum(1)
         return stream
 
-    full_key = ("ref", key, torch.device(device), dtype, images.device, images._version)
+    full_key = ("ref", key, torch.device(device), dtype)
     if full_key not in cache:
         if _cached_values(cache) + n * d > CACHE_ELEMENTS:
             for k in [k for k in cache if k[0] == "ref"]:

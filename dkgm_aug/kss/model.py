@@ -27,7 +27,7 @@ from ..checkpoint import register_kind
 from ..dkgm import check_images, check_knobs
 from ..errors import DataError, DKGMError
 from ..metrics import check_chunk
-from .device_cache import class_members, reference_chunks
+from .device_cache import class_members, reference_chunks, stamp
 from .labels import as_images, check_classes, encode_labels, label_value, per_image
 from .score import (check_h, check_n_smooth, check_positive, check_steps, noise_drawers, reverse_sde,
                     set_radius, time_grid)
@@ -155,6 +155,11 @@ class KernelSmoothedScore(nn.Module):
         state["_cache"] = {}      # DataLoader workers rebuild the float copies; keeps pickles small
         return state
 
+    def __setattr__(self, name, value):
+        if name in ("images", "label_codes"):
+            self.__dict__["_cache"] = {}      # a new set: no float copy of the old one may serve it
+        super().__setattr__(name, value)
+
     def _apply(self, fn, *args, **kwargs):
         self._cache = {}          # float copies of the set follow the buffers on their next use
         return super()._apply(fn, *args, **kwargs)
@@ -186,7 +191,8 @@ class KernelSmoothedScore(nn.Module):
         members = class_members(self._cache, self.images, getattr(self, "label_codes", None), code)
         if members is not None and len(members) == 0:
             raise DKGMError(f"class {self.classes[code]!r} has no images")
-        return reference_chunks(self._cache, self.images, members, code, self.chunk_size, device, dtype)
+        key = (code, stamp(self.images, getattr(self, "label_codes", None) if code is not None else None))
+        return reference_chunks(self._cache, self.images, members, key, self.chunk_size, device, dtype)
 
     def set_mean(self, label=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """Mean image of the set (or of one class), flattened, in ``[-1, 1]``."""
