@@ -329,7 +329,8 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     def _generator(self, device=None):
         if self._model is None:
             model = load_generator(self.generator, self.device)
-            check_class_order(model, self.ds)
+            if not self._labels_given:      # labels= are the user's class indices: nothing to compare
+                check_class_order(model, self.ds)
             self._model = accelerate(model, self.dtype, self.compile)
         return self._model if device is None else self._model.to(device)
 

@@ -219,7 +219,8 @@ class NeighbourBank:
     def _generator(self, device=None):
         if self._model is None:
             model = load_generator(self.generator, self.device)
-            check_class_order(model, self.ds)
+            if self._given_labels is None:  # labels= are the user's class indices: nothing to compare
+                check_class_order(model, self.ds)
             self._model = accelerate(model, self.dtype, self.compile)
         return self._model if device is None else self._model.to(device)
 

@@ -82,7 +82,8 @@ def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, 
                             "own class, so label preservation cannot rank the settings: the data's class order "
                             "probably differs from the evaluator's" + (f" (the data's classes: {list(names)[:5]}...;"
                             " an image folder's are its sorted folder names)" if names else "")
-                            + "; give the labels as the evaluator's class indices, or use an evaluator of this data")
+                            + ", or the evaluator is too weak for this data; give the labels as the evaluator's "
+                            "class indices, or use (benchmarks/train_evaluator.py: train) an evaluator of this data")
         rows = score_grid(model, images01, labels, evaluator, alphas, steps, seed)
     chosen = choose(rows, real, tolerance)
     model.alpha, model.steps = float(chosen["alpha"]), int(chosen["steps"])

@@ -163,7 +163,11 @@ def _npz_labels(path, labels: np.ndarray):
     class indices; strings (bytes decoded) as class names in sorted order, unless every one is an
     integer, which is then the class index; negative, too large and complex labels refused."""
     if labels.dtype.kind == "S":
-        labels = np.char.decode(labels, "utf-8")
+        try:
+            labels = np.char.decode(labels, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: byte-string labels that are not UTF-8 ({exc.reason} at byte {exc.start}); "
+                            "store them as str (numpy dtype U) or as class indices") from None
     if labels.dtype.kind == "U":
         if not all(re.fullmatch(r"\s*[+-]?\d+\s*", v) for v in labels.reshape(-1).tolist()):
             classes, codes = np.unique(labels, return_inverse=True)

@@ -198,12 +198,13 @@ def neighbour_quality(net: FeatureNet, images01: torch.Tensor, labels: torch.Ten
     labels = torch.as_tensor(labels)
     if labels.shape != (len(images01),):   # [N, 1] broadcast to [N, N]: a wrong share, silently
         raise DataError(f"labels must be 1-D, one per image ({len(images01)}), got shape {tuple(labels.shape)}")
-    n_classes = net.head.out_features
+    f = features(net, images01)
+    logits = net.head(f)
+    n_classes = logits.shape[1]
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         bad = sorted({int(v) for v in labels.tolist() if not 0 <= v < n_classes})
         raise DataError(f"labels {bad[:5]}{'...' if len(bad) > 5 else ''} are not classes of the evaluator "
                         f"({n_classes} classes, indices 0..{n_classes - 1}): give the labels as its class indices")
-    f = features(net, images01)
-    kept = (net.head(f).argmax(1) == labels.to(f.device)).double().mean()
+    kept = (logits.argmax(1) == labels.to(f.device)).double().mean()
     return dict(sharpness=sharpness(images01), frechet_distance=frechet_distance(f, ref_features),
                 label_preservation=float(kept))

@@ -97,11 +97,13 @@ def _target_transform(ds):
 
 
 SPOT_CHECKS = 16   # items whose labels are read to trust stored labels (evenly spaced, first and last among them)
+CLASS_CHECKS = 64  # and the first item of each of the smallest classes, up to this many (one image read each)
 
 
 def stored_match(ds, stored, label_of) -> bool:
     """Whether the stored labels are the ones the items give: not under a ``target_transform``, and
-    equal on ``SPOT_CHECKS`` evenly spaced items and on the first item of each stored class (a
+    equal on ``SPOT_CHECKS`` evenly spaced items and on the first item of each of the ``CLASS_CHECKS``
+    smallest stored classes (a
     ``label_key`` other than the one ``.targets`` holds; labels changed in ``__getitem__``, a small
     class merged into another among them)."""
     if _target_transform(ds):
@@ -110,7 +112,7 @@ def stored_match(ds, stored, label_of) -> bool:
     if stored.ndim != 1 or n != len(ds) or n == 0:
         return True              # refused by read_labels' own checks, with the stored labels' shape
     try:                         # NaN labels and unorderable ones are refused later by read_labels
-        firsts = [] if stored.dtype.kind == "f" and np.isnan(stored).any() else np.unique(stored, return_index=True)[1]
+        firsts = [] if stored.dtype.kind == "f" and np.isnan(stored).any() else _smallest_classes_firsts(stored)
     except TypeError:
         firsts = []
     for i in sorted({int(v) for v in np.linspace(0, n - 1, min(n, SPOT_CHECKS))} | {int(v) for v in firsts}):
@@ -122,6 +124,12 @@ def stored_match(ds, stored, label_of) -> bool:
         if y != stored[i].item():
             return False
     return True
+
+
+def _smallest_classes_firsts(stored, n: int = CLASS_CHECKS) -> list:
+    """The first item of each of the ``n`` smallest stored classes (those evenly spaced checks miss)."""
+    _, first, counts = np.unique(stored, return_index=True, return_counts=True)
+    return first[np.argsort(counts, kind="stable")[:n]].tolist()
 
 
 def read_labels(ds, labels=None, label_of=lambda item: item[1], progress: bool = True):
@@ -185,7 +193,8 @@ def check_class_order(model, ds) -> None:
         raise DataError(f"the generator was trained with classes {trained}, the dataset's are {names}: class "
                         f"{moved[0]!r} is index {trained.index(moved[0])} to the generator but "
                         f"{names.index(moved[0])} here, so its images would be conditioned on another class; "
-                        "give the dataset the generator's class order (e.g. relabel its targets)")
+                        "pass labels= with the generator's class index of each item (or reorder both the "
+                        "dataset's classes and its targets)")
 
 
 def oversampling_targets(strategy, counts: dict, y) -> dict:

@@ -272,9 +272,9 @@ def _is_label(v) -> bool:
 def sample_label(sample, flat_sample, images):
     """The label(s) of a sample. In a dict (the sample, or a dict inside a tuple sample) the value
     under a key of ``LABEL_KEYS``; else the one input, other than ``images``, that is a number or
-    a plain tensor of at most one dimension (``(img, label)``); ``None`` when there is none. A dict
-    sample with numbers but not exactly one under a label key, or a tuple with several numbers beside
-    the image, gives an :class:`AmbiguousLabel`, which a generator that uses labels refuses (an index
+    a plain tensor of at most one dimension (``(img, label)``; a string only when no number is there:
+    a path beside the label is not the class); ``None`` when there is none. A dict sample with numbers
+    but not exactly one under a label key, or a tuple with several numbers beside the image, gives an :class:`AmbiguousLabel`, which a generator that uses labels refuses (an index
     or id field must not become the class)."""
     dicts = [sample] if isinstance(sample, Mapping) else [d for d in sample if isinstance(d, Mapping)] \
         if isinstance(sample, (tuple, list)) else []
@@ -283,9 +283,10 @@ def sample_label(sample, flat_sample, images):
         return named[0]
     taken = {id(i) for i in images}
     found = [v for v in flat_sample if id(v) not in taken and _is_label(v)]
-    if (found and (named or isinstance(sample, Mapping))) or len(found) > 1:
+    numbers_ = [v for v in found if not isinstance(v, str)]     # a file path beside the label is not a class
+    if (found and (named or isinstance(sample, Mapping))) or len(numbers_) > 1:
         return AmbiguousLabel(found, in_dict=bool(named) or isinstance(sample, Mapping))
-    return found[0] if found else None
+    return (numbers_ or found or [None])[0]
 
 
 def model_labels(model, label, n: int) -> list | None:
@@ -299,7 +300,7 @@ def model_labels(model, label, n: int) -> list | None:
         if not label.in_dict:
             raise DataError(f"the sample holds more than one number beside its image ({len(label)}), so its class "
                             "is unknown (an index or a weight must not become the class): pass (img, label), or a "
-                            "dict with the class under the key 'label'")
+                            "dict with the class under the key 'label' (a batch's labels: one 1-D integer tensor)")
         raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
                         f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
                         "(or pass (img, label))")

@@ -346,11 +346,20 @@ def test_wrapping_a_million_items_is_compact(gen):
     b = BalancedDKGMDataset(ds, gen, progress=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(ds.loaded) <= 16 + len(b.class_values)   # stored targets checked on 16 spread items and one a class
+    assert len(ds.loaded) <= 16 + 64     # stored targets checked on 16 spread items and the 64 smallest classes
     kept = sum(t.numel() * t.element_size() for t in (b._codes, b._sources))
     assert kept == 4 * len(b) + 4 * b.n_synthetic   # an int32 class code per item, an int32 source per synthetic one
     assert peak < 64 * 2 ** 20
     assert len(set(b.class_counts.values())) == 1 and b.n_real == 1_000_000
+
+
+def test_trusting_stored_labels_reads_a_bounded_number_of_items_however_many_classes(gen):
+    """One item of each class was read to check the stored labels: 1,000 image loads for a
+    1,000-class folder. Only the 64 smallest classes' first items are read, besides the 16 spread ones."""
+    ds = Million(20_000)
+    ds.targets = torch.arange(20_000) % 1000
+    b = BalancedDKGMDataset(ds, gen, progress=False)
+    assert len(ds.loaded) <= 16 + 64 and len(b.class_values) == 1000
 
 
 def test_errors(gen, tmp_path):

@@ -374,6 +374,9 @@ def test_augment_refuses_a_tuple_sample_with_an_index_beside_the_label(cond_ckpt
     out = DKGMAugment(micro_model(), seed=0)(img, 2, 1)
     assert out[1:] == (2, 1) and out[0].shape == img.shape
     alone, _ = DKGMAugment(cond_ckpt, seed=0)(img, 1)                # (img, label) still works
+    for extra in ("cat/001.png", {"path": "a.png"}):                   # a path beside the label is no class
+        out = DKGMAugment(cond_ckpt, seed=0)(img, 1, extra)
+        assert torch.equal(out[0], alone) and out[2] == extra
     nested = DKGMAugment(cond_ckpt, seed=0)(img, {"index": 2, "label": 1})
     assert torch.equal(nested[0], alone)
 
@@ -493,6 +496,10 @@ def test_a_dataset_with_the_classes_in_another_order_is_refused_by_a_conditional
         dkgm_aug.BalancedDKGMDataset(swapped, model, progress=False)[-1]
     with pytest.raises(DataError, match="trained with classes"):
         dkgm_aug.NeighbourBank(swapped, model, k=1).build(progress=False)
+    remapped = [{"dog": 1, "cat": 0, "eel": 2}[swapped.classes[int(t)]] for t in targets]   # labels= in its order
+    ds = dkgm_aug.BalancedDKGMDataset(swapped, model, progress=False, labels=remapped)
+    assert ds[-1][0].shape == (1, 8, 8)
+    assert dkgm_aug.NeighbourBank(swapped, model, k=1, labels=remapped).build(progress=False).built
     for names in (["cat", "dog", "eel"], ["0", "1", "2"], ["cat", "dog", "fox"]):
         ds = dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, names), model, progress=False)
         assert ds[len(ds) - 1][0].shape == (1, 8, 8)

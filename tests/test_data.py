@@ -221,6 +221,8 @@ def test_npz_labels_are_read_as_meant_or_refused(tmp_path):
                               (["0", "-3"], {}, "negative")):
         with pytest.raises(DataError, match=f"l.npz: .*{match}"):
             load(labels, **kw)
+    with pytest.raises(DataError, match="l.npz: .*not UTF-8"):
+        load([b"caf\xe9", b"th\xe9"])
     np.savez(tmp_path / "o.npz", images=np.zeros((2, 4, 4), np.uint8), labels=np.array([{}, 1], dtype=object))
     with pytest.raises(DataError, match="o.npz: .*object"):
         npz(tmp_path / "o.npz")
