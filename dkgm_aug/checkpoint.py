@@ -20,8 +20,9 @@ Limits, checked before any tensor is read:
   3 channels is 262 MiB); ``load(path, max_bytes=None)`` lifts the limit for a file you trust.
   The model is measured on the meta device, so a small (or sparse) file whose config
   asks for a huge network fails without allocating it;
-* the file's tensor data must be exactly as many bytes as that model: a truncated file,
-  or one with other dtypes, fails before anything is read.
+* the file's tensor data must be exactly as many bytes as that model (stored at its
+  ``storage_dtype`` when the file names one): a truncated file, or one with other dtypes,
+  fails before anything is read.
 
 Errors: every problem reading or writing a checkpoint, OS errors included (a missing
 file, a directory, no permission, a full disk), raises :class:`~dkgm_aug.errors.CheckpointError`
@@ -261,13 +262,24 @@ def describe(path) -> dict:
                                                f"written by {fmt.writer}; {n} tensors")
 
 
-def save(model, path, **info) -> None:
-    """Write ``model`` to ``path`` (safetensors). ``info`` is merged into ``model.info`` first."""
+# Smaller files: float32 tensors stored as one of these, read back as float32 (``save(storage_dtype=)``).
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save(model, path, storage_dtype=None, **info) -> None:
+    """Write ``model`` to ``path`` (safetensors). ``info`` is merged into ``model.info`` first.
+    ``storage_dtype="float16"`` (or ``"bfloat16"``) stores the float32 tensors at half the size;
+    ``load`` gives them back as float32 (the weights rounded once: outputs change by the rounding)."""
     from . import __version__
+    if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
+        raise CheckpointError(f"storage_dtype must be None or one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
     model.info.update(info)
     meta = dict(format_version=FORMAT_VERSION, kind=model.kind, library_version=__version__,
                 value_range=[-1.0, 1.0], config=model.config())
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if storage_dtype is not None:
+        meta["storage_dtype"] = storage_dtype
+        tensors = {k: v.to(STORAGE_DTYPES[storage_dtype]) if v.dtype == torch.float32 else v for k, v in tensors.items()}
     write_tensors(path, tensors, {METADATA_KEY: json.dumps(meta)}, "generator")
 
 
@@ -290,6 +302,8 @@ def read_metadata(path) -> dict:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written in checkpoint format {version}; this dkgm_aug reads up "
                               f"to format {FORMAT_VERSION}: upgrade with `pip install -U dkgm-aug`")
+    if meta.get("storage_dtype") is not None and meta["storage_dtype"] not in STORAGE_DTYPES:
+        raise CheckpointError(f"{path}: unknown storage_dtype {meta['storage_dtype']!r}; known: {sorted(STORAGE_DTYPES)}")
     if not isinstance(meta.get("kind"), str) or meta["kind"] not in model_kinds():
         raise CheckpointError(f"{path}: unknown model kind {meta.get('kind')!r}; "
                               f"known: {sorted(model_kinds())}")
@@ -320,8 +334,13 @@ def load(path_or_name, device=None, max_bytes=MAX_MODEL_BYTES):
                               f"{_bytes(max_bytes)} limit (the largest preset, 'cifar', is 262 MiB); if you "
                               "trust this file, load it with dkgm_aug.load(path, max_bytes=None) (or a larger "
                               "max_bytes) and pass the model itself")
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
-    state = _read_model_tensors(path, expected, model_bytes)
+    stored = STORAGE_DTYPES.get(meta.get("storage_dtype"))
+    expected = {k: (tuple(v.shape), stored if stored is not None and v.dtype == torch.float32 else v.dtype)
+                for k, v in skeleton.state_dict().items()}
+    file_bytes = sum(v.numel() * expected[k][1].itemsize for k, v in skeleton.state_dict().items())
+    state = _read_model_tensors(path, expected, file_bytes)
+    if stored is not None:     # back to the model's own float32
+        state = {k: v.to(torch.float32) if v.dtype == stored else v for k, v in state.items()}
     model = cls.from_config(meta["config"])
     model.load_state_dict(state)
     return model.to(device).eval() if device is not None else model.eval()

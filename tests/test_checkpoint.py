@@ -48,6 +48,40 @@ def test_save_is_safetensors_with_json_config(saved):
     assert meta["config"]["stage2"]["time_input"] is True
 
 
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_half_storage_round_trip(saved, tmp_path, storage):
+    """storage_dtype stores the float32 tensors at half the bytes; load gives float32 back, equal to
+    the weights rounded once; the config, knobs and info are as saved."""
+    model, path = saved
+    half = tmp_path / "half.safetensors"
+    model.save(half, storage_dtype=storage)
+    loaded = dkgm_aug.load(half)
+    dtype = getattr(torch, storage)
+    assert loaded.config() == model.config() and loaded.info["classes"] == ["a", "b"]
+    for k, v in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v.to(dtype).to(v.dtype) if v.is_floating_point() else v), k
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    x = shapes_batch(4) * 2 - 1
+    a = model.eval().sample(x, generator=torch.Generator().manual_seed(5))
+    b = loaded.sample(x, generator=torch.Generator().manual_seed(5))
+    assert (a - b).abs().max() < 0.1
+    loaded.save(again := tmp_path / "again.safetensors")     # saved again at float32: exact from there on
+    assert all(torch.equal(v, dkgm_aug.load(again).state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_bad_storage_dtype(saved, tmp_path):
+    model, path = saved
+    with pytest.raises(CheckpointError, match="storage_dtype must be"):
+        model.save(tmp_path / "x.safetensors", storage_dtype="int8")
+    p = _rewrite(path, tmp_path / "odd.safetensors", lambda m: m.update(storage_dtype="float8"))
+    with pytest.raises(CheckpointError, match="unknown storage_dtype"):
+        dkgm_aug.load(p)
+    p = _rewrite(path, tmp_path / "lie.safetensors", lambda m: m.update(storage_dtype="float16"))
+    with pytest.raises(CheckpointError, match="bytes of tensor data"):      # float32 tensors under a float16 label
+        dkgm_aug.load(p)
+
+
 def _rewrite(path, out, mutate_meta=None, mutate_tensors=None):
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
