@@ -18,6 +18,18 @@ from dkgm_aug.metrics import sharpness
 
 # which held-out data each shipped generator is evaluated on
 HELD_OUT = {"fashion-mnist-tiny": ("fashion-mnist", "test"), "digits-tiny": ("digits", "test")}
+
+
+def preset_of(model) -> str:
+    """The U-Net preset whose stage-1 config the model's matches ('custom' if none)."""
+    from dkgm_aug.unet import PRESETS, preset_config
+    cfg = model.stage1.config if hasattr(model.stage1, "config") else None
+    for name in PRESETS:
+        ref = preset_config(name, model.channels, False, model.num_classes)
+        if cfg is not None and all(getattr(cfg, k) == getattr(ref, k) for k in ("base_channels", "channel_mult",
+                                                                               "num_res_blocks")):
+            return name
+    return "custom"
 ALPHAS = (0.25, 0.5, 1.0)
 
 
@@ -43,7 +55,7 @@ def card(name: str, n: int, out: Path, seed: int = 0) -> str:
     save_image(from_model(grid), out / f"{name}.png", nrow=12, padding=1)
     tr = model.info.get("training", {})
     lines = [f"# `{name}`", "",
-             f"DKGM generator, preset `tiny` ({sum(p.numel() for p in model.parameters()):,} parameters), "
+             f"DKGM generator, preset `{preset_of(model)}` ({sum(p.numel() for p in model.parameters()):,} parameters), "
              f"{model.image_size[0]}x{model.image_size[1]}, {model.channels} channel(s), default alpha "
              f"{model.alpha}, steps {model.steps}, kernel {model.kernel}, stage-2 blur b ~ U{list(model.b_range)}.",
              "", "## Training record (from the checkpoint's metadata)", "", "```",
