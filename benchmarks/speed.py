@@ -35,7 +35,7 @@ from torchvision.transforms import v2
 
 from dkgm_aug import DKGM, BalancedDKGMDataset, DKGMAugment, augment, load
 from dkgm_aug.errors import DataError
-from dkgm_aug.sampling import SPOT_CHECKS
+from dkgm_aug.sampling import CLASS_CHECKS, SPOT_CHECKS
 from common import (cpu_name, ddpm_sample, fmt, generation, inference_autocast, plot, race, rand_augment, ratio,
                     slowdown_table, unet_calls)
 
@@ -316,7 +316,8 @@ def compile_child(gen_name, bs, reps) -> dict:
 
 
 class LabelsOnly(torch.utils.data.Dataset):
-    """A dataset of ``n`` items with stored labels; wrapping reads a few items (``SPOT_CHECKS``) to
+    """A dataset of ``n`` items with stored labels; wrapping reads a few items (``SPOT_CHECKS`` spread ones and
+    the first of each of the ``CLASS_CHECKS`` smallest classes) to
     check that the stored labels are the items' own, and no more."""
 
     def __init__(self, n: int, n_classes: int = 10, seed: int = 0):
@@ -330,8 +331,9 @@ class LabelsOnly(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         self.reads += 1
-        if self.reads > SPOT_CHECKS:
-            raise RuntimeError(f"wrapping must not load more than the {SPOT_CHECKS} items that check the stored labels")
+        if self.reads > SPOT_CHECKS + CLASS_CHECKS:
+            raise RuntimeError(f"wrapping must not load more than the {SPOT_CHECKS} + {CLASS_CHECKS} items that "
+                               "check the stored labels")
         return torch.zeros(1, 8, 8), int(self.targets[i])
 
 
