@@ -238,12 +238,15 @@ def case_relabelled_bank(tmp: Path, gen: Path) -> str:
                   "labels_sha256")
 
 
-def case_dict_index(tmp: Path, gen: Path) -> str:
+def _conditional(n_classes=3) -> DKGM:
     torch.manual_seed(0)
     cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
-    cond = DKGM(UNetConfig(**cfg, num_classes=3), UNetConfig(**cfg, time_input=True), image_size=8)
-    return raises(lambda: DKGMAugment(cond, seed=0)({"image": tv_tensors.Image(torch.rand(1, 8, 8)), "index": 2}),
-                  "label")
+    return DKGM(UNetConfig(**cfg, num_classes=n_classes), UNetConfig(**cfg, time_input=True), image_size=8)
+
+
+def case_dict_index(tmp: Path, gen: Path) -> str:
+    return raises(lambda: DKGMAugment(_conditional(), seed=0)({"image": tv_tensors.Image(torch.rand(1, 8, 8)),
+                                                                "index": 2}), "label")
 
 
 def case_png16(tmp: Path, gen: Path) -> str:
@@ -324,12 +327,6 @@ def case_calibrate_edge(tmp: Path, gen: Path) -> str:
     chosen = choose(rows, dict(sharpness=0.18, label_preservation=0.92), tolerance=0.1)
     assert chosen["alpha"] == 0.5, chosen
     return "a setting exactly on the tolerance is kept (0.92 - 0.1 = 0.8200000000000001 in floats)"
-
-
-def _conditional(n_classes=3) -> DKGM:
-    torch.manual_seed(0)
-    cfg = dict(channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,))
-    return DKGM(UNetConfig(**cfg, num_classes=n_classes), UNetConfig(**cfg, time_input=True), image_size=8)
 
 
 def case_tuple_index(tmp: Path, gen: Path) -> str:

@@ -223,6 +223,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         """The source image of synthetic item ``j`` (counted among the synthetic items), as its item holds it."""
         return self._image(self.ds[int(self._sources[j])])
 
+    def source_digest(self, j: int) -> bytes:
+        """The :func:`dkgm_aug.cache.digest` of synthetic item ``j``'s source image."""
+        return cache_file.digest(source_unit(self.source_image(j)))
+
     def _label(self, item):
         return self._field(item, self.label_key, 1)
 

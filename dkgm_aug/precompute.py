@@ -28,7 +28,6 @@ from ._validate import check_device, check_int
 from .balanced import BalancedDKGMDataset
 from .bank import NeighbourBank
 from .errors import DKGMError
-from .images import source_unit
 from .sampling import STRATEGIES
 from .train.distributed import init_distributed
 
@@ -94,16 +93,14 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
                                          device=device, progress=False, dtype=dtype, compile=compile)
             kind, n_rows = "balanced", target.n_synthetic
             make = _synthetic_rows(target, target._generator(), batch_size)
-            digest = lambda j: cache_file.digest(source_unit(target.source_image(j)))   # noqa: E731
         else:
             target = NeighbourBank(ds, generator, bank_k, alpha=alpha, steps=steps, seed=seed, device=device,
                                    dtype=dtype, compile=compile)
             kind, n_rows, model = "bank", len(target), target._generator()
             make = lambda a, b: target.make_rows(a, b, model, batch_size)   # noqa: E731
-            digest = target.source_digest
         done = shards.write_shards(Path(out), kind, target.fingerprint(), n_rows, shard_size, make, rank, world,
                                    progress=progress and (rank == 0 or not joined), info=info,
-                                   after_shard=after_shard, source_digest=digest)
+                                   after_shard=after_shard, source_digest=target.source_digest)
         done.update(kind=kind, rows=n_rows, rank=rank, world_size=world, seconds=time.perf_counter() - start,
                     complete=None)
         if world == 1 or dist.is_initialized():

@@ -111,11 +111,8 @@ def stored_match(ds, stored, label_of) -> bool:
     n = len(stored)
     if stored.ndim != 1 or n != len(ds) or n == 0:
         return True              # refused by read_labels' own checks, with the stored labels' shape
-    try:                         # NaN labels and unorderable ones are refused later by read_labels
-        firsts = [] if stored.dtype.kind == "f" and np.isnan(stored).any() else _smallest_classes_firsts(stored)
-    except TypeError:
-        firsts = []
-    for i in sorted({int(v) for v in np.linspace(0, n - 1, min(n, SPOT_CHECKS))} | {int(v) for v in firsts}):
+    spread = {int(v) for v in np.linspace(0, n - 1, min(n, SPOT_CHECKS))}
+    for i in sorted(spread | set(_smallest_classes_firsts(stored))):
         y = label_of(ds[i])
         if isinstance(y, (torch.Tensor, np.ndarray, np.generic)):
             if (y.numel() if isinstance(y, torch.Tensor) else np.size(y)) != 1:
@@ -127,8 +124,14 @@ def stored_match(ds, stored, label_of) -> bool:
 
 
 def _smallest_classes_firsts(stored, n: int = CLASS_CHECKS) -> list:
-    """The first item of each of the ``n`` smallest stored classes (those evenly spaced checks miss)."""
-    _, first, counts = np.unique(stored, return_index=True, return_counts=True)
+    """The first item of each of the ``n`` smallest stored classes (those evenly spaced checks miss);
+    none for NaN or unorderable labels, which read_labels refuses later."""
+    if stored.dtype.kind == "f" and np.isnan(stored).any():
+        return []
+    try:
+        _, first, counts = np.unique(stored, return_index=True, return_counts=True)
+    except TypeError:
+        return []
     return first[np.argsort(counts, kind="stable")[:n]].tolist()
 
 

@@ -253,13 +253,9 @@ def batch_size(inpt) -> int:
 LABEL_KEYS = ("label", "labels", "target", "targets", "class", "y")
 
 
-class AmbiguousLabel(list):
-    """Numbers in a sample whose class is unknown: in a dict, none (or several) under a label key; in a
-    tuple, more than one beside the image (``(img, index, label)``)."""
-
-    def __init__(self, values, in_dict: bool):
-        super().__init__(values)
-        self.in_dict = in_dict
+class AmbiguousLabel(str):
+    """Why a sample's class is unknown (numbers in a dict, none or several under a label key; in a
+    tuple, more than one beside the image): the error a generator that uses labels raises."""
 
 
 def _is_label(v) -> bool:
@@ -274,8 +270,9 @@ def sample_label(sample, flat_sample, images):
     under a key of ``LABEL_KEYS``; else the one input, other than ``images``, that is a number or
     a plain tensor of at most one dimension (``(img, label)``; a string only when no number is there:
     a path beside the label is not the class); ``None`` when there is none. A dict sample with numbers
-    but not exactly one under a label key, or a tuple with several numbers beside the image, gives an :class:`AmbiguousLabel`, which a generator that uses labels refuses (an index
-    or id field must not become the class)."""
+    but not exactly one under a label key, or a tuple with several numbers beside the image, gives an
+    :class:`AmbiguousLabel`, which a generator that uses labels refuses (an index or id field must not
+    become the class)."""
     dicts = [sample] if isinstance(sample, Mapping) else [d for d in sample if isinstance(d, Mapping)] \
         if isinstance(sample, (tuple, list)) else []
     named = [d[k] for d in dicts for k in LABEL_KEYS if k in d and _is_label(d[k])]
@@ -283,10 +280,17 @@ def sample_label(sample, flat_sample, images):
         return named[0]
     taken = {id(i) for i in images}
     found = [v for v in flat_sample if id(v) not in taken and _is_label(v)]
-    numbers_ = [v for v in found if not isinstance(v, str)]     # a file path beside the label is not a class
-    if (found and (named or isinstance(sample, Mapping))) or len(numbers_) > 1:
-        return AmbiguousLabel(found, in_dict=bool(named) or isinstance(sample, Mapping))
-    return (numbers_ or found or [None])[0]
+    numeric = [v for v in found if not isinstance(v, str)]     # a file path beside the label is not a class
+    if found and (named or isinstance(sample, Mapping)):
+        return AmbiguousLabel(f"the sample is a dict holding {len(found)} number(s), but not one under exactly one "
+                              f"of the keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key "
+                              "'label' (or pass (img, label))")
+    if len(numeric) > 1:
+        return AmbiguousLabel(f"the sample holds more than one number beside its image ({len(numeric)}), so its "
+                              "class is unknown (an index or a weight must not become the class): pass (img, label), "
+                              "or a dict with the class under the key 'label' (a batch's labels: one 1-D integer "
+                              "tensor)")
+    return (numeric or found or [None])[0]
 
 
 def model_labels(model, label, n: int) -> list | None:
@@ -297,13 +301,7 @@ def model_labels(model, label, n: int) -> list | None:
     if isinstance(label, AmbiguousLabel):
         if not uses_labels:
             return None
-        if not label.in_dict:
-            raise DataError(f"the sample holds more than one number beside its image ({len(label)}), so its class "
-                            "is unknown (an index or a weight must not become the class): pass (img, label), or a "
-                            "dict with the class under the key 'label' (a batch's labels: one 1-D integer tensor)")
-        raise DataError(f"the sample is a dict holding {len(label)} number(s), but not one under exactly one of the "
-                        f"keys {list(LABEL_KEYS)}, so its class is unknown: put the class under the key 'label' "
-                        "(or pass (img, label))")
+        raise DataError(str(label))
     if getattr(model, "per_class", False):
         if label is None:
             return None
