@@ -150,6 +150,15 @@ def _train(args, rank: int, world_size: int) -> None:
           f"{sum(elapsed.values()):.0f} s of training); samples and logs in {args.work_dir}/")
 
 
+def trained_on_fashion_mnist(model) -> bool:
+    """Whether a checkpoint without ``data_spec`` says it was trained on Fashion-MNIST (the CLI's
+    checkpoints from before ``data_spec``, and the shipped ones, record it as ``training.data``).
+    Its shape alone says nothing: a 28x28 gray generator saved from Python may have seen any data."""
+    if (model.channels, tuple(model.image_size)) != (1, (28, 28)):
+        return False
+    return str(model.info.get("training", {}).get("data", "")).lower().startswith("fashion-mnist")
+
+
 def sample_spec(args, model) -> dict:
     """The data ``sample`` takes its images from: ``--data`` (at the model's size and channels as
     trained), else the data the checkpoint was trained on; ``--split`` overrides either's split."""
@@ -158,7 +167,7 @@ def sample_spec(args, model) -> dict:
         spec = dict(data=args.data, size=(trained or {}).get("size"), channels=(trained or {}).get("channels"))
     elif trained:
         spec = dict(trained)
-    elif model.channels == 1 and model.image_size == (28, 28):   # checkpoints from before data_spec
+    elif trained_on_fashion_mnist(model):   # checkpoints from before data_spec
         spec = dict(data="fashion-mnist", split="test")
     else:
         raise DKGMError(f"{args.checkpoint} does not record the data it was trained on: pass --data "
@@ -219,7 +228,7 @@ def cmd_precompute(args) -> None:
     takes them (``--data`` used to default to Fashion-MNIST whatever the generator had seen)."""
     model = load(args.generator)
     if args.data is None and not model.info.get("training", {}).get("data_spec"):
-        if (model.channels, tuple(model.image_size)) != (1, (28, 28)):
+        if not trained_on_fashion_mnist(model):
             raise DKGMError(f"{args.generator} does not record the data it was trained on: pass --data")
         args = argparse.Namespace(**{**vars(args), "data": "fashion-mnist"})   # checkpoints from before data_spec
     spec = sample_spec(args, model)

@@ -199,3 +199,17 @@ def test_precompute_without_data_uses_the_generators_training_data(tmp_path, cap
     dkgm_aug.EVAE(channels=1, image_size=8, d_z=3, widths=(4, 4, 8, 8)).save(tmp_path / "bare.safetensors")
     assert main(["precompute", str(tmp_path / "bare.safetensors"), "--out", str(tmp_path / "t")]) == 2
     assert "does not record the data it was trained on" in capsys.readouterr().err
+
+
+def test_a_28x28_gray_generator_saved_from_python_is_not_taken_for_a_fashion_mnist_one(tmp_path, capsys):
+    """`sample`, `precompute` and `calibrate` without --data fell back to Fashion-MNIST for any 1x28x28
+    checkpoint that records no data: a generator trained from Python on the user's own 28x28 gray
+    images (no data_spec) then made a bank of clothes, or was calibrated on them, with no error."""
+    gen = tmp_path / "mine.safetensors"
+    dkgm_aug.DKGM.from_preset("tiny", image_size=28).save(gen)
+    for cmd in (["sample", str(gen), "--out", str(tmp_path / "s.png")],
+                ["precompute", str(gen), "--limit", "4", "--quiet", "--out", str(tmp_path / "p")],
+                ["calibrate", str(gen), "--out", str(tmp_path / "c.safetensors")]):
+        assert main(cmd) == 2, cmd
+        assert "does not record the data it was trained on" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "c.safetensors").exists()

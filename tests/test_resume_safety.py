@@ -80,6 +80,34 @@ def test_resume_on_another_dataset_of_the_same_length_is_refused(tmp_path):
     trainer(tmp_path, data=Items(0), max_steps=4).fit(1)         # the same items resume
 
 
+def test_resume_with_another_transform_of_the_same_images_is_refused(tmp_path):
+    """An ImageDataset's fingerprint hashed its .images only: a rerun whose transform changes what the
+    model sees (inverted here) resumed the other run's training silently."""
+    from dkgm_aug.data import ImageDataset
+    x = (shapes_batch(12, size=8) * 255).round().to(torch.uint8)
+    trainer(tmp_path, data=ImageDataset(x, torch.zeros(12))).fit(1)
+    with pytest.raises(DKGMError, match="--data"):
+        trainer(tmp_path, data=ImageDataset(x, torch.zeros(12), transform=lambda im: 1 - im), max_steps=4).fit(1)
+    trainer(tmp_path, data=ImageDataset(x, torch.zeros(12)), max_steps=4).fit(1)   # the same pipeline resumes
+    assert log_steps(tmp_path)[-1] == 4
+
+
+def test_resume_with_a_dataloader_over_another_subset_is_refused(tmp_path):
+    """A DataLoader's fingerprint read its dataset only: a rerun over another subset (another
+    SubsetRandomSampler) resumed the first run, and with the same step count trained 0 steps and
+    handed back the other subset's model."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+    data = shapes_batch(12, size=8)
+
+    def loader(idx):
+        return DataLoader(data, batch_size=4, sampler=SubsetRandomSampler(idx))
+    trainer(tmp_path, data=loader(list(range(12)))).fit(1)
+    with pytest.raises(DKGMError, match="--data"):
+        trainer(tmp_path, data=loader(list(range(6)))).fit(1)
+    trainer(tmp_path, data=loader(list(range(12))), max_steps=4).fit(1)   # the same subset resumes
+    assert log_steps(tmp_path)[-1] == 4
+
+
 def test_dataset_with_random_transform_still_resumes(tmp_path):
     class Noisy(torch.utils.data.Dataset):
         def __len__(self):

@@ -45,27 +45,67 @@ def _label_bytes(data) -> bytes:
     return repr(labels).encode()
 
 
+def _sampler_bytes(loader) -> bytes:
+    """What a DataLoader's sampler says about which items it reads: its kind, and its indices,
+    weights and sample count where it has them (``SubsetRandomSampler``, ``WeightedRandomSampler``),
+    so that a resume with another subset of the same dataset is refused; and the loader's length."""
+    parts = []
+    for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+        if sampler is None:
+            continue
+        parts.append(type(sampler).__qualname__)
+        for name in ("indices", "weights", "num_samples", "replacement"):
+            value = getattr(sampler, name, None)
+            if isinstance(value, (torch.Tensor, range, tuple, list)):   # a digest: a million indices stay cheap
+                value = torch.as_tensor(value if isinstance(value, torch.Tensor) else list(value))
+                value = hashlib.sha256(f"{value.dtype}".encode() + value.cpu().contiguous().numpy().tobytes()).hexdigest()
+            parts.append(f"{name}={value!r}")
+    try:
+        parts.append(f"len={len(loader)}")
+    except TypeError:   # an iterable dataset without a length
+        pass
+    return " ".join(parts).encode()
+
+
+def _read_sample(data) -> torch.Tensor:
+    """The fingerprint's sample of items as the dataset serves them (transforms applied), or an
+    empty tensor when it reads differently twice (random transforms that do not use torch's RNG)."""
+    idx = _sample_index(len(data))
+    reads = []
+    for _ in range(2):
+        with torch.random.fork_rng(devices=[]):   # torch-seeded transforms read the same twice
+            torch.manual_seed(0)
+            reads.append(collate_images([data[i] for i in idx]))
+    return reads[0] if torch.equal(*reads) else torch.empty(0)
+
+
+def _update(h, images: torch.Tensor) -> None:
+    h.update(f"{tuple(images.shape)} {images.dtype}".encode())
+    h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+
+
 def data_fingerprint(data, labels: bool = False) -> str:
     """A cheap hash of the training data, kept in the training state so that a resume on other
-    data is refused: every byte of a tensor (or of a dataset's ``images`` tensor), else a fixed
-    sample of 32 items; nothing for an iterable dataset, or when the sample reads differently
-    twice (random transforms that do not use torch's RNG). ``labels=True`` (class-conditional
-    models) also hashes the labels. The caller adds the length."""
+    data is refused: every byte of a tensor (or of a dataset's ``images`` tensor, and then, if the
+    dataset has a ``transform``, the sample below as it reads through it), else a fixed sample of
+    32 items as read; nothing for an iterable dataset, or when the sample reads differently twice
+    (random transforms that do not use torch's RNG). For a DataLoader, its dataset's fingerprint
+    and its sampler's indices or weights. ``labels=True`` (class-conditional models) also hashes
+    the labels. The caller adds the length."""
+    sampler = b""
     if isinstance(data, torch.utils.data.DataLoader):
-        data = data.dataset
+        data, sampler = data.dataset, _sampler_bytes(data)
     images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
+    h = hashlib.sha256()
     if isinstance(data, torch.utils.data.IterableDataset):
-        images = torch.empty(0)
-    elif not isinstance(images, torch.Tensor):
-        idx = _sample_index(len(data))
-        reads = []
-        for _ in range(2):
-            with torch.random.fork_rng(devices=[]):   # torch-seeded transforms read the same twice
-                torch.manual_seed(0)
-                reads.append(collate_images([data[i] for i in idx]))
-        images = reads[0] if torch.equal(*reads) else torch.empty(0)
-    h = hashlib.sha256(f"{tuple(images.shape)} {images.dtype}".encode())
-    h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+        _update(h, torch.empty(0))
+    elif isinstance(images, torch.Tensor):
+        _update(h, images)
+        if getattr(data, "transform", None) is not None:   # the same pixels through another pipeline
+            _update(h, _read_sample(data))
+    else:
+        _update(h, _read_sample(data))
+    h.update(sampler)
     if labels:
         h.update(b"labels " + _label_bytes(data))
     return h.hexdigest()[:16]
