@@ -115,6 +115,14 @@ def load_generator(spec, device=None):
     return model.to(device) if device is not None else model
 
 
+def on_device(model, device, given):
+    """``model`` on ``device`` (None: where it is). The library's own model is moved; the user's
+    object (``model is given``, the ``generator=`` they passed) is copied first, never moved."""
+    if device is None or same_device(model_device(model), device):
+        return model
+    return (copy.deepcopy(model) if model is given else model).to(device)
+
+
 def same_device(a, b) -> bool:
     """Whether two devices are the same (``cuda`` and ``cuda:0`` are, on a one-GPU machine)."""
     a, b = torch.device(a), torch.device(b)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import cache as cache_file
 from ._validate import check_device, check_int, check_seed
 from .bank import bank_for
-from .augment import accelerate, check_acceleration, filtered_generate, load_generator
+from .augment import accelerate, check_acceleration, filtered_generate, load_generator, on_device
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
@@ -336,7 +336,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             if not self._labels_given:      # labels= are the user's class indices: nothing to compare
                 check_class_order(model, self.ds)
             self._model = accelerate(model, self.dtype, self.compile)
-        return self._model if device is None else self._model.to(device)
+        return on_device(self._model, device, self.generator)
 
     def precompute(self, batch_size: int = 256, device=None, progress: bool = True):
         """Generate every synthetic image not made yet, ``batch_size`` at a time on ``device``

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import cache as cache_file
 from . import shards
 from ._validate import check_device, check_int, check_seed
-from .augment import accelerate, check_acceleration, filtered_generate, load_generator
+from .augment import accelerate, check_acceleration, filtered_generate, load_generator, on_device
 from .checkpoint import read_metadata, resolve
 from .dkgm import check_knobs
 from .errors import CheckpointError, DataError, DKGMError
@@ -222,7 +222,7 @@ class NeighbourBank:
             if self._given_labels is None:  # labels= are the user's class indices: nothing to compare
                 check_class_order(model, self.ds)
             self._model = accelerate(model, self.dtype, self.compile)
-        return self._model if device is None else self._model.to(device)
+        return on_device(self._model, device, self.generator)
 
     def make_rows(self, start: int, stop: int, model, batch_size: int = 256, bar=None) -> tuple:
         """``(images [n, k, C, H, W] uint8, source digests [n, 16], filter counts)`` of rows

@@ -14,13 +14,16 @@ import torch.nn.functional as F
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module):
-    """``module`` in eval mode inside the block, its previous mode restored after."""
-    was = module.training
+    """``module`` in eval mode inside the block, every submodule's previous mode restored after
+    (``module.train(was)`` alone would switch a frozen, eval-mode BatchNorm of a training model
+    back to train mode, and its running statistics would then drift)."""
+    was = {m: m.training for m in module.modules()}
     module.eval()
     try:
         yield module
     finally:
-        module.train(was)
+        for m, mode in was.items():
+            m.training = mode
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Which synthetic items :class:`~dkgm_aug.balanced.BalancedDKGMDataset` adds: labels, counts
 and the index plan. No image is read here."""
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -156,7 +157,29 @@ def read_labels(ds, labels=None, label_of=lambda item: item[1], progress: bool =
         raise DataError(f"NaN labels on {len(nan)} of {n} items (the first: item {nan[0]}); NaN is not a "
                         "class: drop those items or give them a label")
     values, codes = np.unique(arr, return_inverse=True)
-    return values.tolist(), torch.from_numpy(codes.astype(np.int32).reshape(-1))
+    values = values.tolist()
+    check_negative(ds, values, codes, labels is not None)
+    return values, torch.from_numpy(codes.astype(np.int32).reshape(-1))
+
+
+def check_negative(ds, values: list, codes, given: bool) -> None:
+    """Negative integer labels: -1 commonly marks an unlabelled item (torchvision's STL10
+    ``train+unlabeled``), which would be balanced as a class of its own (and synthesised). Refused
+    when the dataset names its classes (its labels are then indices into ``classes``); warned
+    when -1 sits beside 0 with no names (``{-1, 1}`` binary labels pass)."""
+    if given or not values or not isinstance(values[0], numbers.Integral) or isinstance(values[0], bool) \
+            or values[0] >= 0:
+        return
+    negative = [v for v in values if v < 0]
+    n = int(np.isin(codes, np.arange(len(negative))).sum())
+    names = _names(ds)
+    if isinstance(names, (list, tuple)):
+        raise DataError(f"{n} items have negative labels {negative[:5]}, which are not indices into the dataset's "
+                        f"{len(names)} classes (-1 usually marks an unlabelled item, as in STL10 'train+unlabeled'): "
+                        "drop them (e.g. torch.utils.data.Subset of the labelled items) before balancing")
+    if -1 in values and 0 in values:
+        warnings.warn(f"{n} items have label -1, balanced as a class of its own beside 0..: if -1 marks unlabelled "
+                      "items, drop them before balancing", stacklevel=3)
 
 
 def _names(ds):

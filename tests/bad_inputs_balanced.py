@@ -26,6 +26,11 @@ class Pixels(torch.utils.data.Dataset):
                 "dict": {"image": image, "label": label, "name": name}}[self.layout]
 
 
+class Named(Pixels):
+    """Pixels whose labels index ``classes``, torchvision's convention."""
+    classes = ["airplane", "bird"]
+
+
 def _other_pixels(ckpt, folder: Path):
     path = folder / "pixels.safetensors"
     BalancedDKGMDataset(Pixels(), ckpt, cache=path, progress=False).precompute(progress=False)
@@ -89,4 +94,10 @@ def rows(ckpt, model, tmp):
          (DKGMError, "runs on CUDA only")),
         ("balanced: compile=1", lambda: BalancedDKGMDataset(Pixels(), ckpt, compile=1, progress=False),
          (DKGMError, "compile must be True or False")),
+        ("balanced: label -1 (unlabelled, as STL10 'train+unlabeled') in a dataset with classes",
+         lambda: BalancedDKGMDataset(Named([0, 0, 1, -1, -1]), ckpt, progress=False),
+         (DataError, "2 items have negative labels [-1], which are not indices into the dataset's 2 classes")),
+        ("balanced: binary labels -1 and 1, no class names",
+         lambda: BalancedDKGMDataset(Pixels([-1, -1, -1, 1]), ckpt, progress=False).class_counts,
+         "ok: -1 and 1 are two classes"),
     ]

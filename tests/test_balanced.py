@@ -459,3 +459,26 @@ def test_synthetic_items_keep_a_tv_tensor_type_and_an_alpha_channel():
     assert _like(q, premultiplied).mode == "RGBa"
     from dkgm_aug.images import source_unit
     assert source_unit(la.convert("La")).shape == (1, 4, 4)
+
+
+@pytest.mark.parametrize("bank", [None, 2])
+def test_precompute_on_another_device_never_moves_the_users_model(bank):
+    """``precompute(device=...)`` (and the bank's build) moved the model object the user had passed
+    as the generator to that device in place (``self._model.to(device)``), though the docs promise it
+    is never changed. The "meta" device stands in for "cuda" here: generation on it fails, the move
+    must not have happened."""
+    model = dkgm_aug.load("digits-tiny").eval()
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    ds = BalancedDKGMDataset(list(zip(x, [0, 0, 0, 0, 1, 1])), model, progress=False, bank=bank)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        ds.precompute(device="meta", progress=False)
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_label_minus_one_beside_zero_warns_when_the_dataset_names_no_classes():
+    """-1 beside 0..K with no class names is balanced as a class (it may be a real one), with a warning:
+    it usually marks unlabelled items."""
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="2 items have label -1, balanced as a class of its own"):
+        ds = BalancedDKGMDataset(list(zip(x, [0, 0, 1, -1, -1])), "digits-tiny", progress=False)
+    assert ds.class_counts == {-1: 2, 0: 2, 1: 2}

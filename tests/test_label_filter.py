@@ -211,3 +211,21 @@ def test_a_classifier_without_parameters_is_taken():
             return nn.functional.one_hot((x01.flatten(1).mean(1) > 0.5).long(), 2).float()
     out = filtered_generate(Inverter(), images(4), [1, 2, 3, 4], labels=[1, 0, 1, 0], label_filter=LabelFilter(Rule()))
     assert out.shape == (4, 1, 4, 4)
+
+
+def test_the_filter_leaves_every_submodule_of_the_users_classifier_in_its_own_mode():
+    """The classifier's mode was restored with ``module.train(was)``: a model being fine-tuned
+    (train mode) with a frozen, eval-mode BatchNorm came back with that BatchNorm in train mode,
+    and its running statistics then drifted in the user's next forward pass, with no error."""
+    clf = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    clf.train()
+    clf[1].eval()
+    seen = []
+    clf.register_forward_pre_hook(lambda m, args: seen.append([x.training for x in m.modules()]))
+    stats = clf[1].running_mean.clone()
+    filtered_generate(Inverter(), images(), list(range(6)), labels=[0] * 6,
+                      label_filter=LabelFilter(clf, max_tries=2))
+    assert seen and all(not any(modes) for modes in seen)          # the filter ran it in eval mode
+    assert clf.training and not clf[1].training                   # and gave every submodule its mode back
+    clf(torch.rand(4, 1, 4, 4))
+    assert torch.equal(clf[1].running_mean, stats)
