@@ -85,13 +85,16 @@ def _with_channels(hw):
 
 
 def to_unit_float(img) -> torch.Tensor:
-    """A PIL image, numpy HWC array or CHW tensor (uint8, or float in [0, 1]) as a float32 CHW tensor in [0, 1]."""
+    """A PIL image, numpy HWC array or CHW tensor (uint8, or float in [0, 1]) as a float32 CHW tensor in [0, 1];
+    a PIL image in a mode other than L or RGB goes through :func:`source_unit`'s conversion."""
     if isinstance(img, torch.Tensor):
         check_chw(img)
         x = img
     elif isinstance(img, np.ndarray):
         x = _own_tensor(_with_channels(img)).permute(2, 0, 1)
     elif hasattr(img, "mode") and hasattr(img, "size"):   # PIL, or anything that looks like it
+        if img.mode not in ("L", "RGB"):   # palette indices, YCbCr planes, 16-bit values: not gray or RGB as read
+            return source_unit(img)
         x = _own_tensor(_with_channels(np.asarray(img))).permute(2, 0, 1)
     else:
         raise DataError(f"cannot read an image from {type(img).__name__}; give a PIL image, numpy array or tensor")

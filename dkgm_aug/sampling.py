@@ -206,14 +206,13 @@ def check_class_order(model, ds) -> None:
     """A class-conditional ``model`` takes class indices: refuse a dataset whose ``classes`` (by name)
     sit at other indices than the ones the model was trained with (an image folder's sorted folder
     names against the training data's order), which would condition each image on another class.
-    Names that are only the indices ('0', '1', ...) say nothing and are not compared."""
+    Names are compared as names, numbers too: folders '0' .. '10' sort as '0', '1', '10', '2', ..., so
+    folder '10' is index 2 of an image folder while it is class 10 to a generator trained on integer labels."""
     trained = getattr(model, "info", {}).get("classes") if getattr(model, "conditional", False) else None
     names = _names(ds)
     if not isinstance(trained, (list, tuple)) or not isinstance(names, (list, tuple)):
         return
     trained, names = [str(c) for c in trained], [str(c) for c in names]
-    if any(n == [str(i) for i in range(len(n))] for n in (trained, names)):
-        return
     moved = [c for c in names if c in trained and names.index(c) != trained.index(c)]
     if moved:
         raise DataError(f"the generator was trained with classes {trained}, the dataset's are {names}: class "

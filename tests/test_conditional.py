@@ -485,7 +485,7 @@ def test_cli_trains_a_conditional_dkgm(tmp_path, capsys):
 def test_a_dataset_with_the_classes_in_another_order_is_refused_by_a_conditional_generator(tmp_path):
     """A conditional generator trained on classes ['cat', 'dog', 'eel'] given an image folder that
     names them in another order conditioned each image on another class (index 0 is 'cat' to the
-    generator, 'dog' here), with no error; index names ('0', '1', ...) carry no order and pass."""
+    generator, 'dog' here), with no error; names the generator does not know ('0', '1', 'fox') pass."""
     from dkgm_aug.data import ImageDataset
     model = micro_model(image_size=8).with_labels(3, stages=(1,))
     model.info["classes"] = ["cat", "dog", "eel"]
@@ -503,3 +503,19 @@ def test_a_dataset_with_the_classes_in_another_order_is_refused_by_a_conditional
     for names in (["cat", "dog", "eel"], ["0", "1", "2"], ["cat", "dog", "fox"]):
         ds = dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, names), model, progress=False)
         assert ds[len(ds) - 1][0].shape == (1, 8, 8)
+
+
+def test_numbered_classes_in_string_order_are_refused_by_a_generator_trained_on_integer_labels():
+    """Index-looking names ('0', '1', ...) on either side skipped the class-order check: a generator
+    trained on integer labels 0..10 (classes '0' .. '10') given an image folder of the same classes,
+    whose sorted folder names put '10' at index 2, conditioned every class from 2 on another one."""
+    from dkgm_aug.data import ImageDataset
+    model = micro_model(image_size=8).with_labels(11, stages=(1,))
+    model.info["classes"] = [str(i) for i in range(11)]
+    folder_order = sorted(str(i) for i in range(11))        # '0', '1', '10', '2', ...
+    images = (torch.rand(21, 1, 8, 8) * 255).to(torch.uint8)
+    targets = torch.arange(21) % 11                            # class 10 has one item: one synthetic item
+    with pytest.raises(DataError, match="class '10' is index 10 to the generator but 2 here"):
+        dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, folder_order), model, progress=False)[-1]
+    ds = dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, [str(i) for i in range(11)]), model, progress=False)
+    assert ds[len(ds) - 1][0].shape == (1, 8, 8)

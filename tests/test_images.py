@@ -178,3 +178,23 @@ def test_to_model_and_from_model_are_inverse_on_every_level():
     assert x.dtype == torch.float32 and float(x.min()) == -1 and float(x.max()) == 1
     assert torch.equal(to_uint8(from_model(x)), torch.arange(256, dtype=torch.uint8))
     assert torch.equal(from_model(torch.tensor([-1.5, 1.5])), torch.tensor([0.0, 1.0]))   # clamped to [0, 1]
+
+
+def test_pil_images_in_other_modes_are_read_as_their_colours_not_their_raw_planes():
+    """to_unit_float (the trainer's and the fingerprint's reader) read any PIL mode with np.asarray: a
+    palette image became its palette indices as gray levels (white index 0 read as black), a YCbCr
+    image's planes became R, G, B, a 16-bit one was cut to 8 bits. They now go through the one
+    conversion that BalancedDKGMDataset uses (source_unit)."""
+    from PIL import Image
+    from dkgm_aug.images import collate_images, to_unit_float
+    pal = Image.new("P", (4, 4))
+    pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)     # index 0 = white, 1 = black
+    pal.putpixel((0, 0), 1)
+    rgb = pal.convert("RGB")
+    assert torch.equal(to_unit_float(pal), to_unit_float(rgb))
+    assert float(to_unit_float(pal)[:, 1, 1].min()) == 1.0     # white, not index 0
+    red = Image.new("RGB", (2, 2), (255, 0, 0))
+    assert torch.allclose(to_unit_float(red.convert("YCbCr")), to_unit_float(red), atol=2 / 255)
+    wide = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
+    assert float(to_unit_float(wide).min()) == 1.0
+    assert collate_images([(pal, 0), (rgb, 1)]).shape == (2, 3, 4, 4)
