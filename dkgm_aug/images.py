@@ -21,6 +21,9 @@ from .errors import DataError
 # bicubic Resize overshoots by up to 0.45 on hard edges, as far as a normalized image goes,
 # so that is refused with a hint rather than taken for rounding.
 RANGE_TOL = 1e-3
+# uint8 images holding only 0 and 1 are refused from this many values on (an 8x8 image): a few
+# pixels of a real image can all be 0 or 1; 64 of them are a binary image.
+BINARY_MIN_PIXELS = 64
 
 
 def check_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -49,12 +52,16 @@ def _range_hint(lo: float, hi: float) -> str:
 
 
 def tensor_unit(x: torch.Tensor, what: str = "images", check: bool = True) -> torch.Tensor:
-    """A uint8 tensor (any shape) divided by 255, or a float one range-checked, as float32 in [0, 1]; the
-    one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range).
+    """A uint8 tensor (any shape) divided by 255 (refused when its ``BINARY_MIN_PIXELS`` or more
+    values are only 0 and 1: binary images stored as uint8), or a float one range-checked, as float32
+    in [0, 1]; the one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range).
 
     ``check=False`` casts a float ``x`` to float32 as it is, without :func:`check_unit_range` (no
     clamping, no refusal): for paths that have always taken any floats. Other dtypes are refused either way."""
     if x.dtype == torch.uint8:
+        if check and x.numel() >= BINARY_MIN_PIXELS and int(x.max()) == 1:
+            raise DataError(f"uint8 {what} hold only the values 0 and 1 (binary images or masks?): uint8 is read as "
+                            "0 .. 255, so these would be near-black; multiply by 255 (or pass floats in [0, 1])")
         return x.float() / 255.0
     if not x.is_floating_point():
         raise DataError(f"{what} must be uint8 or float in [0, 1], got {x.dtype}")

@@ -48,6 +48,8 @@ def core_rows(ckpt, model, tmp):
         ("wrong channels with convert_channels=True", lambda: DKGMAugment(ckpt, convert_channels=True, seed=0)(torch.rand(3, 8, 8)).shape,
          "ok: converted to gray for the generator and back to 3 channels"),
         ("int16 image", lambda: aug(torch.zeros(1, 8, 8, dtype=torch.int16)), (DataError, "uint8 or float")),
+        ("uint8 image holding only 0 and 1 (a binary image)", lambda: aug((torch.arange(64) % 2).to(torch.uint8).view(1, 8, 8)),
+         (DataError, "hold only the values 0 and 1")),
         ("bool image", lambda: aug(torch.zeros(1, 8, 8, dtype=torch.bool)), (DataError, "uint8 or float")),
         ("float64 image", lambda: aug(torch.rand(1, 8, 8, dtype=torch.float64)).dtype, "ok: processed in float32, returned as float64"),
         ("zero-size image", lambda: aug(torch.zeros(1, 0, 8)), (DataError, "empty")),

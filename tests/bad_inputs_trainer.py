@@ -2,7 +2,7 @@
 and a device this machine does not have."""
 import torch
 
-from dkgm_aug import CheckpointError, DKGMError, Trainer
+from dkgm_aug import CheckpointError, DataError, DKGMError, Trainer
 from conftest import micro_model, shapes_batch
 
 
@@ -34,6 +34,9 @@ def rows(ckpt, model, tmp):
          (DKGMError, "more than max_steps=2")),
         ("trainer: truncated state file", lambda: _truncated(f"{tmp}/trainer_truncated"),
          (CheckpointError, "truncated or corrupt")),
+        ("trainer: uint8 data holding only 0 and 1 (binary images)",
+         lambda: _fit(f"{tmp}/trainer_binary", data=(shapes_batch(12, size=8) > 0.5).to(torch.uint8)),
+         (DataError, "hold only the values 0 and 1")),
     ]
     if not torch.cuda.is_available():
         table.append(("trainer: device='cuda' without CUDA",
