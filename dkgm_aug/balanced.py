@@ -31,7 +31,8 @@ from .images import from_8bit, source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .shards import read_folder
-from .sampling import check_class_order, class_names, index_plan, oversampling_targets, plain_label, read_labels
+from .sampling import (check_class_order, class_names, index_plan, oversampling_targets, plain_label, read_labels,
+                       sibling_ranks)
 
 __all__ = ["BalancedDKGMDataset", "oversampling_targets"]
 
@@ -149,6 +150,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         self._cache_file_ok = self._warned = False
         # bank mode (dkgm_aug/bank.py): synthetic images come from a neighbour bank, one per epoch
         self.bank, self._epoch = bank_for(self, bank), torch.zeros((), dtype=torch.int64)
+        self._siblings = None   # bank mode: (rank, siblings) per synthetic item, made on first use
         if self.bank is not None:
             self._epoch.share_memory_()   # so that set_epoch reaches persistent DataLoader workers
         elif isinstance(self.cache, Path):
@@ -249,7 +251,11 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         images = {j: self._image(item) for j, item in sources.items()}
         self._check_labels(sources)
         if self.bank is not None:
-            made = self.bank.pick({j: int(self._sources[j]) for j in images}, images, self.seed, int(self._epoch))
+            if self._siblings is None:
+                self._siblings = sibling_ranks(self._sources)
+            rank, siblings = self._siblings
+            made = self.bank.pick({j: int(self._sources[j]) for j in images}, images, self.seed, int(self._epoch),
+                                  {j: int(rank[j]) for j in images}, {j: int(siblings[j]) for j in images})
         else:
             self._check_sources({j: image for j, image in images.items() if j in self._cache})
             todo = [j for j in images if j not in self._cache]

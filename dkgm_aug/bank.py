@@ -369,13 +369,20 @@ class NeighbourBank:
                                 "copy without it and put the transform in transform=)")
             self._checked[row] = True
 
-    def pick(self, sources: dict, images: dict, seed: int, epoch: int) -> dict:
+    def pick(self, sources: dict, images: dict, seed: int, epoch: int, ranks: dict, siblings: dict) -> dict:
         """For ``BalancedDKGMDataset``: synthetic item ``j`` (source item ``sources[j]``, image
-        ``images[j]``) shows neighbour ``(h(seed, j) + epoch) % k``: another one each epoch, all ``k``
-        every ``k`` epochs, the same ones for the same seed and epoch."""
+        ``images[j]``), the ``ranks[j]``-th of the ``m = siblings[j]`` synthetic items of its source,
+        shows neighbour ``(h(seed, source) + rank + epoch * step) % k``, ``step = m`` if ``m < k`` else 1:
+        the items of one source show different neighbours (evenly spread over the ``k`` when ``m >= k``),
+        another ``m`` of them each epoch, all ``k`` within ``ceil(k / m)`` epochs, the same ones for the
+        same seed and epoch."""
         js = np.fromiter(sources, dtype=np.int64, count=len(sources))
+        src = np.asarray([sources[j] for j in js.tolist()], dtype=np.int64)
+        rank = np.asarray([ranks[j] for j in js.tolist()], dtype=np.uint64)
+        m = np.asarray([siblings[j] for j in js.tolist()], dtype=np.uint64)
         with np.errstate(over="ignore"):
-            rs = ((mix(seed, js) + np.uint64(epoch)) % np.uint64(self.k)).tolist()
+            step = np.where(m < np.uint64(self.k), m, np.uint64(1))
+            rs = ((mix(seed, src) % np.uint64(self.k) + rank + np.uint64(epoch) * step) % np.uint64(self.k)).tolist()
         out = {}
         for j, r in zip(js.tolist(), rs):
             row = self.row_of_index(sources[j])

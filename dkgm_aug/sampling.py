@@ -265,6 +265,20 @@ def oversampling_targets(strategy, counts: dict, y) -> dict:
     return {c: int(v) - counts[c] for c, v in strategy.items()}
 
 
+def sibling_ranks(sources: torch.Tensor) -> tuple:
+    """``(rank, siblings)`` per synthetic item: how many items before it share its source, and how
+    many share it in all (its source's synthetic items, itself included)."""
+    s = sources.long()
+    if not len(s):
+        return s.clone(), s.clone()
+    order = torch.argsort(s, stable=True)
+    counts = torch.bincount(s)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(s)
+    rank[order] = torch.arange(len(s)) - starts[s[order]]
+    return rank, counts[s]
+
+
 def index_plan(real_codes: torch.Tensor, n_new: list, seed: int):
     """``(class code per item, source item per synthetic item)``: for class ``k``, ``n_new[k]``
     synthetic items cycling through a seeded permutation of its real items, grouped by class."""

@@ -379,3 +379,29 @@ def test_bank_augment_reads_only_labels_a_sample_names_plainly():
     bare = NeighbourBank(images, micro_model(image_size=8), k=1, label_filter=LabelFilter(Dark())).build(progress=False)
     assert bare.row_labels() == [None, None, None]
     assert BankAugment(bare, p=0.0)(images[0], 1)[0].shape == images[0].shape
+
+
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_balanced_bank_never_serves_one_neighbour_twice_for_one_source_while_k_allows(gen, k):
+    """Synthetic item j showed neighbour (h(seed, j) + epoch) % k: items of one source collided at
+    random (3 copies of a source with k=8: a third of the sources served one neighbour twice) and, all
+    moving by one each epoch, the same ones collided every epoch. Now a source's m items show m
+    different neighbours when m <= k (each neighbour ceil/floor of m / k times when m > k), another
+    m each epoch, and all k within ceil(k / m) epochs."""
+    labels = [0] * 20 + [1] * 5 + [2] * 2          # class 1: 3 items a source, class 2: 9 or 10
+    ds = BalancedDKGMDataset(Items(labels), gen, progress=False, bank=k).precompute(progress=False)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        shown = {}
+        for i in range(ds.n_real, len(ds)):
+            shown.setdefault(ds.source_index(i), []).append(ds[i][0].numpy().tobytes())
+        for source, images in shown.items():
+            counts = sorted(map(images.count, set(images)))
+            m = len(images)
+            assert len(set(images)) == min(m, k) and counts[-1] - counts[0] <= 1, (source, m, counts)
+    covered = {}
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(ds.n_real, len(ds)):
+            covered.setdefault(ds.source_index(i), set()).add(ds[i][0].numpy().tobytes())
+    assert all(len(v) == k for v in covered.values())   # ceil(k / 3) <= 3 epochs for every source here
