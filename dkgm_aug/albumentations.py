@@ -6,15 +6,18 @@
     out = pipeline(image=img)["image"]       # img: HxW or HxWxC, uint8 or float32 in [0, 1]
 
 Seeding follows albumentations: ``A.Compose(..., seed=...)`` or ``t.set_random_seed(seed)``;
-the noise seed is drawn from the transform's own ``random_generator`` in ``get_params``, and in a
-DataLoader worker mixed with the worker's seed (as the torchvision twin does), so that workers and
-epochs differ while a run stays repeatable under ``torch.manual_seed``.
+the noise seed is drawn from the transform's own ``random_generator`` in ``get_params``, and whether
+``p`` fires from its ``py_random``; in a DataLoader worker both are mixed with the worker's seed (as
+the torchvision twin does), so that workers and epochs differ while a run stays repeatable under
+``torch.manual_seed``.
 ``A.to_dict``/``A.from_dict`` round-trip a transform built from a checkpoint name or path;
 one built from a model object cannot be serialised (``to_dict`` raises).
 
 Albumentations passes no labels to an image transform, so a class-conditional generator is refused
 here: use the torchvision ``DKGMAugment`` (``aug(img, label)``) or ``BalancedDKGMDataset``.
 """
+import random
+
 import numpy as np
 import torch
 from albumentations.core.transforms_interface import ImageOnlyTransform
@@ -55,6 +58,18 @@ class DKGMAugment(ImageOnlyTransform):
                             "which give the generator each image's class (a kernel-smoothed score built without labels "
                             "draws from the whole set)")
         return super().__call__(*args, force_apply=force_apply, **data)
+
+    def should_apply(self, force_apply: bool = False) -> bool:
+        """Whether ``p`` fires, from albumentations' ``py_random``; inside a DataLoader worker mixed with
+        the worker's seed, as the noise seed is (every worker holds a copy of the same ``py_random``:
+        without it the same draws of every worker, in every epoch, would be augmented)."""
+        if self.p <= 0.0 or self.p >= 1.0 or force_apply:
+            return super().should_apply(force_apply)
+        u = self.py_random.random()
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            u = random.Random(f"{u!r} {info.seed}").random()
+        return u < self.p
 
     def get_params(self) -> dict:
         """The noise seed, from albumentations' ``random_generator``; inside a DataLoader worker mixed

@@ -233,3 +233,33 @@ def test_albumentations_twin_draws_different_noise_per_worker_and_epoch(ckpt):
     assert not any(torch.equal(a, b) for a, b in zip(first, second))  # epoch 2 is not epoch 1 again
     torch.manual_seed(5)
     assert all(torch.equal(a, b) for a, b in zip(first, [b[0] for b in loader]))
+
+
+class Fired(torch.utils.data.Dataset):
+    """Whether the pipeline changed item i's image (p fired), for 16 items."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        img = np.full((8, 8), 128, np.uint8)
+        return int(not np.array_equal(self.pipeline(image=img)["image"], img))
+
+
+@pytest.mark.slow
+def test_albumentations_twin_fires_p_on_other_draws_per_worker_and_epoch(ckpt):
+    """Only the noise seed mixed in the worker's seed: whether p fired came from albumentations'
+    py_random, of which every worker holds the same copy, so every worker augmented the same draws
+    in every epoch (with a fixed order, the same items every epoch and the rest never)."""
+    import albumentations as A
+    loader = torch.utils.data.DataLoader(Fired(A.Compose([dalb.DKGMAugment(ckpt, p=0.5)], seed=0)),
+                                         batch_size=8, num_workers=2, multiprocessing_context="fork")
+    torch.manual_seed(5)
+    epochs = [torch.cat(list(loader)).tolist() for _ in range(3)]
+    assert any(e[:8] != e[8:] for e in epochs)                       # worker 0's batch is not worker 1's
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]          # nor one epoch the next
+    torch.manual_seed(5)
+    assert torch.cat(list(loader)).tolist() == epochs[0]             # and a run repeats
