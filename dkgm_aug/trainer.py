@@ -44,6 +44,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ._validate import check_device, check_float, check_int, check_seed
+from .dkgm import DKGM
 from .errors import DataError, DKGMError
 from .images import from_model
 from .nn import evaluating
@@ -140,9 +142,24 @@ class Trainer:
         if first.shape[1] != self.model.channels:
             raise DataError(f"the data has {first.shape[1]} channels but the model takes {self.model.channels}; "
                             "build the model with channels= matching the data, or convert the images")
+        self._check_size(tuple(first.shape[-2:]))
         self.n_items, self.local_batch = self.feed.n_items, self.feed.local_batch
         self.steps_per_epoch = self.feed.steps_per_epoch
         self.data_id = f"{self.n_items} items, sha256 {data_fingerprint(self.data, labels=self.conditional)}"
+
+    def _check_size(self, size: tuple) -> None:
+        """The data's image size against the one the model records (``image_size=``, saved in its
+        checkpoint): an EVAE or VAE decodes at that size only, so other data is refused; a DKGM (fully
+        convolutional) trains on it, with a warning, since its checkpoint would name another size."""
+        recorded = tuple(getattr(self.model, "image_size", size))
+        if size == recorded:
+            return
+        what = (f"the data's images are {size[0]}x{size[1]} but the model was built with image_size="
+                f"{recorded[0]}x{recorded[1]}")
+        if not isinstance(self.model, DKGM):
+            raise DataError(f"{what}, the only size its decoder makes: build it with image_size={size}")
+        warnings.warn(f"{what}: it trains, but its checkpoint will say {recorded[0]}x{recorded[1]}; build it "
+                      f"with image_size={size}", stacklevel=4)
 
     def _split(self, batch) -> tuple:
         """A batch as ``(x, keywords of the model's call)``: ``labels=y`` for a class-conditional model."""

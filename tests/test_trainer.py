@@ -182,8 +182,8 @@ def test_a_dataloaders_epoch_is_its_own_batches_and_fit_steps_are_for_one_call(t
     """epochs= counts a given DataLoader's batches (it counted N // the Trainer's batch_size);
     fit(stage, max_steps=k) trains k steps in that call only (it changed the Trainer's for good)."""
     loader = torch.utils.data.DataLoader(shapes_batch(40, size=8), batch_size=4)
-    assert Trainer(micro_model(), loader, out_dir=None, epochs=1, progress=False).max_steps == 10
-    t = Trainer(micro_model(), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=5, progress=False)
+    assert Trainer(micro_model(image_size=8), loader, out_dir=None, epochs=1, progress=False).max_steps == 10
+    t = Trainer(micro_model(image_size=8), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=5, progress=False)
     t.fit(1, max_steps=2)
     assert len(t.losses) == 2 and t.max_steps == 5
     t.fit(2)
@@ -199,19 +199,19 @@ def test_resuming_a_dataloader_skips_the_batches_already_trained(tmp_path):
     run = lambda out, steps, model, data: Trainer(model, data, out_dir=out, max_steps=steps, save_every=4,
                                                   progress=False).fit(1)
     torch.manual_seed(0)
-    full = micro_model()
+    full = micro_model(image_size=8)
     init = weights(full)
     run(tmp_path / "full", 8, full, loader())
-    part = micro_model()
+    part = micro_model(image_size=8)
     part.load_state_dict(init)
     run(tmp_path / "part", 4, part, loader())
-    resumed = micro_model()
+    resumed = micro_model(image_size=8)
     run(tmp_path / "part", 8, resumed, loader())
     for k, v in full.stage1.state_dict().items():
         assert torch.allclose(v, resumed.stage1.state_dict()[k], atol=1e-6), k
-    run(tmp_path / "shuffled", 4, micro_model(), loader(True))
+    run(tmp_path / "shuffled", 4, micro_model(image_size=8), loader(True))
     with pytest.warns(UserWarning, match="new shuffle"):
-        run(tmp_path / "shuffled", 8, micro_model(), loader(True))
+        run(tmp_path / "shuffled", 8, micro_model(image_size=8), loader(True))
 
 
 def test_dataset_loader_workers_are_seeded_per_rank_and_stage():
@@ -229,3 +229,17 @@ def test_dataset_loader_workers_are_seeded_per_rank_and_stage():
                                      .batches(0, stream=stage))
     assert not torch.equal(first(0, 1), first(1, 1)) and not torch.equal(first(0, 1), first(0, 2))
     assert torch.equal(first(0, 1), first(0, 1))
+
+
+def test_data_of_another_size_than_the_models_image_size():
+    """The trainer checked channels only: an EVAE built at its default 28x28 trained on 32x32 images
+    without a word, and its checkpoint said 28x28 (its decoder then made 28x28 images from inputs
+    zero-padded to a size it never saw). An EVAE or VAE is refused; a DKGM trains, with a warning."""
+    from dkgm_aug import EVAE
+    from dkgm_aug.errors import DataError
+    evae = EVAE(channels=1, image_size=10, d_z=3, widths=(4, 4, 8, 8))
+    with pytest.raises(DataError, match="images are 8x8 but the model was built with image_size=10x10"):
+        Trainer(evae, shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=1, progress=False)
+    with pytest.warns(UserWarning, match="its checkpoint will say 16x16"):
+        Trainer(micro_model(image_size=16), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=1,
+                progress=False)
