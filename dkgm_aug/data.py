@@ -240,6 +240,9 @@ def load_dataset(name_or_path, split: str | None = None, **kwargs) -> ImageDatas
     """``"fashion-mnist"`` or ``"digits"`` (``split`` defaults to ``"train"``), a ``.npz`` file or an
     image folder (each holds one split: give the file or folder of the split you want)."""
     text = os.fspath(name_or_path)
+    if text in DATASETS and Path(text).exists():
+        warnings.warn(f"{text!r} is both a bundled dataset and a path here; loading the bundled one. For the "
+                      f"file or folder pass './{text}'", stacklevel=2)
     if text == "fashion-mnist":
         return fashion_mnist(split=split or "train", **kwargs)
     if text == "digits":

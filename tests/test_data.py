@@ -4,6 +4,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dkgm_aug import DataError
 from dkgm_aug.data import (FASHION_MNIST_DIR, ImageDataset, digits, fashion_mnist, image_folder,
@@ -227,3 +228,16 @@ def test_npz_labels_are_read_as_meant_or_refused(tmp_path):
     with pytest.raises(DataError, match="o.npz: .*object"):
         npz(tmp_path / "o.npz")
 
+
+
+def test_a_local_folder_named_like_a_bundled_dataset_is_not_silently_shadowed(tmp_path, monkeypatch):
+    """`--data digits` with the user's own ./digits image folder loaded sklearn's digits with no word
+    (checkpoints warn on the same collision); now it warns and says how to take the folder."""
+    from dkgm_aug.data import load_dataset
+    for cls in ("cat", "dog"):
+        (tmp_path / "digits" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digits" / cls / "a.png")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="pass './digits'"):
+        assert len(load_dataset("digits")) > 1000
+    assert load_dataset("./digits").classes == ["cat", "dog"]
