@@ -242,11 +242,22 @@ class NeighbourBank:
             xs = [source_unit(_field(it, self.image_key, 0)) for it in items]
             if len({tuple(x.shape) for x in xs} | {tuple(p.shape[2:]) for p in parts[:1]}) > 1:
                 raise DataError("the bank's source images differ in size; resize them to one size first")
-            labels = None if row_labels is None else row_labels[start + b:start + b + len(rows)]
-            labels = None if labels is None or None in labels else [y for y in labels for _ in range(self.k)]
-            seeds = [neighbour_seed(self.seed, i, r) for i in rows for r in range(self.k)]
-            made = filtered_generate(model, torch.stack(xs).repeat_interleave(self.k, 0), seeds, self.alpha,
-                                     self.steps, self.convert_channels, labels=labels, label_filter=self.label_filter)
+            labels = [None] * len(rows) if row_labels is None else row_labels[start + b:start + b + len(rows)]
+            made = [None] * len(rows)
+            # rows with a label and rows without one go to separate calls: a row's neighbours depend on
+            # its own label only (one unlabelled item stripped the labels of its whole call)
+            with_label = [j for j, y in enumerate(labels) if y is not None]
+            for group in (with_label, [j for j in range(len(rows)) if j not in set(with_label)]):
+                if not group:
+                    continue
+                seeds = [neighbour_seed(self.seed, rows[j], r) for j in group for r in range(self.k)]
+                given = None if labels[group[0]] is None else [labels[j] for j in group for _ in range(self.k)]
+                out = filtered_generate(model, torch.stack([xs[j] for j in group]).repeat_interleave(self.k, 0), seeds,
+                                        self.alpha, self.steps, self.convert_channels, labels=given,
+                                        label_filter=self.label_filter)
+                for n, j in enumerate(group):
+                    made[j] = out[n * self.k:(n + 1) * self.k]
+            made = torch.cat(made)
             parts.append(to_uint8(made).cpu().view(len(rows), self.k, *made.shape[1:]))
             digests += cache_file.batch_digests(torch.stack(xs))
             if bar is not None:

@@ -405,3 +405,17 @@ def test_balanced_bank_never_serves_one_neighbour_twice_for_one_source_while_k_a
         for i in range(ds.n_real, len(ds)):
             covered.setdefault(ds.source_index(i), set()).add(ds[i][0].numpy().tobytes())
     assert all(len(v) == k for v in covered.values())   # ceil(k / 3) <= 3 epochs for every source here
+
+
+def test_an_unlabelled_item_does_not_strip_the_labels_of_the_rows_built_beside_it():
+    """make_rows dropped the labels of a whole generator call when one of its items had none: with a
+    per-class kernel-smoothed score, the labelled rows in that call got whole-set neighbours, so a
+    row depended on build(batch_size=...) (the docstring: "depends on nothing but the rows")."""
+    from dkgm_aug import KernelSmoothedScore
+    x = torch.randint(0, 256, (12, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    y = [i % 2 for i in range(12)]
+    kss = KernelSmoothedScore(x, y, h=0.5, steps=8, alpha=1.0)
+    items = [{"image": x[i], "label": y[i]} for i in range(12)] + [{"image": torch.zeros(1, 8, 8, dtype=torch.uint8),
+                                                                     "label": None}]
+    small, whole = (NeighbourBank(items, kss, k=2).build(batch_size=bs, progress=False) for bs in (2, 256))
+    assert all(torch.equal(small.neighbour(i, r), whole.neighbour(i, r)) for i in range(13) for r in range(2))
