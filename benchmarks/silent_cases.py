@@ -1,4 +1,4 @@
-"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.`` to ``r4.``): each
+"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.`` to ``r5.``): each
 must raise a clear library error or give the right result, and none may run for more than 10 s.
 
     python benchmarks/silent_cases.py                       # prints a table, exit 1 if a case fails
@@ -383,6 +383,84 @@ def case_kss_relabel(tmp: Path, gen: Path) -> str:
     return "class 0's mean follows the relabel (the cached members were served before)"
 
 
+
+def case_python_28x28_fallback(tmp: Path, gen: Path) -> str:
+    DKGM.from_preset("tiny", image_size=28).save(tmp / "mine.safetensors")
+    return raises(lambda: _cli_error(["precompute", str(tmp / "mine.safetensors"), "--limit", "4", "--quiet",
+                                      "--out", str(tmp / "p")]), "does not record the data it was trained on")
+
+
+def _cli_error(argv):
+    """Run the CLI; its refusal (exit 2, message on stderr) raised as the DKGMError it printed."""
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli(argv)
+    if rc == 2:
+        raise DKGMError(err.getvalue().strip().splitlines()[-1])
+    return rc
+
+
+def case_resume_subset(tmp: Path, gen: Path) -> str:
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+    data = small_set((8, 8)).images
+
+    def fit(idx, steps):
+        loader = DataLoader(data, batch_size=4, sampler=SubsetRandomSampler(idx))
+        dkgm_aug.Trainer(dkgm_aug.load(gen), loader, out_dir=tmp / "run", max_steps=steps, progress=False).fit(1)
+    fit(list(range(16)), 2)
+    return raises(lambda: fit(list(range(8)), 2), "--data")
+
+
+def case_uint8_binary(tmp: Path, gen: Path) -> str:
+    return raises(lambda: DKGMAugment(gen, seed=0)((torch.arange(64) % 2).to(torch.uint8).view(1, 8, 8)),
+                  "only the values 0 and 1")
+
+
+def case_palette_trainer(tmp: Path, gen: Path) -> str:
+    from PIL import Image
+    from dkgm_aug.images import collate_images
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)          # index 0 = white
+    got = collate_images([(pal, 0)])
+    assert float(got.min()) == 1.0, float(got.min())
+    return "a palette image is read as its colours (white), not its palette indices (0: black)"
+
+
+def case_numbered_folders(tmp: Path, gen: Path) -> str:
+    model = _conditional(11)
+    model.info["classes"] = [str(i) for i in range(11)]
+    data = ImageDataset(small_set((21,)).images, torch.arange(21) % 11, sorted(str(i) for i in range(11)))
+    return raises(lambda: BalancedDKGMDataset(data, model, progress=False, cache=None)[-1], "class '10' is index 10")
+
+
+def case_bank_siblings(tmp: Path, gen: Path) -> str:
+    data = small_set((20, 5))
+    ds = BalancedDKGMDataset(data, "digits-tiny", bank=8, progress=False).precompute(progress=False)   # distinct neighbours
+    shown = {}
+    for i in range(ds.n_real, len(ds)):
+        shown.setdefault(ds.source_index(i), []).append(ds[i][0].numpy().tobytes())
+    twice = sum(len(v) - len(set(v)) for v in shown.values())
+    assert twice == 0, f"{twice} synthetic items repeat a sibling's neighbour"
+    return "3 items of each class-1 source, bank k=8: 3 different neighbours each (a third of the sources repeated one)"
+
+
+def case_frozen_bn(tmp: Path, gen: Path) -> str:
+    from torch import nn
+    clf = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(128, 2))
+    clf.train()
+    clf[1].eval()
+    aug = DKGMAugment(gen, seed=0, label_filter=dkgm_aug.LabelFilter(clf, max_tries=2))
+    aug(torch.rand(1, 8, 8), 0)
+    assert clf.training and not clf[1].training, (clf.training, clf[1].training)
+    return "the classifier's frozen BatchNorm stays in eval mode (it came back in train mode)"
+
+
+def case_unlabelled_minus_one(tmp: Path, gen: Path) -> str:
+    data = ImageDataset(small_set((14,)).images, torch.tensor([0, 0, 1] + [-1] * 11), ["airplane", "bird"])
+    return raises(lambda: BalancedDKGMDataset(data, gen, progress=False, cache=None), "negative labels")
+
+
 CASES = [
     ("1. cache file made from another dataset's pixels", case_cache_pixels),
     ("2. train A then B with the default work folder", case_default_work_dir),
@@ -414,6 +492,14 @@ CASES = [
     ("r4. conditional generator, dataset classes in another order", case_conditional_class_order),
     ("r4. a small class merged in __getitem__, stale .targets", case_merged_small_class),
     ("r4. kernel-smoothed score relabelled in place", case_kss_relabel),
+    ("r5. CLI precompute of a 28x28 gray generator saved from Python, no --data", case_python_28x28_fallback),
+    ("r5. resume with a DataLoader over another subset", case_resume_subset),
+    ("r5. uint8 image holding only 0 and 1", case_uint8_binary),
+    ("r5. palette PIL image through the trainer's reader", case_palette_trainer),
+    ("r5. numbered class folders ('10' sorts before '2'), conditional generator", case_numbered_folders),
+    ("r5. bank=8, three synthetic items of one source", case_bank_siblings),
+    ("r5. label filter on a classifier with a frozen BatchNorm", case_frozen_bn),
+    ("r5. label -1 (unlabelled) in a dataset with class names", case_unlabelled_minus_one),
 ]
 
 
