@@ -31,8 +31,8 @@ from .images import from_8bit, source_unit, to_uint8
 from .kernels import NOISE_SCHEME
 from .label_filter import check_label_filter
 from .shards import read_folder
-from .sampling import (check_class_order, class_names, index_plan, oversampling_targets, plain_label, read_labels,
-                       sibling_ranks)
+from .sampling import (check_class_order, class_names, index_plan, oversampling_targets, plain_label, plan_siblings,
+                       read_labels)
 
 __all__ = ["BalancedDKGMDataset", "oversampling_targets"]
 
@@ -140,6 +140,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         n_new = oversampling_targets(sampling_strategy, self.class_counts_before, y)
         self.class_counts = {c: n + n_new.get(c, 0) for c, n in self.class_counts_before.items()}
         self._codes, self._sources = index_plan(real_codes, [n_new.get(c, 0) for c in self.class_values], self.seed)
+        self._plan = (counts, [n_new.get(c, 0) for c in self.class_values])   # per class: real, synthetic items
         self.n_real, self.n_synthetic = len(real_codes), len(self._sources)
 
         self._cache = {}   # synthetic index -> uint8 CHW image
@@ -150,7 +151,6 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         self._cache_file_ok = self._warned = False
         # bank mode (dkgm_aug/bank.py): synthetic images come from a neighbour bank, one per epoch
         self.bank, self._epoch = bank_for(self, bank), torch.zeros((), dtype=torch.int64)
-        self._siblings = None   # bank mode: (rank, siblings) per synthetic item, made on first use
         if self.bank is not None:
             self._epoch.share_memory_()   # so that set_epoch reaches persistent DataLoader workers
         elif isinstance(self.cache, Path):
@@ -251,11 +251,10 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         images = {j: self._image(item) for j, item in sources.items()}
         self._check_labels(sources)
         if self.bank is not None:
-            if self._siblings is None:
-                self._siblings = sibling_ranks(self._sources)
-            rank, siblings = self._siblings
-            made = self.bank.pick({j: int(self._sources[j]) for j in images}, images, self.seed, int(self._epoch),
-                                  {j: int(rank[j]) for j in images}, {j: int(siblings[j]) for j in images})
+            js = list(images)
+            rank, siblings = plan_siblings(js, self._codes[[self.n_real + j for j in js]].numpy(), *self._plan)
+            made = self.bank.pick({j: int(self._sources[j]) for j in js}, images, self.seed, int(self._epoch),
+                                  dict(zip(js, rank.tolist())), dict(zip(js, siblings.tolist())))
         else:
             self._check_sources({j: image for j, image in images.items() if j in self._cache})
             todo = [j for j in images if j not in self._cache]

@@ -71,7 +71,7 @@ class BankAugment(KeepsSample, v2.Transform):
             return inpt
         picks = torch.stack([self.bank.neighbour(rows[i], params["pick"][i] % self.bank.k) for i in todo])
         out = x01.clone()
-        out[todo] = tensor_unit(picks.to(out.device))     # one copy to the batch's device, not one per image
+        out[todo] = tensor_unit(picks.to(out.device), check=False)   # the bank's own uint8: one copy, no checks
         return restore(out)
 
     def _rows(self, digests: list, labels) -> list:

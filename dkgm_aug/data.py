@@ -238,14 +238,16 @@ def image_folder(root, size=None, channels: int | None = None, transform=None) -
 
 def load_dataset(name_or_path, split: str | None = None, **kwargs) -> ImageDataset:
     """``"fashion-mnist"`` or ``"digits"`` (``split`` defaults to ``"train"``), a ``.npz`` file or an
-    image folder (each holds one split: give the file or folder of the split you want)."""
+    image folder (each holds one split: give the file or folder of the split you want); a
+    ``pathlib.Path`` is always a path, even one named like a bundled dataset."""
     text = os.fspath(name_or_path)
-    if text in DATASETS and Path(text).exists():
+    bundled = text in DATASETS and not isinstance(name_or_path, os.PathLike)   # a Path is always a path
+    if bundled and Path(text).exists():
         warnings.warn(f"{text!r} is both a bundled dataset and a path here; loading the bundled one. For the "
-                      f"file or folder pass './{text}'", stacklevel=2)
-    if text == "fashion-mnist":
+                      f"file or folder pass './{text}' (or a pathlib.Path)", stacklevel=2)
+    if bundled and text == "fashion-mnist":
         return fashion_mnist(split=split or "train", **kwargs)
-    if text == "digits":
+    if bundled and text == "digits":
         return digits(split=split or "train", **kwargs)
     path = Path(text)
     if not ((path.suffix == ".npz" and path.is_file()) or path.is_dir()):

@@ -21,7 +21,7 @@ from .errors import DataError
 # bicubic Resize overshoots by up to 0.45 on hard edges, as far as a normalized image goes,
 # so that is refused with a hint rather than taken for rounding.
 RANGE_TOL = 1e-3
-# uint8 images holding only 0 and 1 are refused from this many values on (an 8x8 image): a few
+# a uint8 image holding only 0 and 1 is refused from this many values on (an 8x8 image): a few
 # pixels of a real image can all be 0 or 1; 64 of them are a binary image.
 BINARY_MIN_PIXELS = 64
 
@@ -52,20 +52,37 @@ def _range_hint(lo: float, hi: float) -> str:
 
 
 def tensor_unit(x: torch.Tensor, what: str = "images", check: bool = True) -> torch.Tensor:
-    """A uint8 tensor (any shape) divided by 255 (refused when its ``BINARY_MIN_PIXELS`` or more
-    values are only 0 and 1: binary images stored as uint8), or a float one range-checked, as float32
-    in [0, 1]; the one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range).
+    """A uint8 tensor (any shape) divided by 255 (refused by :func:`check_not_binary` when an image
+    holds only 0 and 1), or a float one range-checked, as float32 in [0, 1]; the one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range).
 
     ``check=False`` casts a float ``x`` to float32 as it is, without :func:`check_unit_range` (no
-    clamping, no refusal): for paths that have always taken any floats. Other dtypes are refused either way."""
+    clamping, no refusal), and a uint8 one without :func:`check_not_binary`: for paths that have
+    always taken any floats, and for the library's own uint8 images. Other dtypes are refused either way."""
     if x.dtype == torch.uint8:
-        if check and x.numel() >= BINARY_MIN_PIXELS and int(x.max()) == 1:
-            raise DataError(f"uint8 {what} hold only the values 0 and 1 (binary images or masks?): uint8 is read as "
-                            "0 .. 255, so these would be near-black; multiply by 255 (or pass floats in [0, 1])")
+        if check:
+            check_not_binary(x, what)
         return x.float() / 255.0
     if not x.is_floating_point():
         raise DataError(f"{what} must be uint8 or float in [0, 1], got {x.dtype}")
     return check_unit_range(x.float()) if check else x.float()
+
+
+def check_not_binary(x: torch.Tensor, what: str = "images") -> None:
+    """Refuse uint8 images of which one holds only the values 0 and 1 (and has ``BINARY_MIN_PIXELS``
+    values or more): binary images or masks stored as uint8, which the 0 .. 255 reading would make
+    near-black. Image by image (the leading axes of a 4-D or larger tensor are the batch), so the
+    answer for an image does not depend on the others in its batch."""
+    if x.dtype != torch.uint8 or x.ndim < 2:
+        return
+    per_image = x.reshape(-1, *x.shape[-3:]) if x.ndim >= 4 else x[None]
+    if per_image[0].numel() < BINARY_MIN_PIXELS or not len(per_image):
+        return
+    peaks = per_image.flatten(1).amax(1)
+    if bool((peaks == 1).any()):
+        first = int(torch.nonzero(peaks == 1)[0])
+        where = f" (image {first} of {len(peaks)})" if len(peaks) > 1 else ""
+        raise DataError(f"uint8 {what} hold only the values 0 and 1{where} (binary images or masks?): uint8 is read "
+                        "as 0 .. 255, so these would be near-black; multiply by 255 (or pass floats in [0, 1])")
 
 
 def to_uint8(x01: torch.Tensor) -> torch.Tensor:
@@ -93,14 +110,16 @@ def _with_channels(hw):
 
 def to_unit_float(img) -> torch.Tensor:
     """A PIL image, numpy HWC array or CHW tensor (uint8, or float in [0, 1]) as a float32 CHW tensor in [0, 1];
-    a PIL image in a mode other than L or RGB goes through :func:`source_unit`'s conversion."""
+    a PIL image in a mode other than L, RGB, I or F goes through :func:`source_unit`'s conversion."""
     if isinstance(img, torch.Tensor):
         check_chw(img)
         x = img
     elif isinstance(img, np.ndarray):
         x = _own_tensor(_with_channels(img)).permute(2, 0, 1)
     elif hasattr(img, "mode") and hasattr(img, "size"):   # PIL, or anything that looks like it
-        if img.mode not in ("L", "RGB"):   # palette indices, YCbCr planes, 16-bit values: not gray or RGB as read
+        # palette indices, YCbCr planes, 16-bit values: not gray or RGB as read. 32-bit integer ("I") and
+        # float ("F") images keep their values (refused, and range-checked): their scale is not known.
+        if img.mode not in ("L", "RGB", "I", "F"):
             return source_unit(img)
         x = _own_tensor(_with_channels(np.asarray(img))).permute(2, 0, 1)
     else:

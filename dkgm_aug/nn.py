@@ -21,9 +21,10 @@ def evaluating(module: nn.Module):
     module.eval()
     try:
         yield module
-    finally:
+    finally:   # parents first (module.modules() is pre-order); train() itself, so overrides run
         for m, mode in was.items():
-            m.training = mode
+            if m.training != mode:
+                m.train(mode)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

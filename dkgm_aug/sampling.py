@@ -265,20 +265,6 @@ def oversampling_targets(strategy, counts: dict, y) -> dict:
     return {c: int(v) - counts[c] for c, v in strategy.items()}
 
 
-def sibling_ranks(sources: torch.Tensor) -> tuple:
-    """``(rank, siblings)`` per synthetic item: how many items before it share its source, and how
-    many share it in all (its source's synthetic items, itself included)."""
-    s = sources.long()
-    if not len(s):
-        return s.clone(), s.clone()
-    order = torch.argsort(s, stable=True)
-    counts = torch.bincount(s)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(s)
-    rank[order] = torch.arange(len(s)) - starts[s[order]]
-    return rank, counts[s]
-
-
 def index_plan(real_codes: torch.Tensor, n_new: list, seed: int):
     """``(class code per item, source item per synthetic item)``: for class ``k``, ``n_new[k]``
     synthetic items cycling through a seeded permutation of its real items, grouped by class."""
@@ -292,3 +278,16 @@ def index_plan(real_codes: torch.Tensor, n_new: list, seed: int):
             sources.append(perm.repeat(-(-n // len(perm)))[:n].to(index_dtype))
             codes.append(torch.full((n,), k, dtype=torch.int32))
     return torch.cat(codes), torch.cat(sources)
+
+
+def plan_siblings(j, codes, counts: list, n_new: list) -> tuple:
+    """``(rank, siblings)`` of synthetic items ``j`` (an int array) in :func:`index_plan`'s layout,
+    ``codes`` their class codes: item ``t`` of class ``c``'s block has source ``perm[t % counts[c]]``,
+    so it is the ``t // counts[c]``-th of that source's items, of which there are
+    ``n_new[c] // counts[c]``, plus one for the first ``n_new[c] % counts[c]`` sources. Nothing is
+    stored per item: a dataset of millions of synthetic items pickles as small as before."""
+    counts, n_new = np.asarray(counts, dtype=np.int64), np.asarray(n_new, dtype=np.int64)
+    starts = np.cumsum(n_new) - n_new
+    j, codes = np.asarray(j, dtype=np.int64), np.asarray(codes, dtype=np.int64)
+    t, n = j - starts[codes], counts[codes]
+    return t // n, n_new[codes] // n + (t % n < n_new[codes] % n)

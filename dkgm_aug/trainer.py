@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from ._validate import check_device, check_float, check_int, check_seed
 from .dkgm import DKGM
 from .errors import DataError, DKGMError
-from .images import from_model
+from .images import check_not_binary, from_model
 from .nn import evaluating
 from .train.data import Feed, data_fingerprint
 from .train.distributed import gather, in_place, init_distributed, mean_over_ranks
@@ -143,9 +143,20 @@ class Trainer:
             raise DataError(f"the data has {first.shape[1]} channels but the model takes {self.model.channels}; "
                             "build the model with channels= matching the data, or convert the images")
         self._check_size(tuple(first.shape[-2:]))
+        held = self.data.dataset if isinstance(self.data, torch.utils.data.DataLoader) else self.data
+        held = held if isinstance(held, torch.Tensor) else getattr(held, "images", None)
+        if isinstance(held, torch.Tensor):   # all the images at once: not at the step whose batch holds one
+            check_not_binary(held, "training images")
         self.n_items, self.local_batch = self.feed.n_items, self.feed.local_batch
         self.steps_per_epoch = self.feed.steps_per_epoch
-        self.data_id = f"{self.n_items} items, sha256 {data_fingerprint(self.data, labels=self.conditional)}"
+        self.data_id = self._data_id(sampler=self.world_size == 1)   # ranks may hold their own samplers
+
+    def _data_id(self, legacy: bool = False, **kw) -> str:
+        """The data's record in the training state, naming its rule (``fingerprint 2``: transforms and
+        samplers count); ``legacy=True``: as dkgm_aug wrote it before they did, without a rule (asked
+        for only when a saved state's record differs, so only an older state can match it)."""
+        fp = data_fingerprint(self.data, labels=self.conditional, legacy=legacy, **kw)
+        return f"{self.n_items} items, sha256 {fp}" + ("" if legacy else "; fingerprint 2")
 
     def _check_size(self, size: tuple) -> None:
         """The data's image size against the one the model records (``image_size=``, saved in its
@@ -181,7 +192,8 @@ class Trainer:
                 "batch_size": ((self.batch_size, f"{batch_flag} / batch_size=") if loader is None
                                else (loader.batch_size, "the DataLoader's batch_size")),
                 "seed": (self.seed, "--seed / seed="),
-                "data": (self.data_id, "--data, --split, --limit, --size, --channels / data="),
+                "data": (self.data_id, "--data, --split, --limit, --size, --channels / data=",
+                         lambda: self._data_id(legacy=True)),
                 "ema_decay": (self.ema_decay, "ema_decay="),
                 "grad_clip": (self.grad_clip, "grad_clip="),
                 "amp": (self.amp and self.device.type == "cuda", "amp= (on CUDA)")}
@@ -194,7 +206,7 @@ class Trainer:
             return
         meta = dict(stage=run.stage, step=run.step, max_steps=self.max_steps, world_size=self.world_size,
                     elapsed_s=self.elapsed.get(run.stage, 0.0), model_config=self.model.config(),
-                    **{k: v for k, (v, _) in self._settings(run.stage).items()})
+                    **{k: v[0] for k, v in self._settings(run.stage).items()})
         write_state(self._state_path(run.stage), run.prefix, run.net, run.ema, run.opt, rngs, meta)
 
     def _load_state(self, run: _Run) -> int:

@@ -419,3 +419,20 @@ def test_an_unlabelled_item_does_not_strip_the_labels_of_the_rows_built_beside_i
                                                                      "label": None}]
     small, whole = (NeighbourBank(items, kss, k=2).build(batch_size=bs, progress=False) for bs in (2, 256))
     assert all(torch.equal(small.neighbour(i, r), whole.neighbour(i, r)) for i in range(13) for r in range(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.lists(st.integers(0, 20), min_size=4, max_size=4),
+       st.integers(0, 2 ** 31))
+def test_plan_siblings_matches_the_index_plan(counts, n_new, seed):
+    """plan_siblings works out each synthetic item's rank among its source's items, and their number,
+    from index_plan's layout alone; checked against counting the plan's sources."""
+    from dkgm_aug.sampling import index_plan, plan_siblings
+    n_new = n_new[:len(counts)]
+    real = torch.cat([torch.full((n,), c, dtype=torch.int32) for c, n in enumerate(counts)])
+    codes, sources = index_plan(real, n_new, seed)
+    j = np.arange(len(sources))
+    rank, siblings = plan_siblings(j, codes[len(real):].numpy(), counts, n_new)
+    src = sources.tolist()
+    assert rank.tolist() == [src[:i].count(s) for i, s in enumerate(src)]
+    assert siblings.tolist() == [src.count(s) for s in src]

@@ -1,5 +1,6 @@
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,4 @@ def test_a_local_folder_named_like_a_bundled_dataset_is_not_silently_shadowed(tm
     with pytest.warns(UserWarning, match="pass './digits'"):
         assert len(load_dataset("digits")) > 1000
     assert load_dataset("./digits").classes == ["cat", "dog"]
+    assert load_dataset(Path("digits")).classes == ["cat", "dog"]      # Path("./digits") is Path("digits")

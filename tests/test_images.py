@@ -198,3 +198,18 @@ def test_pil_images_in_other_modes_are_read_as_their_colours_not_their_raw_plane
     wide = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
     assert float(to_unit_float(wide).min()) == 1.0
     assert collate_images([(pal, 0), (rgb, 1)]).shape == (2, 3, 4, 4)
+
+
+def test_the_binary_uint8_check_is_image_by_image():
+    """A uint8 image holding only 0 and 1 is refused whatever its batchmates (the check looked at the
+    batch's maximum, so one binary image passed beside a bright one); images under 64 values pass."""
+    from dkgm_aug.images import check_not_binary
+    dark = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    dark[0, 0, 0] = 1
+    bright = torch.full((1, 8, 8), 200, dtype=torch.uint8)
+    for x in (dark, torch.stack([bright, dark]), dark.permute(1, 2, 0), torch.stack([dark.permute(1, 2, 0)] * 2)):
+        with pytest.raises(DataError, match="only the values 0 and 1"):
+            check_not_binary(x)
+    check_not_binary(torch.stack([bright, bright]))
+    check_not_binary(dark[:, :4, :4])                       # 16 values: a tiny image may be all 0 and 1
+    assert torch.equal(tensor_unit(dark, check=False), dark.float() / 255)   # the library's own uint8: not checked

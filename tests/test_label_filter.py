@@ -229,3 +229,24 @@ def test_the_filter_leaves_every_submodule_of_the_users_classifier_in_its_own_mo
     assert clf.training and not clf[1].training                   # and gave every submodule its mode back
     clf(torch.rand(4, 1, 4, 4))
     assert torch.equal(clf[1].running_mean, stats)
+
+
+def test_the_mode_is_given_back_through_train_so_overrides_run():
+    """Setting .training back by hand skipped train(): a layer whose eval() merges a delta into its
+    weights (LoRA style) and whose train() unmerges it stayed merged after the filter ran."""
+    from dkgm_aug.nn import evaluating
+
+    class Merging(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.merged = False
+
+        def train(self, mode=True):
+            self.merged = not mode
+            return super().train(mode)
+    outer = nn.Sequential(Merging(), nn.Sequential(nn.BatchNorm1d(2)))
+    outer.train()
+    outer[1][0].eval()
+    with evaluating(outer):
+        assert outer[0].merged and not outer[1][0].training
+    assert not outer[0].merged and outer[0].training and outer.training and not outer[1][0].training

@@ -222,3 +222,47 @@ def test_a_cuda_runs_state_keeps_and_restores_the_device_rng(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
     restore(tensors, saved_meta, "model.", net, ema, opt, gen, 0, torch.device("cuda", 0))
     assert len(calls) == 1 and torch.equal(calls[0][0], cuda_state) and calls[0][1] == torch.device("cuda", 0)
+
+
+def test_samplers_of_every_shape_are_fingerprinted_without_failing(tmp_path):
+    """The sampler digest turned every list-like attribute into one tensor: a class-balanced sampler
+    holding per-class index lists of different lengths made Trainer(...) raise ValueError, and numpy
+    indices were hashed by their repr, which numpy cuts with '...' past 1,000 items."""
+    import numpy as np
+    from torch.utils.data import DataLoader, Sampler, SubsetRandomSampler
+    from dkgm_aug.train.data import data_fingerprint
+
+    class PerClass(Sampler):
+        def __init__(self):
+            self.indices = [[0, 1, 2], [3, 4, 5, 6, 7, 8, 9]]     # ragged: one list per class
+
+        def __iter__(self):
+            return iter(sum(self.indices, []))
+
+        def __len__(self):
+            return 10
+    data = shapes_batch(3000, size=8)
+    trainer(tmp_path, data=DataLoader(data[:12], batch_size=4, sampler=PerClass())).fit(1)
+    fp = lambda sampler: data_fingerprint(DataLoader(data, batch_size=4, sampler=sampler))  # noqa: E731
+    a, b = np.arange(2000), np.arange(2000)
+    b[1500] = 2500                                           # one index differs, far past numpy's repr cut
+    assert fp(SubsetRandomSampler(a)) != fp(SubsetRandomSampler(b))
+    assert fp(list(range(2000))) != fp(list(range(1, 2001)))  # a plain list as the sampler
+    assert fp(SubsetRandomSampler(a)) == fp(SubsetRandomSampler(a.copy()))
+
+
+def test_a_state_fingerprinted_by_the_older_rule_resumes_with_a_warning(tmp_path):
+    """States written before transforms and samplers counted hold the older fingerprint of a
+    DataLoader (its dataset only): the same data resume with a warning instead of being refused."""
+    from torch.utils.data import DataLoader
+    from dkgm_aug.train.data import data_fingerprint
+    loader = DataLoader(shapes_batch(12, size=8), batch_size=4)
+    trainer(tmp_path, data=loader).fit(1)
+    old = f"12 items, sha256 {data_fingerprint(loader, legacy=True)}"
+    rewrite_state(tmp_path / "state_stage1.safetensors", lambda meta, tensors: meta.update(data=old))
+    with pytest.warns(UserWarning, match="as an older dkgm_aug computed it"):
+        trainer(tmp_path, data=loader, max_steps=4).fit(1)
+    assert log_steps(tmp_path)[-1] == 4
+    rewrite_state(tmp_path / "state_stage1.safetensors", lambda meta, tensors: meta.update(data="12 items, sha256 0"))
+    with pytest.raises(DKGMError, match="--data"):
+        trainer(tmp_path, data=loader, max_steps=6).fit(1)

@@ -10,8 +10,10 @@ For a class-conditional model (``labels=True``) the items must be ``(image, labe
 ``(x, y)``, ``y`` the labels as a LongTensor on the device; the fingerprint then covers the labels.
 """
 import hashlib
+import pickle
 import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
 
@@ -25,7 +27,7 @@ NO_LABELS = ("this model is class-conditional: it trains on (image, label) pairs
 
 def _sample_index(n: int) -> list:
     """The fixed sample of items a fingerprint reads when it cannot read them all."""
-    return torch.linspace(0, n - 1, min(32, n)).round().long().unique().tolist()
+    return torch.linspace(0, n - 1, min(32, n), dtype=torch.float64).round().long().unique().tolist()
 
 
 def _label_bytes(data) -> bytes:
@@ -45,21 +47,40 @@ def _label_bytes(data) -> bytes:
     return repr(labels).encode()
 
 
+def _digest(value) -> str:
+    """A stable digest of a sampler's attribute: array-like values by their bytes (a million indices
+    stay cheap), a range by its ends, anything else by its pickle, else its repr."""
+    if isinstance(value, range):
+        return f"range({value.start}, {value.stop}, {value.step})"
+    if isinstance(value, (torch.Tensor, np.ndarray, list, tuple)):
+        try:
+            arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if arr.dtype != object:
+                return hashlib.sha256(f"{arr.dtype} {arr.shape}".encode() + np.ascontiguousarray(arr).tobytes()).hexdigest()
+        except (ValueError, TypeError):   # ragged lists (per-class index lists), mixed types
+            pass
+    try:
+        return hashlib.sha256(pickle.dumps(value)).hexdigest()
+    except Exception:                     # noqa: BLE001 - an unpicklable attribute: its repr is the best we have
+        return repr(value)
+
+
 def _sampler_bytes(loader) -> bytes:
     """What a DataLoader's sampler says about which items it reads: its kind, and its indices,
-    weights and sample count where it has them (``SubsetRandomSampler``, ``WeightedRandomSampler``),
-    so that a resume with another subset of the same dataset is refused; and the loader's length."""
+    weights and sample count where it has them (``SubsetRandomSampler``, ``WeightedRandomSampler``,
+    a list, array or range given as the sampler), so that a resume with another subset of the same
+    dataset is refused; and the loader's length."""
     parts = []
     for sampler in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
         if sampler is None:
             continue
         parts.append(type(sampler).__qualname__)
+        if isinstance(sampler, (range, list, tuple, np.ndarray, torch.Tensor)):   # indices given as the sampler
+            parts.append(f"items={_digest(sampler)}")
         for name in ("indices", "weights", "num_samples", "replacement"):
             value = getattr(sampler, name, None)
-            if isinstance(value, (torch.Tensor, range, tuple, list)):   # a digest: a million indices stay cheap
-                value = torch.as_tensor(value if isinstance(value, torch.Tensor) else list(value))
-                value = hashlib.sha256(f"{value.dtype}".encode() + value.cpu().contiguous().numpy().tobytes()).hexdigest()
-            parts.append(f"{name}={value!r}")
+            if value is not None:
+                parts.append(f"{name}={_digest(value)}")
     try:
         parts.append(f"len={len(loader)}")
     except TypeError:   # an iterable dataset without a length
@@ -84,28 +105,32 @@ def _update(h, images: torch.Tensor) -> None:
     h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
 
 
-def data_fingerprint(data, labels: bool = False) -> str:
+def data_fingerprint(data, labels: bool = False, sampler: bool = True, legacy: bool = False) -> str:
     """A cheap hash of the training data, kept in the training state so that a resume on other
     data is refused: every byte of a tensor (or of a dataset's ``images`` tensor, and then, if the
-    dataset has a ``transform``, the sample below as it reads through it), else a fixed sample of
-    32 items as read; nothing for an iterable dataset, or when the sample reads differently twice
-    (random transforms that do not use torch's RNG). For a DataLoader, its dataset's fingerprint
-    and its sampler's indices or weights. ``labels=True`` (class-conditional models) also hashes
-    the labels. The caller adds the length."""
-    sampler = b""
+    dataset has a ``transform``, the sample below as it reads through it: 32 items read twice, so
+    a transform with its own random state is advanced), else a fixed sample of 32 items as read;
+    nothing for an iterable dataset, or when the sample reads differently twice (random transforms
+    that do not use torch's RNG). For a DataLoader, its dataset's fingerprint and, with ``sampler``
+    (the trainer passes it for one process only: under torchrun each rank may hold its own), what
+    its sampler says about the items it reads. ``labels=True`` (class-conditional models) also hashes
+    the labels. ``legacy``: the fingerprint of dkgm_aug before transforms and samplers counted (a
+    DataLoader's dataset, a dataset's ``images`` only), to recognise states written by it. The
+    caller adds the length."""
+    sampler_part = b""
     if isinstance(data, torch.utils.data.DataLoader):
-        data, sampler = data.dataset, _sampler_bytes(data)
+        data, sampler_part = data.dataset, (_sampler_bytes(data) if sampler and not legacy else b"")
     images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
     h = hashlib.sha256()
     if isinstance(data, torch.utils.data.IterableDataset):
         _update(h, torch.empty(0))
     elif isinstance(images, torch.Tensor):
         _update(h, images)
-        if getattr(data, "transform", None) is not None:   # the same pixels through another pipeline
+        if getattr(data, "transform", None) is not None and not legacy:   # the same pixels, another pipeline
             _update(h, _read_sample(data))
     else:
         _update(h, _read_sample(data))
-    h.update(sampler)
+    h.update(sampler_part)
     if labels:
         h.update(b"labels " + _label_bytes(data))
     return h.hexdigest()[:16]

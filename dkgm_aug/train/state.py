@@ -78,8 +78,10 @@ def read_state(path: Path) -> tuple[dict, dict]:
 def check_resume(path: Path, meta: dict, config: dict, settings: dict, max_steps: int, stage: int,
                  warn: bool = True) -> int:
     """The saved step, once the state is known to come from this same run: the same model
-    ``config``, the same ``settings`` (``{name: (value, where it is set)}``) and at most
-    ``max_steps`` steps done. ``warn``: say so when the file predates the settings' record."""
+    ``config``, the same ``settings`` (``{name: (value, where it is set)}``, or ``(value, where,
+    legacy)``: ``legacy`` (or a function giving it) is the value older dkgm_aug recorded for this run,
+    accepted with a warning)
+    and at most ``max_steps`` steps done. ``warn``: say so when the file predates the settings' record."""
     if arch(meta["model_config"]) != arch(config):
         raise DKGMError(f"{path} was saved for another model (--preset and the model flags / the model's "
                         f"config); use the same model to resume, or {START_OVER}")
@@ -87,7 +89,13 @@ def check_resume(path: Path, meta: dict, config: dict, settings: dict, max_steps
     if missing and warn:
         warnings.warn(f"{path} was written by an older dkgm_aug that did not record {', '.join(missing)}: "
                       f"resuming, but the settings could not be checked against this run's")
-    for key, (value, where) in settings.items():
+    for key, (value, where, *legacy) in settings.items():
+        if key in meta and meta[key] != value and legacy and meta[key] == (legacy[0]() if callable(legacy[0])
+                                                                             else legacy[0]):
+            if warn:
+                warnings.warn(f"{path} recorded {key} as an older dkgm_aug computed it ({meta[key]!r}); it matches "
+                              "this run's by that rule, so resuming (the new one also covers transforms and samplers)")
+            continue
         if key in meta and meta[key] != value:
             raise DKGMError(f"{path} was saved by a run with {key}={meta[key]!r}, this run has {key}={value!r} "
                             f"({where}): resuming would mix the two runs. Use the saved setting to resume, "
