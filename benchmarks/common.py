@@ -82,10 +82,13 @@ def long_tailed_split(data: str, rho: float, split_seed: int, order=None, profil
 
 
 def tail_classes(train_counts, fraction: float = 1 / 3) -> list:
-    """The rarest ``fraction`` of classes by training count (at least one; ties broken by index)."""
+    """The rarest ``fraction`` of classes by training count (at least one), and every class as rare
+    as the last of them: a step profile's five classes of n_max / rho are all its tail (ties were
+    broken by index, which made three of them the tail and two not)."""
     counts = np.asarray(train_counts)
     n_tail = max(1, int(round(len(counts) * fraction)))
-    return sorted(np.argsort(counts, kind="stable")[:n_tail].tolist())
+    cut = np.sort(counts, kind="stable")[n_tail - 1]
+    return np.flatnonzero(counts <= cut).tolist()
 
 
 # -- timing --------------------------------------------------------------------------------------

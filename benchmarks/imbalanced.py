@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         append_row(out / "runs.csv", row)
         tqdm.write(f"{m:>14} seed {s}: acc {row['accuracy']:.3f}  tail recall {row['tail_recall']:.3f}  "
                    f"(train {row['train_s']:.0f} s, generate {row['generate_s']:.0f} s)")
-    write_outputs(read_rows(out / "runs.csv", config_of(args)), args, out)
+    write_outputs(read_rows(out / "runs.csv", config_of(args), tail=args.tail), args, out)
     print((out / "results.md").read_text())
     return 0
 

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import SHIPPED, cpu_name
@@ -178,9 +179,10 @@ def append_row(path: Path, row: dict) -> None:
     locked_append(path, FIELDS, [row])
 
 
-def read_rows(path: Path, config: dict) -> list:
+def read_rows(path: Path, config: dict, tail=None) -> list:
     """The rows of ``path`` whose settings equal ``config``, numbers parsed; a rerun of a
-    (method, knobs, seed) replaces the older row."""
+    (method, knobs, seed) replaces the older row. ``tail`` (class indices): each row's tail recall
+    recomputed from its per-class recall, so a report uses one definition of the tail for every row."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -190,6 +192,9 @@ def read_rows(path: Path, config: dict) -> list:
     for r in rows:
         r.update({k: float(r[k]) for k in NUMBERS}, seed=int(r["seed"]),
                  val_bacc=float(r["val_bacc"]) if r.get("val_bacc") else None)
+        if tail is not None and r.get("class_recall"):
+            recall = [float(v) for v in r["class_recall"].split(";")]
+            r["tail_recall"] = float(np.nanmean([recall[c] for c in tail]))
     latest = {(r["method"], r["knobs"], r["seed"]): r for r in rows}
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(latest.values(), key=lambda r: (order.get(r["method"], len(order)), r["knobs"], r["seed"]))

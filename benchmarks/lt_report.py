@@ -107,7 +107,7 @@ def generator_lines(rows) -> list:
 def protocol_lines(args, cfg, counts, rows=()) -> list:
     lines = [f"- data: {args.data}, train split long-tailed with rho={args.rho} ({args.profile} profile, class order "
              f"{args.class_order}, split seed {args.split_seed}, class counts {counts}); "
-             f"test balanced, so accuracy = balanced accuracy; tail classes (rarest third): {args.tail}",
+             f"test balanced, so accuracy = balanced accuracy; tail classes (the rarest third, ties included): {args.tail}",
              f"- model: timm `{args.model}`" + (f" with channels {tuple(args.channels)}" if args.channels else "")
              + " from scratch, in_chans=1" + (f", 8x8 inputs upsampled to {args.size}x{args.size}"
                                               if args.data == "digits" else "")]

@@ -25,7 +25,24 @@ def test_tail_classes_are_the_rarest_third(common):
     counts = [100, 70, 50, 35, 25, 18, 13, 9, 6, 3]     # long-tailed, largest first
     assert common.tail_classes(counts) == [7, 8, 9]
     assert common.tail_classes([5, 1, 9, 2, 8, 3]) == [1, 3]   # order does not matter, 6 classes -> 2
-    assert common.tail_classes([4, 4]) == [0]                    # at least one; ties by index
+    assert common.tail_classes([4, 9]) == [0]                    # at least one
+    # ties with the last tail class are tail too: a step profile's rare half (they were cut by index to [5, 6, 7])
+    assert common.tail_classes([5400] * 5 + [54] * 5) == [5, 6, 7, 8, 9]
+    assert common.tail_classes([4, 4]) == [0, 1]
+
+
+def test_a_report_recomputes_tail_recall_from_the_per_class_recall(lt_records, tmp_path):
+    """Rows written with another tail definition are reported with the report's own."""
+    import csv
+    path = tmp_path / "runs.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=lt_records.FIELDS)
+        w.writeheader()
+        w.writerow({k: "" for k in lt_records.FIELDS} | dict(
+            method="ce", seed=0, accuracy=0.5, macro_f1=0.5, tail_recall=0.9, train_s=1, setup_s=0, generate_s=0,
+            n_generated=0, class_recall=";".join(["1.0"] * 5 + ["0.2", "0.4", "0.6", "0.8", "1.0"])))
+    assert lt_records.read_rows(path, {})[0]["tail_recall"] == 0.9
+    assert lt_records.read_rows(path, {}, tail=[5, 6, 7, 8, 9])[0]["tail_recall"] == pytest.approx(0.6)
 
 
 def test_metrics_on_a_known_confusion(lt_run):
