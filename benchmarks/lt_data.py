@@ -128,7 +128,8 @@ def minority_classes(counts: torch.Tensor) -> torch.Tensor:
 def neighbour_bank(args, lt, minority):
     """``--bank K``: K neighbours of every minority-class training image, made once with bank seed 0
     (so every classifier seed sees the same neighbours) into a resumable folder of shards under
-    ``--out``, reopened by its fingerprint (generator, knobs, filter, images) by later runs."""
+    ``--out``, reopened by its fingerprint (generator, knobs, filter, images) by later runs. Torch's
+    global random state is the same after it whether the bank was built or reopened."""
     from dkgm_aug import NeighbourBank
     indices = torch.nonzero(minority[lt.targets]).flatten()
     gen = generator_for("ros_dkgm", args, lt, 0)
@@ -137,7 +138,11 @@ def neighbour_bank(args, lt, minority):
             + (f"-steps{args.dkgm_steps}" if args.dkgm_steps is not None else ""))
     bank = NeighbourBank(lt, gen, k=args.bank, indices=indices, seed=0, device=args.device, alpha=args.dkgm_alpha,
                          steps=args.dkgm_steps, label_filter=label_filter(args), path=Path(args.out) / "banks" / stem)
-    return bank.build(progress=not args.quick)
+    # Building loads the generator, whose construction draws from torch's global RNG: without the fork,
+    # a row that built the bank started its classifier from other weights than the same row with the
+    # bank on disk (and than its copy control, drs), which broke the pairing over seeds.
+    with torch.random.fork_rng(devices=[]):
+        return bank.build(progress=not args.quick)
 
 
 def rejection_share(*sources) -> str:

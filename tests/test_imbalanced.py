@@ -512,3 +512,16 @@ def test_fixed_steps_knob_variants_are_refused_before_running(imb, tmp_path):
     assert imb.main(["--quick", "--methods", "drw", "--out", str(tmp_path)]) == 0
     with pytest.raises(SystemExit, match="other knobs"):
         imb.main(["--quick", "--methods", "drw", "--drw-start", "0.5", "--out", str(tmp_path)])
+
+
+def test_a_row_gives_the_same_result_whether_its_bank_was_built_or_on_disk(imb, tmp_path):
+    """A row that built its bank in-process loaded the generator, which drew from torch's global RNG
+    before the classifier was made: the same command gave another result once the bank was on disk,
+    and the row was no longer paired with its copy control over seeds."""
+    def row(out):
+        assert imb.main(["--quick", "--methods", "dkgm_deferred", "--bank", "2", "--out", str(out)]) == 0
+        with open(out / "runs.csv") as f:
+            return [(r["final_loss"], r["class_recall"]) for r in csv.DictReader(f)][-1]
+    built = row(tmp_path)
+    (tmp_path / "runs.csv").unlink()
+    assert row(tmp_path) == built            # the bank is on disk now
