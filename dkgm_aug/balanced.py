@@ -133,7 +133,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
 
         self.class_values, real_codes = read_labels(ds, labels, self._label, progress)
         self._labels_given = labels is not None
-        self.classes = class_names(ds, self.class_values) or self.class_values
+        self.classes = class_names(ds, self.class_values, given=self._labels_given) or self.class_values
         counts = np.bincount(real_codes.numpy(), minlength=len(self.class_values)).tolist()
         self.class_counts_before = dict(zip(self.class_values, counts))
         y = np.asarray(self.class_values)[real_codes.numpy()] if callable(sampling_strategy) else None

@@ -163,8 +163,9 @@ def sample_spec(args, model) -> dict:
     """The data ``sample`` takes its images from: ``--data`` (at the model's size and channels as
     trained), else the data the checkpoint was trained on; ``--split`` overrides either's split."""
     trained = model.info.get("training", {}).get("data_spec")
-    if args.data is not None:
-        spec = dict(data=args.data, size=(trained or {}).get("size"), channels=(trained or {}).get("channels"))
+    if args.data is not None:    # at the generator's size and channels, as trained (the record's, else the model's)
+        spec = dict(data=args.data, size=(trained or {}).get("size") or list(model.image_size),
+                    channels=(trained or {}).get("channels") or model.channels)
     elif trained:
         spec = dict(trained)
     elif trained_on_fashion_mnist(model):   # checkpoints from before data_spec

@@ -24,6 +24,7 @@ run, generate in the main process (``BalancedDKGMDataset.precompute()``, or a ``
 whose ``filter_counts`` also survive in its files) or read them with ``num_workers=0``.
 """
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,8 +76,10 @@ class LabelFilter:
         self.reset()
 
     def reset(self) -> None:
-        """Zero the counters: per class, neighbours drawn, rejected, and images whose tries ran out."""
-        self.drawn, self.rejected, self.exhausted = {}, {}, {}
+        """Zero the counters: per class, neighbours drawn, rejected, sources filtered, and images whose
+        tries ran out."""
+        self.drawn, self.rejected, self.exhausted, self.sources = {}, {}, {}, {}
+        self._warned = getattr(self, "_warned", set())
 
     @property
     def rejection_rate(self) -> dict:
@@ -133,13 +136,31 @@ class LabelFilter:
             todo = todo[bad]
             if not len(todo):
                 break
+        with self._lock:
+            for c in want.tolist():
+                self.sources[c] = self.sources.get(c, 0) + 1
+            for c in want[todo].tolist():
+                self.exhausted[c] = self.exhausted.get(c, 0) + 1
         if len(todo):
-            with self._lock:
-                for c in want[todo].tolist():
-                    self.exhausted[c] = self.exhausted.get(c, 0) + 1
+            self._warn_if_most_run_out(set(want[todo].tolist()))
             if self.on_exhausted == "source":
                 out[todo] = x01[todo].to(out)
         return out
+
+    def _warn_if_most_run_out(self, classes) -> None:
+        """Warn once per class when the tries ran out for at least half of its sources (16 or more):
+        the classifier then rejects the class's neighbours wholesale, most often because its class
+        indices are not the dataset's labels (an image folder of digits 3 and 7 has labels 0 and 1),
+        and the "neighbours" are copies of the sources (or rejected neighbours, with "keep")."""
+        for c in sorted(classes - self._warned):
+            n, out = self.sources.get(c, 0), self.exhausted.get(c, 0)
+            if n >= 16 and out >= 0.5 * n:
+                self._warned.add(c)
+                given = "the source itself (a copy)" if self.on_exhausted == "source" else "a rejected neighbour"
+                warnings.warn(f"label filter ({self.spec}): for {out} of {n} sources of class index {c} every try was "
+                              f"rejected, so each gave {given}: if the classifier's class indices are not the data's "
+                              "labels, pass LabelFilter(..., class_index={label: index}); else its neighbours of this "
+                              "class rarely keep the label", stacklevel=4)
 
     def _count(self, classes: torch.Tensor, bad: torch.Tensor) -> None:
         with self._lock:

@@ -188,14 +188,32 @@ def _names(ds):
         return _names(ds.dataset)
     if names is None and isinstance(ds, ConcatDataset):
         found = [_names(d) for d in ds.datasets]
-        return found[0] if all(f == found[0] for f in found) else None
+        if not all(isinstance(f, (list, tuple)) for f in found):
+            return found[0] if all(f == found[0] for f in found) else None
+        longest = max(found, key=len)
+        for i, f in enumerate(found):
+            moved = [(j, c) for j, c in enumerate(f) if j >= len(longest) or longest[j] != c]
+            if moved:       # label j means another class in this part: counted, balanced, generated as another
+                j, c = moved[0]
+                raise DataError(f"the ConcatDataset's parts name their classes differently: part {i} has {c!r} at "
+                                f"label {j}, where part {found.index(longest)} has "
+                                f"{longest[j] if j < len(longest) else 'no class'!r}, so its items would be counted "
+                                "as another class; remap the parts' targets to one class list (or pass labels=)")
+        return longest      # every part's list is the start of the longest one
     return names
 
 
-def class_names(ds, values: list):
+def class_names(ds, values: list, given: bool = False):
     """``ds.classes`` (through ``Subset`` and ``ConcatDataset``) when the label ``values`` are integer
-    indices into it, torchvision's convention; else None."""
-    names = _names(ds)
+    indices into it, torchvision's convention; else None. ``given`` (labels the user passed, which
+    need not index the dataset's names): parts of a ``ConcatDataset`` that name their classes
+    differently give None instead of an error."""
+    try:
+        names = _names(ds)
+    except DataError:
+        if not given:
+            raise
+        return None
     if not isinstance(names, (list, tuple)) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                                        for v in values):
         return None

@@ -482,3 +482,20 @@ def test_label_minus_one_beside_zero_warns_when_the_dataset_names_no_classes():
     with pytest.warns(UserWarning, match="2 items have label -1, balanced as a class of its own"):
         ds = BalancedDKGMDataset(list(zip(x, [0, 0, 1, -1, -1])), "digits-tiny", progress=False)
     assert ds.class_counts == {-1: 2, 0: 2, 1: 2}
+
+
+def test_concat_parts_that_number_their_classes_differently_are_refused():
+    """A ConcatDataset of an image folder (cat, dog, eel) and an extra one without dogs (cat, eel) was
+    balanced by raw label number: the extra folder's eels (its label 1) were counted, oversampled and
+    generated as dogs, with no word. Parts whose lists agree where they overlap give the longest."""
+    from torch.utils.data import ConcatDataset
+    from dkgm_aug.data import ImageDataset
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    a = ImageDataset(x, torch.tensor([0, 0, 0, 1, 2, 2]), ["cat", "dog", "eel"])
+    b = ImageDataset(x[:3], torch.tensor([0, 1, 1]), ["cat", "eel"])
+    with pytest.raises(DataError, match="part 1 has 'eel' at label 1, where part 0 has 'dog'"):
+        BalancedDKGMDataset(ConcatDataset([a, b]), "digits-tiny", progress=False)
+    labels = [0, 0, 0, 1, 2, 2, 0, 2, 2]                       # the user's own mapping is taken as given
+    assert BalancedDKGMDataset(ConcatDataset([a, b]), "digits-tiny", labels=labels, progress=False).classes == [0, 1, 2]
+    prefix = ImageDataset(x[:3], torch.tensor([0, 1, 1]), ["cat", "dog"])
+    assert BalancedDKGMDataset(ConcatDataset([a, prefix]), "digits-tiny", progress=False).classes == ["cat", "dog", "eel"]

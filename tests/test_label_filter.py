@@ -250,3 +250,22 @@ def test_the_mode_is_given_back_through_train_so_overrides_run():
     with evaluating(outer):
         assert outer[0].merged and not outer[1][0].training
     assert not outer[0].merged and outer[0].training and outer.training and not outer[1][0].training
+
+
+def test_a_class_whose_tries_all_run_out_is_warned_about_once():
+    """A classifier whose class indices are not the data's labels (an image folder of digits 3 and 7
+    has labels 0 and 1) rejects every neighbour of a class: the tries run out and each source comes
+    back as itself, random oversampling under DKGM's name, with no word. Now a warning, once a class
+    has 16 sources and half of them ran out, and only once per class."""
+    import warnings as w
+    f = LabelFilter(Bright(always=1), max_tries=2)
+    x, seeds = images(8), list(range(8))
+    with w.catch_warnings():
+        w.simplefilter("error")
+        filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=f)     # 8 sources: too few to say
+    with pytest.warns(UserWarning, match="for 16 of 16 sources of class index 0 every try was rejected"):
+        out = filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=f)
+    assert torch.equal(out, x)                                                        # copies, as warned
+    with w.catch_warnings():
+        w.simplefilter("error")
+        filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=f)     # said once
