@@ -461,6 +461,28 @@ def case_unlabelled_minus_one(tmp: Path, gen: Path) -> str:
     return raises(lambda: BalancedDKGMDataset(data, gen, progress=False, cache=None), "negative labels")
 
 
+
+def case_filter_wrong_indices(tmp: Path, gen: Path) -> str:
+    x = small_set((40, 8)).images
+    ds = ImageDataset(x, torch.tensor([0] * 40 + [1] * 8), ["3", "7"])   # folders of digits 3 and 7: labels 0, 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BalancedDKGMDataset(ds, "digits-tiny", label_filter=dkgm_aug.LabelFilter("digits-evaluator", max_tries=2),
+                            progress=False, cache=None).precompute(progress=False)
+    said = [str(w.message) for w in caught if "every try was rejected" in str(w.message)]
+    assert said, [str(w.message)[:80] for w in caught]
+    return "warning: " + said[0]
+
+
+def case_concat_classes(tmp: Path, gen: Path) -> str:
+    from torch.utils.data import ConcatDataset
+    x = small_set((6,)).images
+    a = ImageDataset(x, torch.tensor([0, 0, 0, 1, 2, 2]), ["cat", "dog", "eel"])
+    b = ImageDataset(x[:3], torch.tensor([0, 1, 1]), ["cat", "eel"])
+    return raises(lambda: BalancedDKGMDataset(ConcatDataset([a, b]), gen, progress=False, cache=None),
+                  "name their classes differently")
+
+
 CASES = [
     ("1. cache file made from another dataset's pixels", case_cache_pixels),
     ("2. train A then B with the default work folder", case_default_work_dir),
@@ -500,6 +522,8 @@ CASES = [
     ("r5. bank=8, three synthetic items of one source", case_bank_siblings),
     ("r5. label filter on a classifier with a frozen BatchNorm", case_frozen_bn),
     ("r5. label -1 (unlabelled) in a dataset with class names", case_unlabelled_minus_one),
+    ("r5. label filter whose class indices are not the folder's labels (digits 3 and 7)", case_filter_wrong_indices),
+    ("r5. ConcatDataset of folders that number their classes differently", case_concat_classes),
 ]
 
 
