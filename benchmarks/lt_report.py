@@ -46,7 +46,7 @@ def select_knobs(rows: list) -> tuple:
 
 def sd(xs) -> float:
     """Sample standard deviation (n - 1 in the denominator, as the seed-to-seed spread of a method
-    is an estimate from 3 to 5 seeds); 0 for a single seed."""
+    is an estimate from 3 to 5 seeds); 0 for a single seed (the tables then show no spread)."""
     return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
@@ -187,11 +187,13 @@ def write_outputs(rows: list, args, out: Path) -> None:
         "| method | accuracy | vs best (paired) | macro-F1 | tail recall | knobs | val bacc | epoch | train s | "
         "generate s | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
-        f = lambda k, d=3: f"{v[k][0]:.{d}f} ± {v[k][1]:.{d}f}"
+        one = len(v["seeds"]) == 1        # one seed: no spread to show (it printed "± 0.000")
+        f = lambda k, d=3: f"{v[k][0]:.{d}f}" + ("" if one else f" ± {v[k][1]:.{d}f}")  # noqa: E731
         d, sd, n = paired_difference(rows, m, best) if best and m != best else (float("nan"),) * 2 + (0,)
         ep = [r["chosen_epoch"] for r in rows if r["method"] == m and r.get("chosen_epoch")]
         knobs, val, tried = chosen[m]
-        lines.append(f"| {m} | {f('accuracy')} | {f'{d:+.3f} ± {sd:.3f} ({n})' if n else '-'} | {f('macro_f1')} | "
+        diff = f"{d:+.3f}" + (f" ± {sd:.3f}" if n > 1 else "") + f" ({n})"
+        lines.append(f"| {m} | {f('accuracy')} | {diff if n else '-'} | {f('macro_f1')} | "
                      f"{f('tail_recall')} | {knobs or '-'}{f' (of {tried})' if tried > 1 else ''} | "
                      f"{f'{val:.3f}' if val >= 0 else '-'} | {'/'.join(ep) or '-'} | {v['train_s'][0]:.0f} | "
                      f"{v['generate_s'][0]:.0f} | {v['seeds']} |")
