@@ -112,10 +112,12 @@ def generator_for(method: str, args, lt, seed: int):
 
 def label_filter(args):
     """A fresh LabelFilter (its own rejection counters) for one run, or None without --label-filter;
-    its classifier runs where the generator does."""
+    its classifier runs where the generator does. Built under a forked torch RNG, so a filtered row
+    starts its classifier from the same weights as the unfiltered one and its copy control."""
     if not args.label_filter:
         return None
-    f = LabelFilter(args.label_filter)
+    with torch.random.fork_rng(devices=[]):   # building the classifier must not move the rows' RNG (see neighbour_bank)
+        f = LabelFilter(args.label_filter)
     f.classifier.to(args.device)
     return f
 

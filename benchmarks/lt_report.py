@@ -147,12 +147,14 @@ def class_recall_table(rows: list, summary: dict, counts: list) -> list:
 
 def variants_table(rows: list) -> list:
     """Every knob variant of the methods that tried more than one, chosen or not (the chosen one
-    is the best mean validation balanced accuracy); test accuracy is shown for the record only."""
+    is the best mean validation balanced accuracy among those without a label filter, see
+    :func:`select_knobs`); test accuracy is shown for the record only."""
     variants = {}
     for r in rows:
         variants.setdefault(r["method"], {}).setdefault(r["knobs"], []).append(r)
-    lines = ["", "Knob variants tried (per method, the best `val bacc` is the row above; test accuracy shown "
-             "for the record, never used to choose):", "",
+    lines = ["", "Knob variants tried (per method, the chosen one is the row above: the best `val bacc` among "
+             "the variants without a label filter, which is an upper bound; test accuracy shown for the record, "
+             "never used to choose):", "",
              "| method | knobs | val bacc | accuracy | tail recall | rejected by the filter | seeds |",
              "|---|---|---|---|---|---|---|"]
     for m, by_knobs in variants.items():
@@ -161,7 +163,7 @@ def variants_table(rows: list) -> list:
         for knobs, rs in by_knobs.items():
             val = [r["val_bacc"] for r in rs if r["val_bacc"] is not None]
             rej = [float(r["rejected"]) for r in rs if r.get("rejected")]
-            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f} ± {sd([r[k] for r in rs]):.3f}"
+            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f}" + (f" ± {sd([r[k] for r in rs]):.3f}" if len(rs) > 1 else "")  # noqa: E731
             lines.append(f"| {m} | {knobs or '-'} | {f'{np.mean(val):.3f}' if val else '-'} | {ms('accuracy')} | "
                          f"{ms('tail_recall')} | {f'{np.mean(rej):.3f}' if rej else '-'} | "
                          f"{sorted(r['seed'] for r in rs)} |")

@@ -160,12 +160,12 @@ def trained_on_fashion_mnist(model) -> bool:
 
 
 def sample_spec(args, model) -> dict:
-    """The data ``sample`` takes its images from: ``--data`` (at the model's size and channels as
-    trained), else the data the checkpoint was trained on; ``--split`` overrides either's split."""
+    """The data ``sample`` takes its images from: ``--data`` (with the --size and --channels recorded
+    at training, if any: a DKGM generates at any size, and other channels are refused downstream),
+    else the data the checkpoint was trained on; ``--split`` overrides either's split."""
     trained = model.info.get("training", {}).get("data_spec")
-    if args.data is not None:    # at the generator's size and channels, as trained (the record's, else the model's)
-        spec = dict(data=args.data, size=(trained or {}).get("size") or list(model.image_size),
-                    channels=(trained or {}).get("channels") or model.channels)
+    if args.data is not None:   # with the --size and --channels recorded at training, if any
+        spec = dict(data=args.data, size=(trained or {}).get("size"), channels=(trained or {}).get("channels"))
     elif trained:
         spec = dict(trained)
     elif trained_on_fashion_mnist(model):   # checkpoints from before data_spec
@@ -225,8 +225,8 @@ def cmd_calibrate(args) -> None:
 
 def cmd_precompute(args) -> None:
     """Under torchrun every process runs this and writes its share of the shards. The data: ``--data``
-    (at the generator's size and channels as trained), else the data it was trained on, as ``sample``
-    takes them (``--data`` used to default to Fashion-MNIST whatever the generator had seen)."""
+    (with the --size and --channels recorded at training, if any), else the data it was trained on, as
+    ``sample`` takes them (``--data`` used to default to Fashion-MNIST whatever the generator had seen)."""
     model = load(args.generator)
     if args.data is None and not model.info.get("training", {}).get("data_spec"):
         if not trained_on_fashion_mnist(model):

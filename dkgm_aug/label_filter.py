@@ -79,7 +79,7 @@ class LabelFilter:
         """Zero the counters: per class, neighbours drawn, rejected, sources filtered, and images whose
         tries ran out."""
         self.drawn, self.rejected, self.exhausted, self.sources = {}, {}, {}, {}
-        self._warned = getattr(self, "_warned", set())
+        self._warned = set()
 
     @property
     def rejection_rate(self) -> dict:
@@ -93,7 +93,7 @@ class LabelFilter:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update({"sources": {}, "_warned": set()} | state, _lock=threading.Lock())   # older pickles
 
     @torch.inference_mode()
     def predict(self, x01: torch.Tensor, want=None) -> torch.Tensor:
@@ -148,7 +148,9 @@ class LabelFilter:
         return out
 
     def _warn_if_most_run_out(self, classes) -> None:
-        """Warn once per class when the tries ran out for at least half of its sources (16 or more):
+        """Warn once per class (per process: a DataLoader worker counts its own sources, and with many
+        workers each may see fewer than 16; ``precompute()`` and a bank's build count them all in one)
+        when the tries ran out for at least half of its sources (16 or more):
         the classifier then rejects the class's neighbours wholesale, most often because its class
         indices are not the dataset's labels (an image folder of digits 3 and 7 has labels 0 and 1),
         and the "neighbours" are copies of the sources (or rejected neighbours, with "keep")."""

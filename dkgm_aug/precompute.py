@@ -116,8 +116,9 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
 
 def add_arguments(p) -> None:
     p.add_argument("generator", help="a checkpoint path or a shipped generator name")
-    p.add_argument("--data", default=None, help="fashion-mnist, digits, a .npz or an image folder, loaded at the "
-                   "generator's size and channels as trained (default: the data the generator was trained on)")
+    p.add_argument("--data", default=None, help="fashion-mnist, digits, a .npz or an image folder, loaded with the "
+                   "--size and --channels the generator was trained with, if it recorded them, else as it is "
+                   "(default: the data the generator was trained on)")
     p.add_argument("--split", default=None, help="the split of --data (default: as trained; fashion-mnist, digits: train)")
     p.add_argument("--limit", type=int, default=0,
                    help="use only the first N images (0: all, or as trained when --data is not given)")

@@ -190,30 +190,31 @@ def _names(ds):
         found = [_names(d) for d in ds.datasets]
         if not all(isinstance(f, (list, tuple)) for f in found):
             return found[0] if all(f == found[0] for f in found) else None
-        longest = max(found, key=len)
-        for i, f in enumerate(found):
+        found = [[str(c) for c in f] for f in found]
+        named = [f for f in found if f != [str(i) for i in range(len(f))]] or found   # '0', '1', ...: no names
+        longest = max(named, key=len)
+        for f in named:
             moved = [(j, c) for j, c in enumerate(f) if j >= len(longest) or longest[j] != c]
-            if moved:       # label j means another class in this part: counted, balanced, generated as another
+            if moved:       # label j may mean another class in this part: say so, balance by the numbers
                 j, c = moved[0]
-                raise DataError(f"the ConcatDataset's parts name their classes differently: part {i} has {c!r} at "
-                                f"label {j}, where part {found.index(longest)} has "
-                                f"{longest[j] if j < len(longest) else 'no class'!r}, so its items would be counted "
-                                "as another class; remap the parts' targets to one class list (or pass labels=)")
-        return longest      # every part's list is the start of the longest one
+                warnings.warn(f"the ConcatDataset's parts name their classes differently ({c!r} at label {j} in one, "
+                              f"{longest[j] if j < len(longest) else 'no class'!r} in another): balancing by label "
+                              "number. If a part's labels mean other classes than the same numbers in another part, "
+                              "remap its targets (and classes) to one class list, or pass labels=", stacklevel=4)
+                return None
+        return longest      # every part's names are the start of the longest list
     return names
 
 
 def class_names(ds, values: list, given: bool = False):
     """``ds.classes`` (through ``Subset`` and ``ConcatDataset``) when the label ``values`` are integer
     indices into it, torchvision's convention; else None. ``given`` (labels the user passed, which
-    need not index the dataset's names): parts of a ``ConcatDataset`` that name their classes
-    differently give None instead of an error."""
-    try:
+    need not index the dataset's names): no warning about parts of a ``ConcatDataset`` that name
+    their classes differently."""
+    with warnings.catch_warnings():
+        if given:
+            warnings.simplefilter("ignore")
         names = _names(ds)
-    except DataError:
-        if not given:
-            raise
-        return None
     if not isinstance(names, (list, tuple)) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
                                                        for v in values):
         return None

@@ -484,18 +484,25 @@ def test_label_minus_one_beside_zero_warns_when_the_dataset_names_no_classes():
     assert ds.class_counts == {-1: 2, 0: 2, 1: 2}
 
 
-def test_concat_parts_that_number_their_classes_differently_are_refused():
+def test_concat_parts_that_number_their_classes_differently_are_warned_about():
     """A ConcatDataset of an image folder (cat, dog, eel) and an extra one without dogs (cat, eel) was
-    balanced by raw label number: the extra folder's eels (its label 1) were counted, oversampled and
-    generated as dogs, with no word. Parts whose lists agree where they overlap give the longest."""
+    balanced by raw label number with no word: the extra folder's eels (its label 1) were counted,
+    oversampled and generated as dogs. Now a warning says so (the labels may have been remapped by
+    a target_transform, so it is not refused); parts whose names agree where they overlap, or that
+    have only the automatic '0', '1', ... names, give the longest list of names, silently."""
+    import warnings
     from torch.utils.data import ConcatDataset
     from dkgm_aug.data import ImageDataset
     x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     a = ImageDataset(x, torch.tensor([0, 0, 0, 1, 2, 2]), ["cat", "dog", "eel"])
     b = ImageDataset(x[:3], torch.tensor([0, 1, 1]), ["cat", "eel"])
-    with pytest.raises(DataError, match="part 1 has 'eel' at label 1, where part 0 has 'dog'"):
-        BalancedDKGMDataset(ConcatDataset([a, b]), "digits-tiny", progress=False)
-    labels = [0, 0, 0, 1, 2, 2, 0, 2, 2]                       # the user's own mapping is taken as given
-    assert BalancedDKGMDataset(ConcatDataset([a, b]), "digits-tiny", labels=labels, progress=False).classes == [0, 1, 2]
-    prefix = ImageDataset(x[:3], torch.tensor([0, 1, 1]), ["cat", "dog"])
-    assert BalancedDKGMDataset(ConcatDataset([a, prefix]), "digits-tiny", progress=False).classes == ["cat", "dog", "eel"]
+    with pytest.warns(UserWarning, match="name their classes differently \\('eel' at label 1 in one, 'dog' in another"):
+        assert BalancedDKGMDataset(ConcatDataset([a, b]), "digits-tiny", progress=False).classes == [0, 1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = [0, 0, 0, 1, 2, 2, 0, 2, 2]                   # the user's own mapping: taken as given
+        BalancedDKGMDataset(ConcatDataset([a, b]), "digits-tiny", labels=labels, progress=False)
+        for other in (ImageDataset(x[:3], torch.tensor([0, 1, 1]), ["cat", "dog"]),
+                      ImageDataset(x[:3], torch.tensor([0, 1, 1]))):          # automatic names '0', '1', '2'
+            ds = BalancedDKGMDataset(ConcatDataset([a, other]), "digits-tiny", progress=False)
+            assert ds.classes == ["cat", "dog", "eel"]

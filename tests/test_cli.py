@@ -214,18 +214,3 @@ def test_a_28x28_gray_generator_saved_from_python_is_not_taken_for_a_fashion_mni
         assert "does not record the data it was trained on" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "c.safetensors").exists()
 
-
-def test_data_given_to_precompute_is_loaded_at_the_generators_size(tmp_path):
-    """--data is documented to load at the generator's trained size, but only a --size recorded at
-    training was used: a generator trained on 8x8 digits (no --size) made 16x16 synthetic images
-    from a 16x16 --data folder, sizes it never saw, with no error."""
-    import numpy as np
-    from safetensors import safe_open
-    gen = tmp_path / "g.safetensors"
-    assert main(["train", "--data", "digits", "--limit", "16", "--batch-size", "8", "--stage1-steps", "1",
-                 "--stage2-steps", "1", "--quiet", "--work-dir", str(tmp_path / "run"), "--out", str(gen)]) == 0
-    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
-    np.savez(tmp_path / "big.npz", images=images, labels=np.array([0, 0, 0, 0, 1, 1]))
-    assert main(["precompute", str(gen), "--data", str(tmp_path / "big.npz"), "--quiet", "--out", str(tmp_path / "s")]) == 0
-    shard = next((tmp_path / "s").glob("shard-*.safetensors"))
-    assert safe_open(str(shard), "pt").get_slice("images").get_shape()[-2:] == [8, 8]

@@ -269,3 +269,12 @@ def test_a_class_whose_tries_all_run_out_is_warned_about_once():
     with w.catch_warnings():
         w.simplefilter("error")
         filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=f)     # said once
+    f.reset()                                                                         # counters and warnings anew
+    filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=f)
+    with pytest.warns(UserWarning, match="for 16 of 16 sources"):
+        filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=f)
+    old = dict(f.__getstate__())
+    del old["sources"], old["_warned"]                                                # a filter pickled before
+    g = LabelFilter.__new__(LabelFilter)
+    g.__setstate__(old)
+    filtered_generate(Inverter(), x, seeds, labels=[0] * 8, label_filter=g)
