@@ -111,7 +111,8 @@ def generator_lines(rows) -> list:
 def protocol_lines(args, cfg, counts, rows=()) -> list:
     lines = [f"- data: {args.data}, train split long-tailed with rho={args.rho} ({args.profile} profile, class order "
              f"{args.class_order}, split seed {args.split_seed}, class counts {counts}); "
-             f"test balanced, so accuracy = balanced accuracy; tail classes (the rarest third, ties included): {args.tail}",
+             "test balanced, so accuracy = balanced accuracy; tail classes (the rarest third, ties included): "
+             f"{args.tail}",
              f"- model: timm `{args.model}`" + (f" with channels {tuple(args.channels)}" if args.channels else "")
              + " from scratch, in_chans=1" + (f", 8x8 inputs upsampled to {args.size}x{args.size}"
                                               if args.data == "digits" else "")]
@@ -163,7 +164,8 @@ def variants_table(rows: list) -> list:
         for knobs, rs in by_knobs.items():
             val = [r["val_bacc"] for r in rs if r["val_bacc"] is not None]
             rej = [float(r["rejected"]) for r in rs if r.get("rejected")]
-            ms = lambda k: f"{np.mean([r[k] for r in rs]):.3f}" + (f" ± {sd([r[k] for r in rs]):.3f}" if len(rs) > 1 else "")  # noqa: E731
+            ms = lambda k: (f"{np.mean([r[k] for r in rs]):.3f}"                               # noqa: E731
+                            + (f" ± {sd([r[k] for r in rs]):.3f}" if len(rs) > 1 else ""))
             lines.append(f"| {m} | {knobs or '-'} | {f'{np.mean(val):.3f}' if val else '-'} | {ms('accuracy')} | "
                          f"{ms('tail_recall')} | {f'{np.mean(rej):.3f}' if rej else '-'} | "
                          f"{sorted(r['seed'] for r in rs)} |")

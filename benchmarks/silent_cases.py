@@ -436,7 +436,8 @@ def case_numbered_folders(tmp: Path, gen: Path) -> str:
 
 def case_bank_siblings(tmp: Path, gen: Path) -> str:
     data = small_set((20, 5))
-    ds = BalancedDKGMDataset(data, "digits-tiny", bank=8, progress=False).precompute(progress=False)   # distinct neighbours
+    ds = BalancedDKGMDataset(data, "digits-tiny", bank=8, progress=False)   # a trained generator: distinct neighbours
+    ds.precompute(progress=False)
     shown = {}
     for i in range(ds.n_real, len(ds)):
         shown.setdefault(ds.source_index(i), []).append(ds[i][0].numpy().tobytes())

@@ -53,7 +53,8 @@ def _range_hint(lo: float, hi: float) -> str:
 
 def tensor_unit(x: torch.Tensor, what: str = "images", check: bool = True) -> torch.Tensor:
     """A uint8 tensor (any shape) divided by 255 (refused by :func:`check_not_binary` when an image
-    holds only 0 and 1), or a float one range-checked, as float32 in [0, 1]; the one uint8-or-float rule. It may share memory with ``x`` (a float32 ``x`` already in range).
+    holds only 0 and 1), or a float one range-checked, as float32 in [0, 1]; the one uint8-or-float
+    rule. It may share memory with ``x`` (a float32 ``x`` already in range).
 
     ``check=False`` casts a float ``x`` to float32 as it is, without :func:`check_unit_range` (no
     clamping, no refusal), and a uint8 one without :func:`check_not_binary`: for paths that have

@@ -81,7 +81,8 @@ def _worker(rank, env, tmp, phase):
     def shards():
         """Each rank's items in the 2 steps of an epoch: disjoint, and together the whole data."""
         ids = (torch.arange(16, dtype=torch.uint8) * 16).view(16, 1, 1, 1).expand(16, 1, 8, 8)   # image i is all 16 i
-        batches = dkgm_aug.Trainer(micro_model(image_size=8), ids, batch_size=8, max_steps=2, progress=False)._batches(0)
+        batches = dkgm_aug.Trainer(micro_model(image_size=8), ids, batch_size=8, max_steps=2,
+                                   progress=False)._batches(0)
         mine = [(((next(batches)[:, 0, 0, 0] + 1) * 127.5).round().int() // 16).tolist() for _ in range(2)]
         everyone = [None, None]
         dist.all_gather_object(everyone, mine)

@@ -183,7 +183,8 @@ def test_a_dataloaders_epoch_is_its_own_batches_and_fit_steps_are_for_one_call(t
     fit(stage, max_steps=k) trains k steps in that call only (it changed the Trainer's for good)."""
     loader = torch.utils.data.DataLoader(shapes_batch(40, size=8), batch_size=4)
     assert Trainer(micro_model(image_size=8), loader, out_dir=None, epochs=1, progress=False).max_steps == 10
-    t = Trainer(micro_model(image_size=8), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=5, progress=False)
+    t = Trainer(micro_model(image_size=8), shapes_batch(8, size=8), out_dir=None, batch_size=4, max_steps=5,
+                progress=False)
     t.fit(1, max_steps=2)
     assert len(t.losses) == 2 and t.max_steps == 5
     t.fit(2)

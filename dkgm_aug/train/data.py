@@ -56,7 +56,8 @@ def _digest(value) -> str:
         try:
             arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             if arr.dtype != object:
-                return hashlib.sha256(f"{arr.dtype} {arr.shape}".encode() + np.ascontiguousarray(arr).tobytes()).hexdigest()
+                head = f"{arr.dtype} {arr.shape}".encode()
+                return hashlib.sha256(head + np.ascontiguousarray(arr).tobytes()).hexdigest()
         except (ValueError, TypeError):   # ragged lists (per-class index lists), mixed types
             pass
     try:
