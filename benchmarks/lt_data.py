@@ -33,9 +33,11 @@ def splits(args):
 
 
 def export_split(args, path) -> None:
-    """Write the long-tailed training split (without its validation part) as an ``.npz`` that
-    ``dkgm-aug train --data`` reads, so a generator can be trained on exactly what the
-    classifiers see (and nothing more)."""
+    """Write the long-tailed training split as an ``.npz`` that ``dkgm-aug train --data`` reads, so a
+    generator can be trained on exactly what the classifiers see (and nothing more): without its
+    validation part when ``--epochs`` carves one (the converged protocol); without ``--epochs`` (the
+    step-budget protocol, which has no validation split) the whole split, so a generator exported
+    that way must not serve converged rows, whose validation images it would have seen."""
     lt, _, _ = splits(args)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=lt.images.permute(0, 2, 3, 1).numpy(), labels=lt.targets.numpy())
