@@ -50,6 +50,11 @@ def sd(xs) -> float:
     return float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
+def mean_sd(xs, d: int = 3) -> str:
+    """``mean ± sd`` of ``xs`` to ``d`` decimals; the mean alone for one value (no spread to show)."""
+    return f"{np.mean(xs):.{d}f}" + (f" ± {sd(xs):.{d}f}" if len(xs) > 1 else "")
+
+
 def summarise(rows: list) -> dict:
     out = {}
     for m in dict.fromkeys(r["method"] for r in rows):
@@ -164,8 +169,7 @@ def variants_table(rows: list) -> list:
         for knobs, rs in by_knobs.items():
             val = [r["val_bacc"] for r in rs if r["val_bacc"] is not None]
             rej = [float(r["rejected"]) for r in rs if r.get("rejected")]
-            ms = lambda k: (f"{np.mean([r[k] for r in rs]):.3f}"                               # noqa: E731
-                            + (f" ± {sd([r[k] for r in rs]):.3f}" if len(rs) > 1 else ""))
+            ms = lambda k: mean_sd([r[k] for r in rs])   # noqa: E731
             lines.append(f"| {m} | {knobs or '-'} | {f'{np.mean(val):.3f}' if val else '-'} | {ms('accuracy')} | "
                          f"{ms('tail_recall')} | {f'{np.mean(rej):.3f}' if rej else '-'} | "
                          f"{sorted(r['seed'] for r in rs)} |")
@@ -191,8 +195,7 @@ def write_outputs(rows: list, args, out: Path) -> None:
         "| method | accuracy | vs best (paired) | macro-F1 | tail recall | knobs | val bacc | epoch | train s | "
         "generate s | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in s.items():
-        one = len(v["seeds"]) == 1        # one seed: no spread to show (it printed "± 0.000")
-        f = lambda k, d=3: f"{v[k][0]:.{d}f}" + ("" if one else f" ± {v[k][1]:.{d}f}")  # noqa: E731
+        f = lambda k: mean_sd([r[k] for r in rows if r["method"] == m])  # noqa: E731
         d, sd, n = paired_difference(rows, m, best) if best and m != best else (float("nan"),) * 2 + (0,)
         ep = [r["chosen_epoch"] for r in rows if r["method"] == m and r.get("chosen_epoch")]
         knobs, val, tried = chosen[m]

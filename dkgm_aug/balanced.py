@@ -254,7 +254,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             js = list(images)
             rank, siblings = plan_siblings(js, self._codes[[self.n_real + j for j in js]].numpy(), *self._plan)
             made = self.bank.pick({j: int(self._sources[j]) for j in js}, images, self.seed, int(self._epoch),
-                                  dict(zip(js, rank.tolist())), dict(zip(js, siblings.tolist())))
+                                  rank, siblings)
         else:
             self._check_sources({j: image for j, image in images.items() if j in self._cache})
             todo = [j for j in images if j not in self._cache]

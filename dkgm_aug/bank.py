@@ -246,8 +246,8 @@ class NeighbourBank:
             made = [None] * len(rows)
             # rows with a label and rows without one go to separate calls: a row's neighbours depend on
             # its own label only (one unlabelled item stripped the labels of its whole call)
-            with_label = [j for j, y in enumerate(labels) if y is not None]
-            for group in (with_label, [j for j in range(len(rows)) if j not in set(with_label)]):
+            groups = ([j for j, y in enumerate(labels) if y is not None], [j for j, y in enumerate(labels) if y is None])
+            for group in groups:
                 if not group:
                     continue
                 seeds = [neighbour_seed(self.seed, rows[j], r) for j in group for r in range(self.k)]
@@ -380,22 +380,21 @@ class NeighbourBank:
                                 "copy without it and put the transform in transform=)")
             self._checked[row] = True
 
-    def pick(self, sources: dict, images: dict, seed: int, epoch: int, ranks: dict, siblings: dict) -> dict:
+    def pick(self, sources: dict, images: dict, seed: int, epoch: int, ranks, siblings) -> dict:
         """For ``BalancedDKGMDataset``: synthetic item ``j`` (source item ``sources[j]``, image
-        ``images[j]``), the ``ranks[j]``-th of the ``m = siblings[j]`` synthetic items of its source,
+        ``images[j]``), the ``rank``-th of the ``m`` synthetic items of its source (``ranks`` and
+        ``siblings``: arrays in the order of ``sources``),
         shows neighbour ``(h(seed, source) + rank + epoch * step) % k``, ``step = m`` if ``m < k`` else 1:
         the items of one source show different neighbours (evenly spread over the ``k`` when ``m >= k``),
         another ``m`` of them each epoch, all ``k`` within ``ceil(k / m)`` epochs, the same ones for the
         same seed and epoch."""
-        js = np.fromiter(sources, dtype=np.int64, count=len(sources))
-        src = np.asarray([sources[j] for j in js.tolist()], dtype=np.int64)
-        rank = np.asarray([ranks[j] for j in js.tolist()], dtype=np.uint64)
-        m = np.asarray([siblings[j] for j in js.tolist()], dtype=np.uint64)
+        src = np.fromiter(sources.values(), dtype=np.int64, count=len(sources))
+        rank, m = np.asarray(ranks, dtype=np.uint64), np.asarray(siblings, dtype=np.uint64)
         with np.errstate(over="ignore"):
             step = np.where(m < np.uint64(self.k), m, np.uint64(1))
             rs = ((mix(seed, src) % np.uint64(self.k) + rank + np.uint64(epoch) * step) % np.uint64(self.k)).tolist()
         out = {}
-        for j, r in zip(js.tolist(), rs):
+        for j, r in zip(sources, rs):
             row = self.row_of_index(sources[j])
             self.check_source(row, images[j])
             out[j] = self.neighbour(row, r)

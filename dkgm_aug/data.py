@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .images import pil_8bit, tensor_unit, to_uint8
+from .images import check_not_binary, pil_8bit, tensor_unit, to_uint8
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -39,6 +39,7 @@ class ImageDataset(torch.utils.data.Dataset):
         targets = torch.as_tensor(targets, dtype=torch.long).flatten()
         if len(targets) != len(images):
             raise DataError(f"{len(images)} images but {len(targets)} labels")
+        check_not_binary(images)   # once, here: items are then read without it
         self.images, self.targets = images, targets
         n_classes = int(targets.max()) + 1 if len(targets) else 0
         self.classes = list(classes) if classes is not None else [str(i) for i in range(n_classes)]
@@ -48,7 +49,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = tensor_unit(self.images[i])
+        x = tensor_unit(self.images[i], check=False)   # uint8, checked at construction
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.targets[i])

@@ -59,7 +59,7 @@ from .dkgm import DKGM
 from .errors import DataError, DKGMError
 from .images import check_not_binary, from_model
 from .nn import evaluating
-from .train.data import Feed, data_fingerprint
+from .train.data import Feed, data_fingerprint, held_images
 from .train.distributed import gather, in_place, init_distributed, mean_over_ranks
 from .train.ema import EMA
 from .train.state import check_resume, open_log, read_state, restore, weights_prefix, write_state
@@ -143,9 +143,8 @@ class Trainer:
             raise DataError(f"the data has {first.shape[1]} channels but the model takes {self.model.channels}; "
                             "build the model with channels= matching the data, or convert the images")
         self._check_size(tuple(first.shape[-2:]))
-        held = self.data.dataset if isinstance(self.data, torch.utils.data.DataLoader) else self.data
-        held = held if isinstance(held, torch.Tensor) else getattr(held, "images", None)
-        if isinstance(held, torch.Tensor):   # all the images at once: not at the step whose batch holds one
+        held = held_images(self.data)
+        if held is not None:   # all the images at once: not at the step whose batch holds one
             check_not_binary(held, "training images")
         self.n_items, self.local_batch = self.feed.n_items, self.feed.local_batch
         self.steps_per_epoch = self.feed.steps_per_epoch

@@ -101,6 +101,14 @@ def _read_sample(data) -> torch.Tensor:
     return reads[0] if torch.equal(*reads) else torch.empty(0)
 
 
+def held_images(data):
+    """The tensor holding all the training images, when there is one: the data itself, or a
+    dataset's (a DataLoader's dataset's) ``images``; else None."""
+    data = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
+    images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
+    return images if isinstance(images, torch.Tensor) else None
+
+
 def _update(h, images: torch.Tensor) -> None:
     h.update(f"{tuple(images.shape)} {images.dtype}".encode())
     h.update(images.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
@@ -121,11 +129,11 @@ def data_fingerprint(data, labels: bool = False, sampler: bool = True, legacy: b
     sampler_part = b""
     if isinstance(data, torch.utils.data.DataLoader):
         data, sampler_part = data.dataset, (_sampler_bytes(data) if sampler and not legacy else b"")
-    images = data if isinstance(data, torch.Tensor) else getattr(data, "images", None)
+    images = held_images(data)
     h = hashlib.sha256()
     if isinstance(data, torch.utils.data.IterableDataset):
         _update(h, torch.empty(0))
-    elif isinstance(images, torch.Tensor):
+    elif images is not None:
         _update(h, images)
         if getattr(data, "transform", None) is not None and not legacy:   # the same pixels, another pipeline
             _update(h, _read_sample(data))
