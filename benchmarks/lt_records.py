@@ -119,6 +119,22 @@ def with_recorded_later(saved: dict) -> dict:
             "size": saved.get("size") or ("32" if saved.get("data") == "digits" else "")}
 
 
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """The first 12 hex digits of a sha256 over the library's and this benchmark's source files
+    (relative path and bytes, sorted): recorded in each row, so that rows made by different code,
+    pooled by ``--resume`` or ``--report-only``, are told apart in the report. A hash of the files,
+    not a git commit, so a snapshot copy of the tree (``git archive``) records the same value."""
+    import hashlib
+    here = Path(__file__).resolve().parent
+    files = sorted((here.parent / "dkgm_aug").rglob("*.py")) + sorted(
+        p for p in here.glob("*.py") if p.name in ("imbalanced.py", "common.py") or p.name.startswith("lt_"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(here.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def hardware(device="cpu") -> str:
     where = (f"classifier on {torch.cuda.get_device_name()}" if str(device).startswith("cuda")
              and torch.cuda.is_available() else "CPU only")
@@ -130,7 +146,7 @@ FIELDS = ["method", "seed", "data", "rho", "split_seed", "model", "steps", "batc
           "n_train", "n_pool", "n_generated", "final_loss", "train_s", "setup_s", "generate_s", "accuracy",
           "macro_f1", "tail_recall", "class_recall", "epochs", "val_fraction", "class_order", "profile", "channels",
           "lr", "knobs", "chosen_epoch", "val_bacc", "rejected", "hardware", "weight_decay", "shift", "size",
-          "generator_sha256"]
+          "generator_sha256", "code"]
 NUMBERS = ("accuracy", "macro_f1", "tail_recall", "train_s", "setup_s", "generate_s", "n_generated")
 
 

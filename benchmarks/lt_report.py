@@ -113,6 +113,18 @@ def generator_lines(rows) -> list:
             "the long-tailed split"]
 
 
+def code_lines(rows) -> list:
+    """Which code made the rows shown (``lt_records.code_version``), and the methods whose seeds
+    ran on different code: ``--resume`` and ``--report-only`` pool rows across code changes."""
+    if not rows:
+        return []
+    versions = sorted({r.get("code") or "not recorded" for r in rows})
+    mixed = sorted({r["method"] for r in rows if len({q.get("code") or "not recorded" for q in rows
+                                                      if q["method"] == r["method"]}) > 1})
+    return [f"- code of the rows shown (source hash, `lt_records.code_version`): {', '.join(versions)}"
+            + (f"; methods whose rows ran on more than one: {', '.join(mixed)}" if mixed else "")]
+
+
 def protocol_lines(args, cfg, counts, rows=()) -> list:
     lines = [f"- data: {args.data}, train split long-tailed with rho={args.rho} ({args.profile} profile, class order "
              f"{args.class_order}, split seed {args.split_seed}, class counts {counts}); "
@@ -131,6 +143,7 @@ def protocol_lines(args, cfg, counts, rows=()) -> list:
     return lines + [
         f"- base aug: random shift <= {args.shift} px, the same for every method",
         *generator_lines(rows),
+        *code_lines(rows),
         f"- threads per run: {args.threads}; hardware of the runs: "
         + "; ".join(sorted({r.get("hardware") or "not recorded" for r in rows} or {hardware(args.device)})),
         "- mean ± sample std (n - 1) over the seeds listed; `vs best` is the paired difference in accuracy to the best "

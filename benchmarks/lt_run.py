@@ -10,7 +10,7 @@ from dkgm_aug.nn import evaluating
 from common import tail_classes
 from lt_data import Augmenter, Pool, build_pool, rejection_share, splits, to_input
 from lt_losses import DEFERRED, LOSSES, loss_fn, mixup
-from lt_records import append_curves, config_of, generator_sha, hardware, knobs_of
+from lt_records import append_curves, code_version, config_of, generator_sha, hardware, knobs_of
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -109,5 +109,5 @@ def run(method: str, args, seed: int, curves: Path | None = None) -> dict:
                 final_loss=round(loss.item(), 4),
                 train_s=round(train_s, 2), setup_s=round(setup_s, 2), generate_s=round(gen_s, 2),
                 knobs=knobs_of(method, args), hardware=hardware(args.device),
-                generator_sha256=generator_sha(method, args),
+                generator_sha256=generator_sha(method, args), code=code_version(),
                 chosen_epoch=best[1] if args.epochs else "", val_bacc=round(best[0], 5) if args.epochs else "", **res)

@@ -525,3 +525,18 @@ def test_a_row_gives_the_same_result_whether_its_bank_was_built_or_on_disk(imb, 
     built = row(tmp_path)
     (tmp_path / "runs.csv").unlink()
     assert row(tmp_path) == built            # the bank is on disk now
+
+
+def test_rows_record_their_code_and_the_report_names_methods_mixing_code(lt_records, tmp_path):
+    """--resume pools rows across code changes: each row records a hash of the sources that made it,
+    and the report says which methods' rows ran on more than one (rows from before: 'not recorded')."""
+    import lt_report
+    v = lt_records.code_version()
+    assert len(v) == 12 and int(v, 16) >= 0 and v == lt_records.code_version()
+    assert "code" in lt_records.FIELDS
+    rows = [dict(method="ce", code=v), dict(method="ce", code=v), dict(method="ros", code=v), dict(method="ros")]
+    (line,) = lt_report.code_lines(rows)
+    assert v in line and "not recorded" in line and line.endswith("more than one: ros")
+    (line,) = lt_report.code_lines(rows[:3])
+    assert "more than one" not in line
+    assert lt_report.code_lines([]) == []
