@@ -223,12 +223,18 @@ def class_names(ds, values: list, given: bool = False):
 
 def check_class_order(model, ds) -> None:
     """A class-conditional ``model`` takes class indices: refuse a dataset whose ``classes`` (by name)
-    sit at other indices than the ones the model was trained with (an image folder's sorted folder
+    sit at other indices than the ones the model was trained with (:func:`check_class_names`)."""
+    check_class_names(model, _names(ds))
+
+
+def check_class_names(model, names) -> None:
+    """Refuse class ``names`` (in label order: the name of label 0 first) that put a class at another
+    index than the one a class-conditional ``model`` was trained with (an image folder's sorted folder
     names against the training data's order), which would condition each image on another class.
     Names are compared as names, numbers too: folders '0' .. '10' sort as '0', '1', '10', '2', ..., so
-    folder '10' is index 2 of an image folder while it is class 10 to a generator trained on integer labels."""
+    folder '10' is index 2 of an image folder while it is class 10 to a generator trained on integer
+    labels. No check when the model records no class names or ``names`` is not a list."""
     trained = getattr(model, "info", {}).get("classes") if getattr(model, "conditional", False) else None
-    names = _names(ds)
     if not isinstance(trained, (list, tuple)) or not isinstance(names, (list, tuple)):
         return
     trained, names = [str(c) for c in trained], [str(c) for c in names]

@@ -62,7 +62,7 @@ from .dkgm import check_knobs, class_indices
 from .errors import DataError, DKGMError
 from .images import to_batch
 from .label_filter import check_label_filter
-from .sampling import plain_label
+from .sampling import check_class_names, plain_label
 
 _SEED_MAX = 2 ** 62
 # the whole sample of the call in progress (this thread's): make_params sees only its images
@@ -182,7 +182,10 @@ class DKGMAugment(KeepsSample, v2.Transform):
     luminance, and its neighbour comes back gray, replicated on the 3 channels (a gray image
     through an RGB generator goes in replicated and comes back as the luminance of the result).
     A class-conditional generator takes each image's class from the sample: ``aug(img, label)``,
-    ``aug(x, y)`` (module docstring); the labels come back unchanged.
+    ``aug(x, y)`` (module docstring); the labels come back unchanged. ``classes``: your data's class
+    names in label order (e.g. ``dataset.classes``); with a conditional generator that recorded its
+    own, a class at another index (an image folder sorts its folders by name) is refused at the
+    first call instead of conditioning every image of it on another class.
 
     Speed, opt-in (benchmarks/RESULTS.md, section 3): ``dtype=torch.float16`` generates in fp16
     (CUDA only, so it needs ``device="cuda"``; pixels within one uint8 step of fp32).
@@ -205,8 +208,13 @@ class DKGMAugment(KeepsSample, v2.Transform):
     _transformed_types = (tv_tensors.Image, tv_tensors.Video, PIL.Image.Image, is_pure_tensor)
 
     def __init__(self, ckpt, alpha=None, steps=None, p: float = 1.0, device=None, seed=None,
-                 convert_channels: bool = False, label_filter=None, dtype=None, compile: bool = False):
+                 convert_channels: bool = False, label_filter=None, dtype=None, compile: bool = False,
+                 classes=None):
         super().__init__()
+        if classes is not None and (isinstance(classes, (str, bytes)) or not hasattr(classes, "__len__")):
+            raise DKGMError(f"classes must be a list of class names in label order (e.g. dataset.classes), "
+                            f"got {classes!r}")
+        self.classes = None if classes is None else list(classes)
         self.label_filter = check_label_filter(label_filter)
         self.alpha = None if alpha is None else check_knobs(alpha=alpha)
         self.steps = None if steps is None else check_knobs(steps=steps)
@@ -227,6 +235,7 @@ class DKGMAugment(KeepsSample, v2.Transform):
         x01, restore = to_batch(inpt)
         model = self.handle.get(like=x01 if self.device is None else None)
         check_image_size(model, *x01.shape[-2:])
+        check_class_names(model, self.classes)
         labels = model_labels(model, params.get("labels"), len(x01))
         apply = params["apply"]
         if not bool(apply.any()):

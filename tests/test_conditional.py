@@ -519,3 +519,20 @@ def test_numbered_classes_in_string_order_are_refused_by_a_generator_trained_on_
         dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, folder_order), model, progress=False)[-1]
     ds = dkgm_aug.BalancedDKGMDataset(ImageDataset(images, targets, [str(i) for i in range(11)]), model, progress=False)
     assert ds[len(ds) - 1][0].shape == (1, 8, 8)
+
+
+def test_dkgm_augment_refuses_class_names_in_another_order_than_the_conditional_generators():
+    """DKGMAugment(img, label) with a conditional generator had no class-order check: labels of an
+    image folder sorted as ['dog', 'cat', 'eel'] were taken as the generator's ['cat', 'dog', 'eel']
+    indices. classes= (the data's names in label order) lets it refuse; the right order passes."""
+    from dkgm_aug import DKGMAugment
+    model = micro_model(image_size=8).with_labels(3, stages=(1,))
+    model.info["classes"] = ["cat", "dog", "eel"]
+    img = torch.rand(1, 8, 8)
+    with pytest.raises(DataError, match="'dog' is index 1 to the generator but 0 here"):
+        DKGMAugment(model, seed=0, classes=["dog", "cat", "eel"])(img, 1)
+    out, label = DKGMAugment(model, seed=0, classes=["cat", "dog", "eel"])(img, 1)
+    assert out.shape == img.shape and label == 1
+    assert torch.equal(out, DKGMAugment(model, seed=0)(img, 1)[0])      # the check changes nothing else
+    with pytest.raises(DKGMError, match="classes must be a list"):
+        DKGMAugment(model, classes="cat,dog,eel")
