@@ -341,7 +341,8 @@ def load(path_or_name, device=None, max_bytes=MAX_MODEL_BYTES):
     state = _read_model_tensors(path, expected, file_bytes)
     if stored is not None:     # back to the model's own float32
         state = {k: v.to(torch.float32) if v.dtype == stored else v for k, v in state.items()}
-    model = cls.from_config(meta["config"])
+    with torch.random.fork_rng(devices=[]):   # its random init is overwritten: it must not move the caller's stream
+        model = cls.from_config(meta["config"])
     model.load_state_dict(state)
     return model.to(device).eval() if device is not None else model.eval()
 

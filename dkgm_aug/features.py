@@ -183,7 +183,8 @@ def load_feature_net(path, device=None) -> FeatureNet:
     format raises a FormatError naming both (a CheckpointError, as every unreadable file does)."""
     meta, state = read_tensors(path, "feature-net")
     try:
-        net = FeatureNet(**json.loads(meta[METADATA_KEY]))
+        with torch.random.fork_rng(devices=[]):   # the init is overwritten: leave the caller's random stream
+            net = FeatureNet(**json.loads(meta[METADATA_KEY]))
         net.load_state_dict(state)
     except Exception as exc:   # json / config / shape mismatches
         raise CheckpointError(f"{path}: not a valid FeatureNet file ({type(exc).__name__}: {exc})") from None

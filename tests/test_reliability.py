@@ -97,3 +97,18 @@ def test_dataloader_under_load(tmp_path, ctx):
     assert max(rss[2:]) - rss[1] < 30, rss                   # memory flat once caches are warm
     again, _ = run_epochs(ckpt, ctx, epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(outputs[:2], again))   # deterministic with seeds
+
+
+def test_loading_a_generator_or_evaluator_leaves_the_global_random_stream_alone():
+    """load() built the model (random init) before reading its weights: a classifier made after
+    torch.manual_seed(0) got other initial weights once any generator had loaded, also through a
+    seeded DKGMAugment's first call, so 'with vs without augmentation' runs were not paired."""
+    import dkgm_aug
+    from dkgm_aug.label_filter import load_evaluator
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    dkgm_aug.load("digits-tiny")
+    dkgm_aug.DKGMAugment("digits-tiny", p=1.0, seed=123)(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1)))
+    load_evaluator("digits-evaluator")
+    assert torch.equal(torch.rand(4), want)
