@@ -22,7 +22,9 @@ import torch
 from ._validate import check_float, check_int
 from .errors import DataError, DKGMError
 from .features import features, neighbour_quality
-from .images import from_model, tensor_unit, to_model
+from .data import stored_tensors
+from .images import from_model, tensor_unit, to_model, to_unit_float
+from .sampling import check_class_order
 from .kernels import noise_from_seeds
 from .nn import evaluating
 
@@ -65,15 +67,24 @@ def choose(rows: list, real: dict, tolerance: float) -> dict:
 
 def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, alphas=ALPHAS, steps=STEPS,
               seed: int = 0) -> dict:
-    """Pick and set ``model.alpha``/``model.steps`` from ``n`` images of ``dataset`` (an ImageDataset:
-    uint8 ``images``, integer ``targets``); returns the record stored in ``model.info["calibration"]``."""
+    """Pick and set ``model.alpha``/``model.steps`` from ``n`` images of ``dataset`` (an ImageDataset, or
+    any map-style dataset of ``(image, label)`` items, labels the classes of ``evaluator``); returns the
+    record stored in ``model.info["calibration"]``. A class-conditional model refuses data whose class
+    names sit at other indices than the ones it was trained with."""
     n = check_int("n", n, 2)
     tolerance = check_float("tolerance", tolerance, 0.0, 1.0)
     if not hasattr(model, "debias"):
         raise DKGMError(f"calibrate takes a DKGM generator, got {type(model).__name__}")
+    check_class_order(model, dataset)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset.images), generator=g)[:n]
-    images01, labels = tensor_unit(dataset.images[idx]), dataset.targets[idx]
+    idx = torch.randperm(len(dataset), generator=g)[:n]
+    stored = stored_tensors(dataset)
+    if stored is not None:
+        images01, labels = tensor_unit(stored[0][idx]), torch.as_tensor(stored[1])[idx]
+    else:     # through the dataset's transform: the images it serves
+        items = [dataset[int(i)] for i in idx]
+        images01 = torch.stack([to_unit_float(it[0]) for it in items])
+        labels = torch.as_tensor([int(it[1]) for it in items])
     with evaluating(model):
         real = neighbour_quality(evaluator, images01, labels, features(evaluator, images01))
         if real["label_preservation"] < REAL_MIN:

@@ -34,6 +34,7 @@ from .data import DATASETS, ImageDataset, load_dataset
 from .dkgm import DKGM
 from .errors import DataError, DKGMError
 from .images import from_model, to_model, to_uint8
+from .sampling import check_class_order
 from .trainer import Trainer, init_distributed
 from .unet import PRESETS
 from .vae import EVAE, VAE
@@ -187,6 +188,7 @@ def cmd_sample(args) -> None:
     idx = torch.randperm(len(data), generator=g)[:n]
     real = to_model(torch.stack([data[int(i)][0] for i in idx])).to(model_device(model))
     uses_labels = getattr(model, "conditional", False) or getattr(model, "per_class", False)
+    check_class_order(model, data)
     labels = dict(labels=[data[int(i)][1] for i in idx]) if uses_labels else {}
     out = model.neighbours(real, k=k, alpha=args.alpha, steps=args.steps, generator=g, **labels)
     # one row per source image: the real image, then its k neighbours

@@ -89,6 +89,17 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
+def stored_tensors(ds):
+    """``(images, targets)``: the tensors a dataset holds (``images`` and ``targets``, an
+    :class:`ImageDataset` or the like), when its items are exactly them, that is when it has no
+    ``transform``; else None, and the caller reads the items (a transform set on the dataset
+    changes what it serves: reading ``images`` directly would score or store other images)."""
+    images, targets = getattr(ds, "images", None), getattr(ds, "targets", None)
+    if not isinstance(images, torch.Tensor) or targets is None or getattr(ds, "transform", None) is not None:
+        return None
+    return images, targets
+
+
 def fashion_mnist(root=None, split: str = "train", transform=None) -> ImageDataset:
     """Fashion-MNIST (60,000 train / 10,000 test, 28x28 gray) from Debian's
     ``dataset-fashion-mnist`` package, or a ``root`` in torchvision's layout."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import FORMATS, read_tensors, write_tensors
+from .data import stored_tensors
 from .errors import CheckpointError, DataError
 from .images import tensor_unit, to_model, to_unit_float
 from .metrics import frechet_distance, sharpness
@@ -70,10 +71,11 @@ class FeatureNet(nn.Module):
 
 def _images_and_labels(dataset):
     """``(uint8 or float images [N, C, H, W], long labels [N])`` from an ImageDataset-like
-    object (``images`` and ``targets`` tensors) or any map-style ``(image, label)`` dataset."""
-    images, targets = getattr(dataset, "images", None), getattr(dataset, "targets", None)
-    if isinstance(images, torch.Tensor) and targets is not None:
-        return images, torch.as_tensor(targets, dtype=torch.long)
+    object (``images`` and ``targets`` tensors, no ``transform``) or any map-style ``(image, label)``
+    dataset, read item by item (so through its transform)."""
+    stored = stored_tensors(dataset)
+    if stored is not None:
+        return stored[0], torch.as_tensor(stored[1], dtype=torch.long)
     items = [dataset[i] for i in range(len(dataset))]
     if not items:
         raise DataError("the dataset is empty")

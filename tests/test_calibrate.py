@@ -70,3 +70,37 @@ def test_calibrate_refuses_labels_the_evaluator_does_not_use():
     with pytest.raises(DataError, match=r"labels \[10.*14\].*10 classes"):
         calibrate(model, beyond, evaluator, **grid)
     assert calibrate(model, digits, evaluator, **grid)["real"]["label_preservation"] > 0.9
+
+
+def test_calibrate_scores_the_images_a_dataset_serves_and_checks_a_conditional_class_order():
+    """calibrate (and accuracy, KernelSmoothedScore.from_dataset) read an ImageDataset's raw `images`,
+    skipping its transform: a dataset whose transform blacks every image out scored 0.94 accuracy.
+    And a class-conditional generator was calibrated on labels it reads as other classes."""
+    import pytest
+    import torch
+    from dkgm_aug import DataError
+    from dkgm_aug.calibrate import calibrate
+    from dkgm_aug.data import ImageDataset, load_dataset
+    from dkgm_aug.features import accuracy
+    from dkgm_aug.label_filter import load_evaluator
+    digits, evaluator = load_dataset("digits", split="train"), load_evaluator("digits-evaluator")
+    blank = ImageDataset(digits.images, digits.targets, digits.classes, transform=torch.zeros_like)
+    assert accuracy(evaluator, digits) > 0.9 and accuracy(evaluator, blank) < 0.3
+    with pytest.raises(DataError, match="evaluator assigns"):        # black images: no class to keep
+        calibrate(dkgm_aug.load("digits-tiny"), blank, evaluator, n=64, alphas=(0.25,), steps=(2,))
+    kss = dkgm_aug.KernelSmoothedScore.from_dataset(
+        ImageDataset(digits.images[:20], digits.targets[:20], transform=lambda x: torch.full_like(x, 7 / 255)), t_min=1e-7)
+    assert bool((kss.images == 7).all())
+    model = dkgm_aug.load("digits-tiny").with_labels(10, stages=(1,))
+    model.info["classes"] = ["1", "0"] + [str(i) for i in range(2, 10)]
+    with pytest.raises(DataError, match="'0' is index 1 to the generator but 0 here"):
+        calibrate(model, digits, evaluator, n=64, alphas=(0.25,), steps=(2,))
+
+
+def test_cli_sample_refuses_a_conditional_generators_other_class_order(tmp_path, capsys):
+    model = dkgm_aug.load("digits-tiny").with_labels(10, stages=(1,))
+    model.info["classes"] = ["1", "0"] + [str(i) for i in range(2, 10)]
+    path = tmp_path / "c.safetensors"
+    model.save(path)
+    assert main(["sample", str(path), "--data", "digits", "--n", "2", "--k", "1", "--out", str(tmp_path / "s.png")]) != 0
+    assert "'0' is index 1 to the generator" in capsys.readouterr().err

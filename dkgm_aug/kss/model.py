@@ -95,11 +95,14 @@ class KernelSmoothedScore(nn.Module):
     # -- construction and checkpoints -------------------------------------------------------
     @classmethod
     def from_dataset(cls, ds, per_class: bool = True, **knobs) -> "KernelSmoothedScore":
-        """From a dataset: ``ds.images`` (uint8) and ``ds.targets`` when present (an
-        :class:`~dkgm_aug.data.ImageDataset`), else one pass over ``(image, label)`` items."""
+        """From a dataset: ``ds.images`` (uint8) and ``ds.targets`` when present and served as they are
+        (an :class:`~dkgm_aug.data.ImageDataset` without a transform), else one pass over
+        ``(image, label)`` items."""
+        from ..data import stored_tensors
         from ..images import to_uint8, to_unit_float
-        if isinstance(getattr(ds, "images", None), torch.Tensor) and getattr(ds, "targets", None) is not None:
-            images, labels = ds.images, ds.targets
+        stored = stored_tensors(ds)
+        if stored is not None:
+            images, labels = stored
         else:
             items = [ds[i] for i in range(len(ds))]
             if not items:
