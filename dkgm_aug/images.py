@@ -188,7 +188,8 @@ def to_unit_hwc(img) -> torch.Tensor:
 
 def to_batch(inpt):
     """``inpt`` as a float32 ``[B, C, H, W]`` batch in [0, 1], and a function ``restore`` that turns such a
-    batch back into ``inpt``'s type, dtype, shape and range (``tv_tensors`` stay wrapped).
+    batch back into ``inpt``'s type, dtype, shape and range (``tv_tensors`` stay wrapped); for a tensor,
+    ``restore(out, rows)`` takes only the images ``rows`` from ``out`` and returns the others untouched.
 
     Takes CHW or BCHW tensors (uint8, or float in [0, 1]), PIL images of mode L or RGB, and numpy
     HxW or HxWxC arrays (uint8, or float32 in [0, 1]: :func:`numpy_batch`).
@@ -217,8 +218,14 @@ def _tensor_batch(inpt: torch.Tensor):
     check_chw(inpt)
     x01 = tensor_unit(inpt if inpt.ndim == 4 else inpt[None], what="tensor images")
 
-    def restore(out):
-        y = to_uint8(out) if inpt.dtype == torch.uint8 else out.to(inpt.dtype)
+    def restore(out, rows=None):
+        """``rows`` (indices of the images that changed): the others come back as given, bit for bit
+        (a float64 image through float32 would be rounded, a near-range one clamped)."""
+        if rows is not None and inpt.dtype != torch.uint8:
+            y = (inpt if inpt.ndim == 4 else inpt[None]).clone()
+            y[rows] = out[rows].to(device=y.device, dtype=y.dtype)
+        else:
+            y = to_uint8(out) if inpt.dtype == torch.uint8 else out.to(inpt.dtype)
         y = y if inpt.ndim == 4 else y[0]
         return tv_tensors.wrap(y, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else y
     return x01, restore

@@ -263,3 +263,14 @@ def test_albumentations_twin_fires_p_on_other_draws_per_worker_and_epoch(ckpt):
     assert epochs[0] != epochs[1] or epochs[1] != epochs[2]          # nor one epoch the next
     torch.manual_seed(5)
     assert torch.cat(list(loader)).tolist() == epochs[0]             # and a run repeats
+
+
+def test_images_p_leaves_alone_come_back_bit_for_bit_in_a_float64_batch():
+    """The whole batch went through float32: with one image of 8 augmented, the other 7 came back
+    rounded (up to 3e-8 off); near-range values clamped only when some image was augmented."""
+    x = torch.rand(8, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[3, 0, 0, 0] = 1 + 1e-4                                        # within the tolerance, left alone
+    params = dict(apply=torch.tensor([True] + [False] * 7), seeds=list(range(8)), labels=None)
+    out = DKGMAugment("digits-tiny", seed=0).transform(x, params)
+    assert out.dtype == torch.float64 and torch.equal(out[1:], x[1:]) and not torch.equal(out[0], x[0])
+    assert float(out[0].min()) >= 0 and float(out[0].max()) <= 1
