@@ -62,7 +62,8 @@ from .nn import evaluating
 from .train.data import Feed, data_fingerprint, held_images
 from .train.distributed import gather, in_place, init_distributed, mean_over_ranks
 from .train.ema import EMA
-from .train.state import check_resume, open_log, read_state, restore, weights_prefix, write_state
+from .train.state import (check_resume, check_start_weights, open_log, read_state, restore, weights_digest,
+                          weights_prefix, write_state)
 
 __all__ = ["Trainer", "init_distributed", "data_fingerprint"]
 
@@ -78,6 +79,7 @@ class _Run:
     opt: torch.optim.Optimizer
     gen: torch.Generator
     prefix: str
+    start_weights: str = ""    # the digest of the weights the run started from (kept through resumes)
     step: int = 0
     seen: int = 0
     t0: float = 0.0
@@ -204,6 +206,7 @@ class Trainer:
         if not self.writes:
             return
         meta = dict(stage=run.stage, step=run.step, max_steps=self.max_steps, world_size=self.world_size,
+                    start_weights=run.start_weights,
                     elapsed_s=self.elapsed.get(run.stage, 0.0), model_config=self.model.config(),
                     **{k: v[0] for k, v in self._settings(run.stage).items()})
         write_state(self._state_path(run.stage), run.prefix, run.net, run.ema, run.opt, rngs, meta)
@@ -214,6 +217,9 @@ class Trainer:
         meta, tensors = read_state(path)
         step = check_resume(path, meta, self.model.config(), self._settings(run.stage), self.max_steps,
                             run.stage, warn=self.rank == 0)
+        if self.rank == 0:
+            check_start_weights(path, meta, tensors, run.prefix, run.start_weights)
+        run.start_weights = meta.get("start_weights", "")
         restore(tensors, meta, run.prefix, run.net, run.ema, run.opt, run.gen, self.rank, self.device)
         self.elapsed[run.stage] = float(meta.get("elapsed_s", 0.0))
         return step
@@ -289,7 +295,8 @@ class Trainer:
         wrapped = self._wrap(net)                  # before the EMA copy: DDP syncs the ranks' weights
         seed = self.seed + stage + 1000 * self.rank   # each rank draws its own noise (and dropout)
         run = _Run(stage, net, wrapped, EMA(net, self.ema_decay), torch.optim.Adam(net.parameters(), lr=self.lr),
-                   torch.Generator(self.device).manual_seed(seed), weights_prefix(self.model, net))
+                   torch.Generator(self.device).manual_seed(seed), weights_prefix(self.model, net),
+                   weights_digest(net.state_dict()))
         torch.manual_seed(seed)
         if self.writes and not self.resume:        # so that a run stopped before its first save resumes nothing
             self._state_path(stage).unlink(missing_ok=True)

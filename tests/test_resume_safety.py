@@ -266,3 +266,25 @@ def test_a_state_fingerprinted_by_the_older_rule_resumes_with_a_warning(tmp_path
     rewrite_state(tmp_path / "state_stage1.safetensors", lambda meta, tensors: meta.update(data="12 items, sha256 0"))
     with pytest.raises(DKGMError, match="--data"):
         trainer(tmp_path, data=loader, max_steps=6).fit(1)
+
+
+def test_a_model_with_other_starting_weights_warns_instead_of_resuming_silently(tmp_path):
+    """Two replicates seeded apart (torch.manual_seed) sharing out_dir, or a checkpoint loaded to be
+    fine-tuned: the second resumed the first run's state, discarding the weights passed in, with no word."""
+    import warnings
+    torch.manual_seed(1)
+    trainer(tmp_path).fit(stage=1)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="started from other weights than the model passed in"):
+        trainer(tmp_path, max_steps=3).fit(stage=1)
+    # the same run resumed: the same seeded init, its returned (EMA) model, or one more fit() of it
+    other = tmp_path / "b"
+    torch.manual_seed(3)
+    trainer(other, max_steps=2).fit(stage=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(3)
+        t = trainer(other, max_steps=4)
+        t.fit(stage=1, max_steps=3)
+        t.fit(stage=1)
+        trainer(other, model=t.model, max_steps=5).fit(stage=1)

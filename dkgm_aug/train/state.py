@@ -37,6 +37,33 @@ def weights_prefix(model: torch.nn.Module, net: torch.nn.Module) -> str:
     return f"model.{path}." if path else "model."
 
 
+def weights_digest(tensors) -> str:
+    """A sha256 (first 16 hex digits) of a network's weights: ``{name: tensor}``, names sorted."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        v = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name} {tuple(v.shape)} {v.dtype}".encode())
+        h.update(v.flatten().view(torch.uint8).numpy() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def check_start_weights(path: Path, meta: dict, tensors: dict, prefix: str, given: str) -> None:
+    """Warn when the network passed in (its weights' digest ``given``) is neither the one the saved run
+    started from nor one it saved (its weights or their EMA, which ``fit`` leaves in the model): resuming continues that run and drops these weights (two
+    replicates seeded apart but sharing ``out_dir``, or a loaded checkpoint meant to be fine-tuned,
+    came back as the old run, with no word). States from before the start was recorded: no check."""
+    started = meta.get("start_weights")
+    if started is None or given == started:
+        return
+    saved = {weights_digest({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}) for p in (prefix, "ema.")}
+    if given not in saved:     # the run's own weights, or their average (what fit() returns), continue it
+        warnings.warn(f"{path} holds a run (step {meta['step']}) that started from other weights than the model "
+                      "passed in (another random init, or a checkpoint loaded to fine-tune?): resuming continues "
+                      "that run and discards this model's weights. To train these weights, "
+                      f"{START_OVER}", stacklevel=6)
+
+
 def write_state(path: Path, prefix: str, net, ema, opt, rngs: list, meta: dict) -> None:
     """Write the state atomically; ``rngs`` holds each rank's ``(noise, torch, cuda)`` RNG states
     (``cuda`` None off CUDA: dropout on a GPU draws from the device's generator)."""
