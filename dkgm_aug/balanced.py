@@ -331,6 +331,23 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                                 "path (if the base dataset applies random transforms, move them to transform=)")
             self._checked[j] = True
 
+    def _check_stable_sources(self) -> None:
+        """Warn, before the first neighbour is made, when the base dataset serves another image each
+        time it reads one source (a random transform set on it): each synthetic item would be the
+        neighbour of one random view, kept for every epoch, while real items get a new view on every
+        read. (A cache file or a bank refuses such data when it reopens; in memory it went through.)
+        Two reads of the first source, outside torch's random stream."""
+        if not self.n_synthetic:
+            return
+        with torch.random.fork_rng(devices=[]):
+            first, again = (cache_file.digest(source_unit(self.source_image(0))) for _ in range(2))
+        if first != again:
+            warnings.warn(f"the base dataset served two different images for item {self.source_index(self.n_real)} "
+                          "(a random transform on it?): each synthetic item is made once from one random view and "
+                          "kept for every epoch, while the real items change on every read; move random transforms "
+                          "from the base dataset to BalancedDKGMDataset(transform=...), which applies them to real and "
+                          "synthetic items alike", stacklevel=4)
+
     def _labels(self, js) -> list:
         """The class labels of synthetic items ``js``, for generators that condition on them."""
         return [self.class_values[int(self._codes[self.n_real + j])] for j in js]
@@ -340,6 +357,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             model = load_generator(self.generator, self.device)
             if not self._labels_given:      # labels= are the user's class indices: nothing to compare
                 check_class_order(model, self.ds)
+            self._check_stable_sources()
             self._model = accelerate(model, self.dtype, self.compile)
         return on_device(self._model, device, self.generator)
 

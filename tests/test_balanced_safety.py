@@ -347,3 +347,23 @@ def test_a_small_class_relabelled_in_getitem_is_found_by_a_check_of_each_class(g
     j = next(i for i in range(bal.n_real, len(bal)) if bal.targets[i] == 2)
     with pytest.raises(DataError, match="reads label 1.*planned.*class 2"):
         bal[j]
+
+
+class RandomlyFlipped(Images):
+    """A base dataset with a random transform on it (a flip drawn from torch's RNG at each read)."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return (x.flip(-1) if bool(torch.rand(()) < 0.5) else x.flip(-2)), y
+
+
+def test_a_random_transform_on_the_base_dataset_warns_before_neighbours_are_kept(gen):
+    """In memory (the default cache) a synthetic item was made once from one random view of its
+    source and kept for every epoch, while real items changed on every read, with no word (a cache
+    file or a bank refuse the same data when they reopen). Warned now; a plain dataset is not."""
+    ds = BalancedDKGMDataset(RandomlyFlipped(), gen, progress=False)
+    with pytest.warns(UserWarning, match="served two different images.*move random transforms"):
+        ds[len(ds) - 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BalancedDKGMDataset(Images(), gen, progress=False).precompute(progress=False)
