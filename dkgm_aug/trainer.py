@@ -308,6 +308,16 @@ class Trainer:
         run.start, run.t0 = time.time() - self.elapsed.get(stage, 0.0), time.time()
         return run
 
+    def _retire_records(self) -> None:
+        """The model's record of an earlier training run (and the calibration made for those weights)
+        no longer describes it once trained here: moved under ``info["warm_start"]``, so that the CLI,
+        which reads ``info["training"]["data_spec"]``, no longer takes that run's data for this model's
+        (a fine-tuned ``digits-tiny`` claimed sklearn digits, and ``precompute`` without ``--data`` used them)."""
+        info = getattr(self.model, "info", None)
+        if isinstance(info, dict) and ("training" in info or "calibration" in info):
+            old = {k: info.pop(k) for k in ("training", "calibration") if k in info}
+            info["warm_start"] = dict(old, earlier=info["warm_start"]) if "warm_start" in info else old
+
     def _step(self, run: _Run, batch) -> torch.Tensor:
         """One optimizer step on the batch (``x``, or ``(x, y)`` for a class-conditional model); returns
         the loss, averaged over the ranks."""
@@ -347,6 +357,7 @@ class Trainer:
 
     def _fit(self, stage: int):
         run = self._start(stage)
+        self._retire_records()
         self.model.train()
         self.losses = []
         log_path = self.out_dir / f"log_stage{stage}.csv" if self.writes else None

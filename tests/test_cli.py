@@ -214,3 +214,17 @@ def test_a_28x28_gray_generator_saved_from_python_is_not_taken_for_a_fashion_mni
         assert "does not record the data it was trained on" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "c.safetensors").exists()
 
+
+
+def test_a_model_trained_further_in_python_drops_its_warm_starts_data_record(tmp_path, capsys):
+    """A shipped digits-tiny fine-tuned on other 8x8 data and saved still said 'sklearn digits train':
+    `precompute` without --data built the synthetic set from sklearn digits. The Trainer moves the
+    earlier training (and calibration) record under info['warm_start']; the CLI then asks for --data."""
+    model = dkgm_aug.load("digits-tiny")
+    assert "data_spec" in model.info["training"]
+    mine = torch.rand(16, 1, 8, 8)
+    dkgm_aug.Trainer(model, mine, out_dir=tmp_path / "w", max_steps=1, batch_size=8, progress=False).fit(stage=1)
+    assert "training" not in model.info and "data_spec" in model.info["warm_start"]["training"]
+    model.save(tmp_path / "mine.safetensors")
+    assert main(["precompute", str(tmp_path / "mine.safetensors"), "--out", str(tmp_path / "s")]) == 2
+    assert "--data" in capsys.readouterr().err
