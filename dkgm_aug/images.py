@@ -9,6 +9,8 @@
   ``[B, C, H, W]`` batch in [0, 1], with ``restore`` back to the input's type, dtype and shape.
 * ``to_model`` / ``from_model``: [0, 1] <-> [-1, 1]; ``uint8_to_model``: uint8 -> [-1, 1] in any float dtype.
 """
+import warnings
+
 import numpy as np
 import PIL.Image
 import torch
@@ -24,6 +26,8 @@ RANGE_TOL = 1e-3
 # a uint8 image holding only 0 and 1 is refused from this many values on (an 8x8 image): a few
 # pixels of a real image can all be 0 or 1; 64 of them are a binary image.
 BINARY_MIN_PIXELS = 64
+# images whose brightest pixel is at most this (of 255) look like data on a 0 .. 16 scale read as 8-bit
+LOW_PEAK = 16
 
 
 def check_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +39,8 @@ def check_unit_range(x: torch.Tensor) -> torch.Tensor:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise DataError("images contain NaN or inf values; check the data (or the transforms before this one)")
     if lo >= 0 and hi <= 1:
+        if 0 < hi <= (LOW_PEAK + 0.5) / 255 and x.numel() >= BINARY_MIN_PIXELS:
+            _warn_low_peak(f"float images whose values reach only {hi:.4f} (at most {LOW_PEAK}/255)")
         return x
     if lo >= -RANGE_TOL and hi <= 1 + RANGE_TOL:
         return x.clamp(0, 1)
@@ -48,7 +54,17 @@ def _range_hint(lo: float, hi: float) -> str:
     if lo < 0:
         return ("negative values: put DKGMAugment before Normalize (it takes images in [0, 1]); "
                 "map an image in [-1, 1] with (x + 1) / 2")
-    return "this looks like a [0, 255] image: divide by 255 (or pass it as uint8)"
+    if hi <= LOW_PEAK + 0.5:
+        return (f"values up to {hi:g}: sklearn's digits, for one, are on a 0 .. 16 scale; divide by the scale's "
+                "maximum (16 there, 255 for 8-bit images)")
+    return ("this looks like a [0, 255] image: divide by 255 (or pass it as uint8); on another scale (16-bit: "
+            "65535), divide by its maximum")
+
+
+def _warn_low_peak(what: str) -> None:
+    warnings.warn(f"{what}: near-black as read. Data on a 0 .. {LOW_PEAK} scale (sklearn's digits) must be divided by "
+                  f"{LOW_PEAK}, not 255 (nor cast to uint8); ignore this if the images are truly this dark",
+                  stacklevel=3)
 
 
 def tensor_unit(x: torch.Tensor, what: str = "images", check: bool = True) -> torch.Tensor:
@@ -79,6 +95,9 @@ def check_not_binary(x: torch.Tensor, what: str = "images") -> None:
     if per_image[0].numel() < BINARY_MIN_PIXELS or not len(per_image):
         return
     peaks = per_image.flatten(1).amax(1)
+    low = (peaks > 1) & (peaks <= LOW_PEAK)
+    if bool(low.all()):      # every image: a whole batch or dataset on a small scale, not one dark image
+        _warn_low_peak(f"uint8 {what} whose values reach only {int(peaks.max())} (at most {LOW_PEAK} of 255)")
     if bool((peaks == 1).any()):
         first = int(torch.nonzero(peaks == 1)[0])
         where = f" (image {first} of {len(peaks)})" if len(peaks) > 1 else ""

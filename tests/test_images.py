@@ -131,7 +131,8 @@ def test_bad_inputs_raise_a_data_error_that_names_the_problem(what, x, message):
 
 @pytest.mark.parametrize("x, message", [
     (torch.zeros(1, 8, 8, dtype=torch.int64), r"images must be uint8 or float in \[0, 1\], got torch.int64"),
-    (torch.full((1, 8, 8), 2.0), "divide by 255"),
+    (torch.full((1, 8, 8), 2.0), "divide by the scale.s maximum"),
+    (torch.full((1, 8, 8), 200.0), "divide by 255"),
     (np.full((8, 8, 1), np.inf, np.float64), "NaN or inf"),
     ("image.png", "cannot read an image from str")])
 def test_to_unit_float_refuses_with_the_same_rule(x, message):
@@ -213,3 +214,24 @@ def test_the_binary_uint8_check_is_image_by_image():
     check_not_binary(torch.stack([bright, bright]))
     check_not_binary(dark[:, :4, :4])                       # 16 values: a tiny image may be all 0 and 1
     assert torch.equal(tensor_unit(dark, check=False), dark.float() / 255)   # the library's own uint8: not checked
+
+
+def test_data_on_a_0_to_16_scale_gets_the_right_hint_and_a_warning_when_read_as_8_bit():
+    """sklearn's digits (0 .. 16): the range error said 'divide by 255 (or pass it as uint8)', and
+    both were taken in silence as near-black images, which the generator turned into other digits."""
+    import warnings
+    from sklearn.datasets import load_digits
+    raw = torch.as_tensor(load_digits().images[:4], dtype=torch.float32)[:, None]
+    with pytest.raises(DataError, match="0 .. 16 scale.*divide by the scale's maximum \\(16 there"):
+        to_batch(raw)
+    for wrong in (raw / 255, raw.to(torch.uint8)):
+        with pytest.warns(UserWarning, match="near-black as read.*divided by 16"):
+            to_batch(wrong)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_batch(raw / 16)
+        to_batch((raw * 255 / 16).round().to(torch.uint8))
+        to_batch(torch.zeros(1, 8, 8))                                    # black, not a small scale
+        mixed = (raw * 255 / 16).round().to(torch.uint8)
+        mixed[0] = mixed[0] // 16                                         # one dark image among bright ones
+        to_batch(mixed)
