@@ -210,7 +210,8 @@ def cmd_calibrate(args) -> None:
                         "a FeatureNet file (benchmarks/train_evaluator.py writes one)")
     record = calibrate(model, load_data(spec), load_evaluator(evaluator), n=args.n, tolerance=args.tolerance,
                        seed=args.seed)
-    out = args.out or f"{Path(str(args.checkpoint)).stem}-calibrated.safetensors"
+    given = Path(str(args.checkpoint))        # beside the checkpoint (a shipped name: here), so that
+    out = args.out or (given.parent if given.is_file() else Path()) / f"{given.stem}-calibrated.safetensors"
     model.info["calibration"].update(data=spec, evaluator=evaluator)
     model.save(out)
     real = record["real"]
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=float, default=0.03,
                    help="label preservation may fall this far below the evaluator's accuracy on the sources")
     c.add_argument("--seed", type=int, default=0, help="picks the images and draws the noise")
-    c.add_argument("--out", default=None, help="the calibrated checkpoint (default: <name>-calibrated.safetensors)")
+    c.add_argument("--out", default=None, help="the calibrated checkpoint (default: <name>-calibrated.safetensors beside the checkpoint; a shipped name: here)")
     c.set_defaults(func=cmd_calibrate)
     r = sub.add_parser("precompute", allow_abbrev=False, help="write the synthetic set of a BalancedDKGMDataset, or a neighbour bank, "
                        "as shards (torchrun splits them over processes)", description=precompute.__doc__,

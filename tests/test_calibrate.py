@@ -104,3 +104,18 @@ def test_cli_sample_refuses_a_conditional_generators_other_class_order(tmp_path,
     model.save(path)
     assert main(["sample", str(path), "--data", "digits", "--n", "2", "--k", "1", "--out", str(tmp_path / "s.png")]) != 0
     assert "'0' is index 1 to the generator" in capsys.readouterr().err
+
+
+def test_cli_calibrate_writes_beside_its_checkpoint_by_default(tmp_path, monkeypatch):
+    """The default output went to the current folder: calibrating runA/gen and runB/gen wrote the
+    same ./gen-calibrated.safetensors, and the second silently replaced the first."""
+    import shutil
+    from dkgm_aug.checkpoint import resolve
+    monkeypatch.chdir(tmp_path)
+    for run in ("runA", "runB"):
+        (tmp_path / run).mkdir()
+        shutil.copy(resolve("digits-tiny"), tmp_path / run / "gen.safetensors")
+        assert main(["calibrate", f"{run}/gen.safetensors", "--data", "digits", "--n", "16"]) == 0
+    assert (tmp_path / "runA" / "gen-calibrated.safetensors").is_file()
+    assert (tmp_path / "runB" / "gen-calibrated.safetensors").is_file()
+    assert not (tmp_path / "gen-calibrated.safetensors").exists()
