@@ -84,8 +84,8 @@ def _images_and_labels(dataset):
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    # float images are taken as they are (no range check), as these paths always have
-    return tensor_unit(x, check=False)
+    # float images range-checked: [-1, 1] images (a generator's sample()) were scored without a word
+    return tensor_unit(x)
 
 
 def _shift_flip(x: torch.Tensor, g: torch.Generator, shift: int, flip: bool) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Image-quality metrics used by the paper and our benchmarks, and the memorisation
 metric that judges every generator against its training set."""
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from ._validate import check_float, check_int
 from .errors import DataError, DKGMError
-from .images import uint8_to_model
+from .images import tensor_unit, uint8_to_model
 
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 _LUMA = (0.299, 0.587, 0.114)
@@ -21,7 +23,7 @@ def sharpness(images: torch.Tensor) -> float:
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3) or min(images.shape[-2:]) < 3:
         raise DataError(f"sharpness takes [B, 1 or 3, H>=3, W>=3] images in [0, 1], got {tuple(images.shape)}")
-    x = images.float()
+    x = tensor_unit(images, "sharpness's images")   # uint8 / 255 (it was read as 0 .. 255: 65,025x); [-1, 1] refused
     if x.shape[1] == 3:
         x = sum(w * x[:, i:i + 1] for i, w in enumerate(_LUMA))
     lap = F.conv2d(x, _LAPLACIAN.to(x.device)[None, None])
@@ -78,6 +80,22 @@ def flat_items(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def check_same_scale(samples, train) -> None:
+    """Warn on uint8 images on one side and floats in [0, 1] on the other: uint8 is read as [-1, 1]
+    (the generators' scale), so [0, 1] floats against it (DKGMAugment's output, a dataset's items)
+    were compared across scales and every distance was wrong."""
+    kinds = []
+    for x in (samples, train):
+        if not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return
+        kinds.append("uint8" if x.dtype == torch.uint8 else
+                     "[0, 1]" if x.is_floating_point() and float(x.min()) >= 0 else "other")
+    if set(kinds) == {"uint8", "[0, 1]"}:    # a warning: a [-1, 1] set may have no negative value (mid-gray)
+        warnings.warn(f"samples are {kinds[0]} and train {kinds[1]} images: uint8 is read as [-1, 1], so if the "
+                      "floats are [0, 1] images the two are compared on different scales; pass both as uint8, or "
+                      "both as floats on one scale (x01 * 2 - 1 for [-1, 1])", stacklevel=3)
+
+
 def check_chunk(chunk_size) -> int:
     return check_int("chunk_size", chunk_size, 1, 2 ** 24)
 
@@ -88,6 +106,7 @@ def nearest_neighbour_distances(samples: torch.Tensor, train: torch.Tensor, k: i
     nearest training items, in float64, streaming over ``train`` in chunks. Both are
     ``[N, ...]`` with the same values per item; uint8 images are read as ``[-1, 1]``."""
     chunk_size = check_chunk(chunk_size)
+    check_same_scale(samples, train)
     s = flat_items(samples, "samples").double()
     # train stays in its own dtype (uint8 for an image set): each chunk becomes float64 in turn
     tr = train.reshape(train.shape[0], -1) if isinstance(train, torch.Tensor) and train.ndim >= 1 else train

@@ -89,3 +89,24 @@ def test_blur_of_a_batch_mixing_unblurred_and_wide_images():
     x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     y = gaussian_blur(x, torch.tensor([-1.0, 5.0]))
     assert torch.allclose(y[0], x[0]) and torch.isfinite(y).all()
+
+
+def test_metrics_read_each_image_type_on_its_own_scale():
+    """sharpness read uint8 as 0..255 (65,025x the [0, 1] value); features/neighbour_quality scored
+    [-1, 1] images (a generator's sample()) as [0, 1] ones; nearest_neighbour_distances compared
+    [0, 1] floats with uint8 read as [-1, 1] (exact copies scored memorisation 0.0), all silently."""
+    from dkgm_aug import DataError
+    from dkgm_aug.features import neighbour_quality
+    from dkgm_aug.label_filter import load_evaluator
+    from dkgm_aug.metrics import memorisation
+    g = torch.Generator().manual_seed(0)
+    x8 = torch.randint(0, 256, (6, 1, 8, 8), generator=g, dtype=torch.uint8)
+    assert sharpness(x8) == pytest.approx(sharpness(x8.float() / 255))
+    with pytest.raises(DataError, match="negative values"):
+        sharpness(x8.float() / 127.5 - 1)
+    net = load_evaluator("digits-evaluator")
+    with pytest.raises(DataError, match="negative values"):
+        neighbour_quality(net, x8.float() / 127.5 - 1, torch.zeros(6, dtype=torch.long), torch.randn(6, 32))
+    assert memorisation(x8.float() / 127.5 - 1, x8) == 1.0          # one scale: copies are copies
+    with pytest.warns(UserWarning, match="different scales"):
+        memorisation(x8.float() / 255, x8)
