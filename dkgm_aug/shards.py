@@ -184,20 +184,26 @@ def write_shards(folder, kind: str, fingerprint: dict, n_rows: int, shard_size: 
     skipping those already finished. ``make(start, stop)`` returns ``(images, sources)`` of those rows,
     or ``(images, sources, stats)`` (see :func:`write_shard`), and must depend on nothing else, so that
     any split over ranks gives the same files. ``source_digest(row)``: the digest of the row's source
-    image in the data at hand; a finished shard whose first row was made from another image is
-    refused (the fingerprint holds no pixels: a rerun on changed data skipped every shard as done).
+    image in the data at hand; a finished shard with a row made from another image is refused (the
+    fingerprint holds no pixels: a rerun on changed data skipped every shard as done), at the cost of
+    reading every source of the finished shards once.
     ``after_shard(n)`` (tests) is called after this process has written its ``n``-th shard."""
     folder = Path(folder)
     ranges = shard_ranges(n_rows, shard_size)
     ensure_manifest(folder, manifest(kind, fingerprint, n_rows, shard_size, info))
     mine = list(range(rank, len(ranges), world_size))
     todo = [i for i in mine if not finished(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i])]
-    for i in sorted(set(mine) - set(todo)) if source_digest is not None else ():
-        start = ranges[i][0]
-        _, sources = open_shard(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i], verify=False)
-        if len(sources) and bytes(sources[0].numpy()) != source_digest(start):
-            raise DKGMError(f"{folder} was made from other images (row {start}'s source differs from the data's): "
-                            "the data changed since; delete the folder or pass another one")
+    done = sorted(set(mine) - set(todo)) if source_digest is not None else []
+    with tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in done), desc="checking finished shards",
+              disable=not (progress and done)) as bar:
+        for i in done:      # every row: one changed image among many was skipped as done, the folder 'complete'
+            start = ranges[i][0]
+            _, sources = open_shard(folder / shard_name(i, len(ranges)), fingerprint, *ranges[i], verify=False)
+            for r in range(len(sources)):
+                if bytes(sources[r].numpy()) != source_digest(start + r):
+                    raise DKGMError(f"{folder} was made from other images (row {start + r}'s source differs from the "
+                                    "data's): the data changed since; delete the folder or pass another one")
+            bar.update(len(sources))
     total = sum(ranges[i][1] - ranges[i][0] for i in todo)
     with tqdm(total=total, desc=f"rank {rank}: shards" if world_size > 1 else "shards", disable=not progress) as bar:
         for n, i in enumerate(todo, 1):

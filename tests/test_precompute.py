@@ -112,3 +112,18 @@ def test_a_rerun_on_changed_images_is_refused_not_reported_complete(gen, tmp_pat
     NeighbourBank(changed, gen, k=1, path=tmp_path / "bank2").build(progress=False)   # a folder bank of its own
     with pytest.warns(UserWarning, match="made from other images"):          # reopened: said at once
         NeighbourBank(data, gen, k=1, path=tmp_path / "bank2")
+
+
+def test_a_rerun_after_a_few_images_changed_is_refused_too(gen, tmp_path):  # noqa: F811
+    """Only each finished shard's first row was compared with the data: three changed images, none
+    first in its shard, and the rerun skipped every shard and said 'complete'."""
+    from dkgm_aug import DKGMError
+    data = lt_digits()
+    for kind in (dict(), dict(bank_k=1)):
+        out = tmp_path / ("bank" if kind else "synth")
+        assert precompute(data, gen, out, shard_size=64, progress=False, **kind)["complete"]
+        changed = data.subset(list(range(len(data))))
+        changed.images = changed.images.clone()
+        changed.images[[5, 70, 130]] = 255 - changed.images[[5, 70, 130]]
+        with pytest.raises(DKGMError, match="made from other images"):
+            precompute(changed, gen, out, shard_size=64, progress=False, **kind)
