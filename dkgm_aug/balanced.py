@@ -263,6 +263,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         for i in idx:
             if i < self.n_real:
                 item = self.ds[i]
+                self._check_real_label(i, item)
             else:
                 j = i - self.n_real
                 item = self._replace(sources[j], _like(made[j] if j in made else self._cache[j], images[j]))
@@ -282,6 +283,20 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                                 f"{self.n_real + j} was planned for class {planned!r} (the labels were read "
                                 "when the dataset was wrapped): the dataset's labels changed, or its stored "
                                 "labels (.targets) are not its items' own; pass labels= or wrap it again")
+
+    def _check_real_label(self, i: int, item) -> None:
+        """A real item must read the label the balance was planned with: stored labels (``.targets``)
+        are trusted after spot checks, so an item whose ``__getitem__`` relabels it (label cleaning
+        that leaves ``.targets`` stale) unbalanced the classes with no word. One label read per item."""
+        if self._labels_given:
+            return
+        planned = self.class_values[int(self._codes[i])]
+        label = plain_label(self._label(item))
+        if label != planned:
+            raise DataError(f"item {i} reads label {label!r}, but the stored labels (.targets, read when the dataset "
+                            f"was wrapped) say {planned!r}, and the classes were balanced on those: its __getitem__ "
+                            "changes labels, or they changed since; pass labels= with the items' own labels, or "
+                            "update .targets and wrap it again")
 
     def _on_demand(self, js: list, images: list) -> dict:
         if not self._warned and torch.utils.data.get_worker_info() is not None:

@@ -367,3 +367,27 @@ def test_a_random_transform_on_the_base_dataset_warns_before_neighbours_are_kept
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BalancedDKGMDataset(Images(), gen, progress=False).precompute(progress=False)
+
+
+class Relabelled(Images):
+    """Label cleaning in __getitem__ that leaves .targets stale: items 5, 12, 30 (class 0, away from
+    the spot checks) read class 1."""
+
+    def __init__(self):
+        super().__init__(labels=[0] * 40 + [1] * 10 + [2] * 5)
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, (1 if i in (5, 12, 30) else y)
+
+
+def test_a_real_item_whose_label_differs_from_the_stored_one_is_refused_when_served(gen):
+    """.targets is trusted after spot checks: items relabelled in __getitem__ away from the checked
+    positions unbalanced the classes with no word (the plan counted them in their stored class)."""
+    ds = Relabelled()
+    b = BalancedDKGMDataset(ds, gen, progress=False)
+    assert b.class_counts_before == {0: 40, 1: 10, 2: 5}                 # the stored labels were trusted
+    with pytest.raises(DataError, match="item 5 reads label 1, but the stored labels"):
+        [b[i] for i in range(b.n_real)]
+    b = BalancedDKGMDataset(ds, gen, progress=False, labels=[ds[i][1] for i in range(len(ds))])
+    assert b.class_counts_before == {0: 37, 1: 13, 2: 5} and [b[i][1] for i in (5, 12, 30)] == [1, 1, 1]
