@@ -1,4 +1,4 @@
-"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.`` to ``r5.``): each
+"""Replay issue 12's silent-wrong-result cases, and those later reviews found (``r2.`` to ``r6.``): each
 must raise a clear library error or give the right result, and none may run for more than 10 s.
 
     python benchmarks/silent_cases.py                       # prints a table, exit 1 if a case fails
@@ -488,6 +488,138 @@ def case_concat_classes(tmp: Path, gen: Path) -> str:
     return "warning: " + said[0]
 
 
+def warned(call, fragment) -> str:
+    """'warning: ...' when ``call`` warns with ``fragment`` in the message; else an AssertionError."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    said = [str(w.message) for w in caught if fragment.lower() in str(w.message).lower()]
+    assert said, f"no warning with {fragment!r}: {[str(w.message)[:80] for w in caught]}"
+    return "warning: " + said[0]
+
+
+def case_load_rng(tmp: Path, gen: Path) -> str:
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    dkgm_aug.load(gen)
+    DKGMAugment(gen, seed=1)(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.rand(4), want), "loading the generator moved torch's global random stream"
+    return "torch's global random stream is where it was (a classifier made next gets the same init)"
+
+
+def case_transform_class_order(tmp: Path, gen: Path) -> str:
+    model = dkgm_aug.load(gen).with_labels(2, stages=(1,))
+    model.info["classes"] = ["cat", "dog"]
+    aug = DKGMAugment(model, seed=0, classes=["dog", "cat"])
+    return raises(lambda: aug(torch.rand(1, 8, 8), 0), "index 1 to the generator but 0 here")
+
+
+def case_accuracy_transform(tmp: Path, gen: Path) -> str:
+    from dkgm_aug.data import load_dataset
+    from dkgm_aug.features import accuracy
+    from dkgm_aug.label_filter import load_evaluator
+    digits = load_dataset("digits", split="test")
+    blank = ImageDataset(digits.images, digits.targets, digits.classes, transform=torch.zeros_like)
+    acc = accuracy(load_evaluator("digits-evaluator"), blank)
+    assert acc < 0.3, f"accuracy {acc:.3f} on a dataset serving black images"
+    return f"accuracy on the black images the dataset serves: {acc:.3f} (chance), not the raw images' 0.98"
+
+
+def case_float64_passthrough(tmp: Path, gen: Path) -> str:
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = DKGMAugment(gen, seed=0).transform(x, dict(apply=torch.tensor([True, False, False, False]),
+                                                     seeds=[0, 1, 2, 3], labels=None))
+    assert torch.equal(out[1:], x[1:]), "images p left alone came back changed"
+    return "the 3 images p left alone come back bit for bit (float64)"
+
+
+def case_replicates(tmp: Path, gen: Path) -> str:
+    from dkgm_aug import Trainer
+    data = small_set((8, 8)).images
+
+    def replicate(seed):
+        torch.manual_seed(seed)
+        model = dkgm_aug.load(gen)
+        for p in model.stage1.parameters():
+            p.data.normal_(0, 0.02)
+        Trainer(model, data, out_dir=tmp / "runs", max_steps=1, batch_size=8, progress=False).fit(stage=1)
+    replicate(1)
+    return warned(lambda: replicate(2), "started from other weights")
+
+
+def case_random_base_transform(tmp: Path, gen: Path) -> str:
+    data = small_set()
+    flipped = ImageDataset(data.images, data.targets, transform=lambda x: x.flip(-1) if torch.rand(()) < 0.5 else x.flip(-2))
+    ds = BalancedDKGMDataset(flipped, gen, progress=False)
+    return warned(lambda: ds[len(ds) - 1], "served two different images")
+
+
+def case_finetune_record(tmp: Path, gen: Path) -> str:
+    from dkgm_aug import Trainer
+    model = dkgm_aug.load("digits-tiny")
+    Trainer(model, torch.rand(8, 1, 8, 8), out_dir=tmp / "w", max_steps=1, batch_size=8, progress=False).fit(stage=1)
+    model.save(tmp / "mine.safetensors")
+    with contextlib.redirect_stderr(sys.stdout):
+        rc = cli(["precompute", str(tmp / "mine.safetensors"), "--out", str(tmp / "s"), "--quiet"])
+    assert rc != 0, "precompute took the warm start's data (sklearn digits) for the fine-tuned model's"
+    return f"refused without --data (rc {rc}): the record of sklearn digits moved to info['warm_start']"
+
+
+def case_digits_scale(tmp: Path, gen: Path) -> str:
+    from sklearn.datasets import load_digits
+    raw = torch.as_tensor(load_digits().images[:4], dtype=torch.float32)[:, None]
+    error = raises(lambda: DKGMAugment(gen, seed=0)(raw), "16")
+    warning = warned(lambda: DKGMAugment(gen, seed=0)(raw / 255), "divided by 16")
+    return f"{error}; x / 255: {warning}"
+
+
+def case_calibrate_out(tmp: Path, gen: Path) -> str:
+    import shutil
+    from dkgm_aug.checkpoint import resolve
+    for run in ("runA", "runB"):
+        (tmp / run).mkdir()
+        shutil.copy(resolve("digits-tiny"), tmp / run / "gen.safetensors")
+    with cwd(tmp), contextlib.redirect_stdout(open(os.devnull, "w")):
+        for run in ("runA", "runB"):
+            assert cli(["calibrate", f"{run}/gen.safetensors", "--data", "digits", "--n", "16"]) == 0
+    made = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*-calibrated.safetensors"))
+    assert made == ["runA/gen-calibrated.safetensors", "runB/gen-calibrated.safetensors"], made
+    return "each written beside its checkpoint: " + ", ".join(made)
+
+
+def case_sharpness_uint8(tmp: Path, gen: Path) -> str:
+    x = small_set().images
+    a, b = dkgm_aug.sharpness(x), dkgm_aug.sharpness(x.float() / 255)
+    assert abs(a - b) < 1e-6, f"uint8 {a} against [0, 1] {b}"
+    return f"uint8 and [0, 1] images give the same sharpness ({a:.4f})"
+
+
+def case_precompute_few_changed(tmp: Path, gen: Path) -> str:
+    from dkgm_aug.precompute import precompute
+    data = small_set()
+    precompute(data, gen, tmp / "s", shard_size=4, progress=False)
+    changed = data.subset(list(range(len(data))))
+    changed.images = changed.images.clone()
+    changed.images[[13, 14]] = 255 - changed.images[[13, 14]]
+    return raises(lambda: precompute(changed, gen, tmp / "s", shard_size=4, progress=False), "other images")
+
+
+def case_real_relabelled(tmp: Path, gen: Path) -> str:
+    data = small_set((40, 10))
+
+    class Cleaned(torch.utils.data.Dataset):
+        targets = data.targets
+
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i][0], (1 if i in (5, 12, 30) else int(data.targets[i]))
+    ds = BalancedDKGMDataset(Cleaned(), gen, progress=False, cache=None)
+    return raises(lambda: [ds[i] for i in range(ds.n_real)], "stored labels")
+
+
 CASES = [
     ("1. cache file made from another dataset's pixels", case_cache_pixels),
     ("2. train A then B with the default work folder", case_default_work_dir),
@@ -529,6 +661,18 @@ CASES = [
     ("r5. label -1 (unlabelled) in a dataset with class names", case_unlabelled_minus_one),
     ("r5. label filter whose class indices are not the folder's labels (digits 3 and 7)", case_filter_wrong_indices),
     ("r5. ConcatDataset of folders that number their classes differently", case_concat_classes),
+    ("r6. loading a generator, then making a classifier after torch.manual_seed", case_load_rng),
+    ("r6. DKGMAugment(classes=) in another order than the conditional generator's", case_transform_class_order),
+    ("r6. evaluator accuracy on a dataset whose transform changes its images", case_accuracy_transform),
+    ("r6. float64 batch, one image of four augmented", case_float64_passthrough),
+    ("r6. two replicates seeded apart, one default out_dir", case_replicates),
+    ("r6. random transform on the base dataset, cache in memory", case_random_base_transform),
+    ("r6. CLI precompute of a shipped generator fine-tuned in Python, no --data", case_finetune_record),
+    ("r6. sklearn digits (0 .. 16) given as floats, and divided by 255", case_digits_scale),
+    ("r6. calibrate runA/gen and runB/gen without --out", case_calibrate_out),
+    ("r6. sharpness of uint8 images", case_sharpness_uint8),
+    ("r6. precompute rerun after two images changed", case_precompute_few_changed),
+    ("r6. __getitem__ relabels three items, .targets stale", case_real_relabelled),
 ]
 
 

@@ -351,12 +351,14 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         time it reads one source (a random transform set on it): each synthetic item would be the
         neighbour of one random view, kept for every epoch, while real items get a new view on every
         read. (A cache file or a bank refuses such data when it reopens; in memory it went through.)
-        Two reads of the first source, outside torch's random stream."""
+        Up to five reads of the first source (a coin-flip transform gives the same view twice in a
+        row half the time), outside torch's random stream."""
         if not self.n_synthetic:
             return
         with torch.random.fork_rng(devices=[]):
-            first, again = (cache_file.digest(source_unit(self.source_image(0))) for _ in range(2))
-        if first != again:
+            first = cache_file.digest(source_unit(self.source_image(0)))
+            varies = any(cache_file.digest(source_unit(self.source_image(0))) != first for _ in range(4))
+        if varies:
             warnings.warn(f"the base dataset served two different images for item {self.source_index(self.n_real)} "
                           "(a random transform on it?): each synthetic item is made once from one random view and "
                           "kept for every epoch, while the real items change on every read; move random transforms "

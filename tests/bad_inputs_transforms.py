@@ -53,6 +53,8 @@ def rows(ckpt, model, tmp):
          "ok: the image is augmented, BoundingBoxes and the label pass through as is"),
         ("tv_tensors.Video (transform)", lambda: aug(tv_tensors.Video(torch.rand(2, 1, 8, 8))), (DataError, "Video")),
         ("float image in [0, 255] (transform)", lambda: aug(torch.rand(1, 8, 8) * 255), (DataError, "divide by 255")),
+        ("float image on a 0 .. 16 scale, as sklearn's digits (transform)", lambda: aug(torch.rand(1, 8, 8) * 16),
+         (DataError, "divide by the scale's maximum (16 there")),
         ("float image in [0, 255] (albumentations)", lambda: _album(ckpt, np.full((8, 8), 200, np.float32), 1.0),
          (DataError, "divide by 255")),
         ("normalized image, after Normalize (transform)",

@@ -231,7 +231,7 @@ def test_getitems_reads_each_source_once(gen):
     ds = Images()
     b = BalancedDKGMDataset(ds, gen, progress=False, cache=None)
     synthetic = list(range(b.n_real, len(b)))
-    b.__getitems__(synthetic[:1])       # the first generation reads one source twice more, once (a check)
+    b.__getitems__(synthetic[:1])       # the first generation reads one source 5 times more, once (a check)
     ds.calls = 0
     b.__getitems__(synthetic)
     assert ds.calls == len(synthetic)   # one read per item: generation and the returned item share it
