@@ -79,7 +79,7 @@ class _Run:
     opt: torch.optim.Optimizer
     gen: torch.Generator
     prefix: str
-    start_weights: str = ""    # the digest of the weights the run started from (kept through resumes)
+    start_weights: str | None = None   # the digest of the weights the run started from (kept through resumes)
     step: int = 0
     seen: int = 0
     t0: float = 0.0
@@ -218,8 +218,11 @@ class Trainer:
         step = check_resume(path, meta, self.model.config(), self._settings(run.stage), self.max_steps,
                             run.stage, warn=self.rank == 0)
         if self.rank == 0:
-            check_start_weights(path, meta, tensors, run.prefix, run.start_weights)
-        run.start_weights = meta.get("start_weights", "")
+            info = getattr(self.model, "info", None) or {}
+            loaded = any(k in info for k in ("training", "warm_start", "init"))
+            check_start_weights(path, meta, tensors, run.prefix, run.start_weights, loaded, self.max_steps,
+                                getattr(run.net, "_dkgm_run_start", None))
+        run.start_weights = meta.get("start_weights") or None   # unknown for a state from before it was recorded
         restore(tensors, meta, run.prefix, run.net, run.ema, run.opt, run.gen, self.rank, self.device)
         self.elapsed[run.stage] = float(meta.get("elapsed_s", 0.0))
         return step
@@ -306,6 +309,7 @@ class Trainer:
                 tqdm.write(f"resuming stage {stage} from step {run.step} of {self.max_steps} "
                            f"({self._state_path(stage)})", file=sys.stderr)
         run.start, run.t0 = time.time() - self.elapsed.get(stage, 0.0), time.time()
+        run.net._dkgm_run_start = run.start_weights   # this object belongs to that run now (a re-run fit() resumes it)
         return run
 
     def _retire_records(self) -> None:

@@ -125,7 +125,8 @@ def test_resume_with_fewer_steps_is_refused(tmp_path):
     with pytest.raises(DKGMError, match="step 4, more than max_steps=2") as err:
         trainer(tmp_path, max_steps=2).fit(1)
     assert "--stage1-steps" in str(err.value) and all(s in str(err.value) for s in START_OVER)
-    trainer(tmp_path, max_steps=4).fit(1)                        # done already: nothing to train
+    with pytest.warns(UserWarning, match="trains nothing"):    # done already: nothing to train (a new init: said)
+        trainer(tmp_path, max_steps=4).fit(1)
 
 
 def test_log_drops_rows_logged_after_the_last_save(tmp_path):
@@ -275,8 +276,17 @@ def test_a_model_with_other_starting_weights_warns_instead_of_resuming_silently(
     torch.manual_seed(1)
     trainer(tmp_path).fit(stage=1)
     torch.manual_seed(2)
-    with pytest.warns(UserWarning, match="started from other weights than the model passed in"):
-        trainer(tmp_path, max_steps=3).fit(stage=1)
+    with pytest.warns(UserWarning, match="started from other weights than the model passed in, and is at step 2 "
+                                         "of 2 already: resuming trains nothing"):
+        trainer(tmp_path).fit(stage=1)
+    torch.manual_seed(3)        # (the Trainer seeds torch's RNG with its own seed: seed 1 would come back here)
+    loaded = micro_model(image_size=8)
+    loaded.info["training"] = {"data": "elsewhere"}                # a checkpoint loaded to be fine-tuned
+    with pytest.warns(UserWarning, match="started from other weights"):
+        trainer(tmp_path, model=loaded, max_steps=4).fit(stage=1)
+    with warnings.catch_warnings():      # more steps for the finished run, from a fresh model: what was asked
+        warnings.simplefilter("error")
+        trainer(tmp_path, max_steps=5).fit(stage=1)
     # the same run resumed: the same seeded init, its returned (EMA) model, or one more fit() of it
     other = tmp_path / "b"
     torch.manual_seed(3)
@@ -288,3 +298,22 @@ def test_a_model_with_other_starting_weights_warns_instead_of_resuming_silently(
         t.fit(stage=1, max_steps=3)
         t.fit(stage=1)
         trainer(other, model=t.model, max_steps=5).fit(stage=1)
+
+
+def test_an_unseeded_restart_of_an_unfinished_run_resumes_without_a_warning(tmp_path):
+    """The usual restart after a crash: a fresh model (another random init), the run unfinished; and an
+    interrupted fit() run again on the same model object; and a state from before the start was recorded."""
+    import warnings
+    t = trainer(tmp_path, max_steps=4)
+    t.fit(stage=1, max_steps=2)                                     # 'killed' after step 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer(tmp_path, max_steps=4).fit(stage=1, max_steps=3)    # a new process, a new init
+        t.model.stage1.apply(lambda m: m.weight.data.add_(0.01) if isinstance(m, torch.nn.Conv2d) else None)
+        t.fit(stage=1)                                              # live weights past the last save
+    rewrite_state(tmp_path / "state_stage1.safetensors", lambda meta, tensors: meta.pop("start_weights"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for steps in (5, 6):                                        # an old state, resumed twice
+            torch.manual_seed(0)
+            trainer(tmp_path, max_steps=steps).fit(stage=1)

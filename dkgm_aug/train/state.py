@@ -48,20 +48,30 @@ def weights_digest(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def check_start_weights(path: Path, meta: dict, tensors: dict, prefix: str, given: str) -> None:
-    """Warn when the network passed in (its weights' digest ``given``) is neither the one the saved run
-    started from nor one it saved (its weights or their EMA, which ``fit`` leaves in the model): resuming continues that run and drops these weights (two
-    replicates seeded apart but sharing ``out_dir``, or a loaded checkpoint meant to be fine-tuned,
-    came back as the old run, with no word). States from before the start was recorded: no check."""
+def check_start_weights(path: Path, meta: dict, tensors: dict, prefix: str, given: str, loaded: bool,
+                        max_steps: int, tag: str | None = None) -> None:
+    """Warn when resuming would discard weights the user meant to train: the network passed in (its
+    weights' digest ``given``) is neither the one the saved run started from nor one it saved (its
+    weights or their EMA, which ``fit`` leaves in the model), and either the saved run is already at
+    ``max_steps`` (two replicates seeded apart sharing ``out_dir``: the second trained nothing and came
+    back as the first) or the model is a loaded or trained checkpoint (``loaded``: one meant to be
+    fine-tuned). A fresh, unseeded init resuming a run with steps left is the usual restart after a
+    crash, or more steps for a finished run: no warning. ``tag``: the start digest of the run this very
+    model object was last trained in (an interrupted ``fit`` run again)."""
     started = meta.get("start_weights")
-    if started is None or given == started:
+    if not started or given == started or tag == started:   # states from before the start was recorded: no check
+        return
+    done = int(meta["step"]) >= max_steps
+    if not (done or loaded):
         return
     saved = {weights_digest({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}) for p in (prefix, "ema.")}
     if given not in saved:     # the run's own weights, or their average (what fit() returns), continue it
-        warnings.warn(f"{path} holds a run (step {meta['step']}) that started from other weights than the model "
-                      "passed in (another random init, or a checkpoint loaded to fine-tune?): resuming continues "
-                      "that run and discards this model's weights. To train these weights, "
-                      f"{START_OVER}", stacklevel=6)
+        what = (f"is at step {meta['step']} of {max_steps} already: resuming trains nothing and returns that run's "
+                "weights" if done else f"is at step {meta['step']}: resuming continues that run")
+        warnings.warn(f"{path} holds a run that started from other weights than the model passed in, and {what}, "
+                      "discarding this model's weights (a replicate with another "
+                      "seed, or a checkpoint meant to be fine-tuned?). To train these weights, pass resume=False "
+                      "(CLI: --no-resume) or another out_dir (--work-dir)", stacklevel=6)
 
 
 def write_state(path: Path, prefix: str, net, ema, opt, rngs: list, meta: dict) -> None:
