@@ -148,7 +148,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         # with the source read here (made lazily: a labels-only wrap of millions of items stays small);
         # digests not compared yet came from the cache file at _cache_path.
         self._digests = self._checked = self._cache_path = None
-        self._cache_file_ok = self._warned = False
+        self._cache_file_ok = self._warned = self._stable_checked = False
         # bank mode (dkgm_aug/bank.py): synthetic images come from a neighbour bank, one per epoch
         self.bank, self._epoch = bank_for(self, bank), torch.zeros((), dtype=torch.int64)
         if self.bank is not None:
@@ -305,6 +305,8 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
                           "keeps its own, lost when it exits (every epoch unless persistent_workers=True), so they "
                           "are generated again and again; call precompute() before building the DataLoader",
                           stacklevel=2)
+        if self.cache is not None:          # kept: made once from one view
+            self._check_stable_sources()
         qs, digests = self._make(js, images, self._generator())
         if self.cache is not None:
             self._keep(js, qs, digests)
@@ -352,9 +354,11 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         neighbour of one random view, kept for every epoch, while real items get a new view on every
         read. (A cache file or a bank refuses such data when it reopens; in memory it went through.)
         Up to five reads of the first source (a coin-flip transform gives the same view twice in a
-        row half the time), outside torch's random stream."""
-        if not self.n_synthetic:
+        row half the time), outside torch's random stream; once per dataset object, before images are
+        kept (``cache=None`` keeps none, so each read is a neighbour of a fresh view: no warning)."""
+        if not self.n_synthetic or self._stable_checked:
             return
+        self._stable_checked = True
         with torch.random.fork_rng(devices=[]):
             first = cache_file.digest(source_unit(self.source_image(0)))
             varies = any(cache_file.digest(source_unit(self.source_image(0))) != first for _ in range(4))
@@ -374,7 +378,6 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             model = load_generator(self.generator, self.device)
             if not self._labels_given:      # labels= are the user's class indices: nothing to compare
                 check_class_order(model, self.ds)
-            self._check_stable_sources()
             self._model = accelerate(model, self.dtype, self.compile)
         return on_device(self._model, device, self.generator)
 
@@ -388,6 +391,8 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
             return self
         todo = [j for j in range(self.n_synthetic) if j not in self._cache]
         check_acceleration(self.dtype, self.compile, check_device(device) or self.device)
+        if todo:
+            self._check_stable_sources()
         model = self._generator(check_device(device))
         with tqdm(total=len(todo), desc="generating", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):

@@ -17,6 +17,7 @@ Architecture (``width`` w, default 32; any input size via adaptive pooling)::
 Images enter in [0, 1] and are mapped to [-1, 1] inside. Weights are stored with
 safetensors (the config in its metadata); nothing is unpickled.
 """
+import contextlib
 import json
 import math
 import numbers
@@ -72,20 +73,35 @@ class FeatureNet(nn.Module):
 def _images_and_labels(dataset):
     """``(uint8 or float images [N, C, H, W], long labels [N])`` from an ImageDataset-like
     object (``images`` and ``targets`` tensors, no ``transform``) or any map-style ``(image, label)``
-    dataset, read item by item (so through its transform)."""
+    dataset, read item by item (so through its transform, once: a random transform gives one view of
+    each image for every epoch of :func:`train_feature_net`, which adds its own shift and flip)."""
     stored = stored_tensors(dataset)
     if stored is not None:
         return stored[0], torch.as_tensor(stored[1], dtype=torch.long)
     items = [dataset[i] for i in range(len(dataset))]
     if not items:
         raise DataError("the dataset is empty")
-    return (torch.stack([to_unit_float(x) for x, *_ in items]),
+    with _for_the_evaluator():
+        images = torch.stack([to_unit_float(x) for x, *_ in items])
+    return (images,
             torch.as_tensor([int(y) for _, y, *_ in items], dtype=torch.long))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    # float images range-checked: [-1, 1] images (a generator's sample()) were scored without a word
-    return tensor_unit(x)
+    """Images in [0, 1] for the evaluator, range-checked: [-1, 1] images (a generator's sample()) were
+    scored without a word."""
+    with _for_the_evaluator():
+        return tensor_unit(x)
+
+
+@contextlib.contextmanager
+def _for_the_evaluator():
+    """A range error re-raised as the evaluator's (the shared hint speaks of DKGMAugment)."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"the evaluator takes images in [0, 1] (uint8 or float): {exc}. A dataset whose transform "
+                        "normalizes its images: score it without that transform") from None
 
 
 def _shift_flip(x: torch.Tensor, g: torch.Generator, shift: int, flip: bool) -> torch.Tensor:

@@ -39,7 +39,7 @@ def check_unit_range(x: torch.Tensor) -> torch.Tensor:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise DataError("images contain NaN or inf values; check the data (or the transforms before this one)")
     if lo >= 0 and hi <= 1:
-        if 0 < hi <= (LOW_PEAK + 0.5) / 255 and x.numel() >= BINARY_MIN_PIXELS:
+        if 0 < hi <= (LOW_PEAK + 0.5) / 255 and x.ndim == 4 and len(x) > 1 and x[0].numel() >= BINARY_MIN_PIXELS:
             _warn_low_peak(f"float images whose values reach only {hi:.4f} (at most {LOW_PEAK}/255)")
         return x
     if lo >= -RANGE_TOL and hi <= 1 + RANGE_TOL:
@@ -96,7 +96,7 @@ def check_not_binary(x: torch.Tensor, what: str = "images") -> None:
         return
     peaks = per_image.flatten(1).amax(1)
     low = (peaks > 1) & (peaks <= LOW_PEAK)
-    if bool(low.all()):      # every image: a whole batch or dataset on a small scale, not one dark image
+    if len(peaks) > 1 and bool(low.all()):   # every image of a batch or dataset: a small scale, not one dark image
         _warn_low_peak(f"uint8 {what} whose values reach only {int(peaks.max())} (at most {LOW_PEAK} of 255)")
     if bool((peaks == 1).any()):
         first = int(torch.nonzero(peaks == 1)[0])

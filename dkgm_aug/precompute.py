@@ -51,6 +51,19 @@ def ranks(device=None) -> tuple:
     return rank, world, False
 
 
+def _by_source(target):
+    """``target.source_digest``, read once per source item: a tail image is the source of up to rho
+    synthetic rows, and a rerun compares every finished row with the data."""
+    memo = {}
+
+    def digest(j: int) -> bytes:
+        source = int(target._sources[j])
+        if source not in memo:
+            memo[source] = target.source_digest(j)
+        return memo[source]
+    return digest
+
+
 def _synthetic_rows(balanced: BalancedDKGMDataset, model, batch_size: int):
     """``make(start, stop)`` for synthetic items ``start .. stop - 1``, through the dataset's own path."""
     def make(start: int, stop: int) -> tuple:
@@ -93,14 +106,16 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
                                          device=device, progress=False, dtype=dtype, compile=compile)
             kind, n_rows = "balanced", target.n_synthetic
             make = _synthetic_rows(target, target._generator(), batch_size)
+            source_digest = _by_source(target)
         else:
             target = NeighbourBank(ds, generator, bank_k, alpha=alpha, steps=steps, seed=seed, device=device,
                                    dtype=dtype, compile=compile)
             kind, n_rows, model = "bank", len(target), target._generator()
             make = lambda a, b: target.make_rows(a, b, model, batch_size)   # noqa: E731
+            source_digest = target.source_digest          # one row per source
         done = shards.write_shards(Path(out), kind, target.fingerprint(), n_rows, shard_size, make, rank, world,
                                    progress=progress and (rank == 0 or not joined), info=info,
-                                   after_shard=after_shard, source_digest=target.source_digest)
+                                   after_shard=after_shard, source_digest=source_digest)
         done.update(kind=kind, rows=n_rows, rank=rank, world_size=world, seconds=time.perf_counter() - start,
                     complete=None)
         if world == 1 or dist.is_initialized():

@@ -238,11 +238,13 @@ def check_class_names(model, names) -> None:
     if not isinstance(trained, (list, tuple)) or not isinstance(names, (list, tuple)):
         return
     trained, names = [str(c) for c in trained], [str(c) for c in names]
-    moved = [c for c in names if c in trained and names.index(c) != trained.index(c)]
+    at = {c: i for i, c in reversed(list(enumerate(trained)))}   # the first index of each name, as list.index
+    here = {c: i for i, c in reversed(list(enumerate(names)))}
+    moved = [c for c in names if c in at and here[c] != at[c]]
     if moved:
         raise DataError(f"the generator was trained with classes {trained}, the dataset's are {names}: class "
-                        f"{moved[0]!r} is index {trained.index(moved[0])} to the generator but "
-                        f"{names.index(moved[0])} here, so its images would be conditioned on another class; "
+                        f"{moved[0]!r} is index {at[moved[0]]} to the generator but "
+                        f"{here[moved[0]]} here, so its images would be conditioned on another class; "
                         "pass labels= with the generator's class index of each item (or reorder both the "
                         "dataset's classes and its targets)")
 

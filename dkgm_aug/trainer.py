@@ -59,6 +59,7 @@ from .dkgm import DKGM
 from .errors import DataError, DKGMError
 from .images import check_not_binary, from_model
 from .nn import evaluating
+from .sampling import _names
 from .train.data import Feed, data_fingerprint, held_images
 from .train.distributed import gather, in_place, init_distributed, mean_over_ranks
 from .train.ema import EMA
@@ -313,14 +314,18 @@ class Trainer:
         return run
 
     def _retire_records(self) -> None:
-        """The model's record of an earlier training run (and the calibration made for those weights)
-        no longer describes it once trained here: moved under ``info["warm_start"]``, so that the CLI,
+        """The model's record of an earlier training run (the calibration made for those weights, the class
+        names of that data) no longer describes it once trained here: moved under ``info["warm_start"]``
+        (the class names of this data take their place, when it names them), so that the CLI,
         which reads ``info["training"]["data_spec"]``, no longer takes that run's data for this model's
         (a fine-tuned ``digits-tiny`` claimed sklearn digits, and ``precompute`` without ``--data`` used them)."""
         info = getattr(self.model, "info", None)
         if isinstance(info, dict) and ("training" in info or "calibration" in info):
-            old = {k: info.pop(k) for k in ("training", "calibration") if k in info}
+            old = {k: info.pop(k) for k in ("training", "calibration", "classes") if k in info}
             info["warm_start"] = dict(old, earlier=info["warm_start"]) if "warm_start" in info else old
+            names = _names(self.data.dataset if isinstance(self.data, torch.utils.data.DataLoader) else self.data)
+            if isinstance(names, (list, tuple)):   # the class names of the data it is trained on now, if named
+                info["classes"] = [str(c) for c in names]
 
     def _step(self, run: _Run, batch) -> torch.Tensor:
         """One optimizer step on the batch (``x``, or ``(x, y)`` for a class-conditional model); returns

@@ -215,6 +215,7 @@ class DKGMAugment(KeepsSample, v2.Transform):
             raise DKGMError(f"classes must be a list of class names in label order (e.g. dataset.classes), "
                             f"got {classes!r}")
         self.classes = None if classes is None else list(classes)
+        self._classes_checked = None     # id() of the model the class order was checked against
         self.label_filter = check_label_filter(label_filter)
         self.alpha = None if alpha is None else check_knobs(alpha=alpha)
         self.steps = None if steps is None else check_knobs(steps=steps)
@@ -235,7 +236,9 @@ class DKGMAugment(KeepsSample, v2.Transform):
         x01, restore = to_batch(inpt)
         model = self.handle.get(like=x01 if self.device is None else None)
         check_image_size(model, *x01.shape[-2:])
-        check_class_names(model, self.classes)
+        if self.classes is not None and self._classes_checked != id(model):   # once per loaded model
+            check_class_names(model, self.classes)
+            self._classes_checked = id(model)
         labels = model_labels(model, params.get("labels"), len(x01))
         apply = params["apply"]
         if not bool(apply.any()):

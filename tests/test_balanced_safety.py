@@ -367,6 +367,10 @@ def test_a_random_transform_on_the_base_dataset_warns_before_neighbours_are_kept
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         BalancedDKGMDataset(Images(), gen, progress=False).precompute(progress=False)
+        nothing_kept = BalancedDKGMDataset(RandomlyFlipped(), gen, progress=False, cache=None)
+        nothing_kept[len(nothing_kept) - 1]                      # a fresh view's neighbour at every read: right
+    with pytest.warns(UserWarning, match="served two different images"):
+        BalancedDKGMDataset(RandomlyFlipped(), gen, progress=False, cache=None).precompute(progress=False)
 
 
 class Relabelled(Images):

@@ -88,6 +88,12 @@ def test_calibrate_scores_the_images_a_dataset_serves_and_checks_a_conditional_c
     assert accuracy(evaluator, digits) > 0.9 and accuracy(evaluator, blank) < 0.3
     with pytest.raises(DataError, match="evaluator assigns"):        # black images: no class to keep
         calibrate(dkgm_aug.load("digits-tiny"), blank, evaluator, n=64, alphas=(0.25,), steps=(2,))
+    flipped = ImageDataset(digits.images, digits.targets, digits.classes,
+                           transform=lambda x: x.flip(-1) if torch.rand(()) < 0.5 else x)
+    torch.manual_seed(1)
+    first = calibrate(dkgm_aug.load("digits-tiny"), flipped, evaluator, n=32, alphas=(0.25,), steps=(2,))
+    torch.manual_seed(2)          # its random draws come from calibrate's seed, not torch's global state
+    assert calibrate(dkgm_aug.load("digits-tiny"), flipped, evaluator, n=32, alphas=(0.25,), steps=(2,)) == first
     kss = dkgm_aug.KernelSmoothedScore.from_dataset(
         ImageDataset(digits.images[:20], digits.targets[:20], transform=lambda x: torch.full_like(x, 7 / 255)), t_min=1e-7)
     assert bool((kss.images == 7).all())

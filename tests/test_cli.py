@@ -225,6 +225,11 @@ def test_a_model_trained_further_in_python_drops_its_warm_starts_data_record(tmp
     mine = torch.rand(16, 1, 8, 8)
     dkgm_aug.Trainer(model, mine, out_dir=tmp_path / "w", max_steps=1, batch_size=8, progress=False).fit(stage=1)
     assert "training" not in model.info and "data_spec" in model.info["warm_start"]["training"]
+    assert "classes" not in model.info and model.info["warm_start"]["classes"][:2] == ["0", "1"]   # no names here
+    named = dkgm_aug.load("digits-tiny")
+    data = dkgm_aug.data.ImageDataset((mine * 255).to(torch.uint8), torch.arange(16) % 2, ["odd", "even"])
+    dkgm_aug.Trainer(named, data, out_dir=tmp_path / "v", max_steps=1, batch_size=8, progress=False).fit(stage=1)
+    assert named.info["classes"] == ["odd", "even"]                 # the names of the data it was trained on
     model.save(tmp_path / "mine.safetensors")
     assert main(["precompute", str(tmp_path / "mine.safetensors"), "--out", str(tmp_path / "s")]) == 2
     assert "--data" in capsys.readouterr().err

@@ -235,3 +235,4 @@ def test_data_on_a_0_to_16_scale_gets_the_right_hint_and_a_warning_when_read_as_
         mixed = (raw * 255 / 16).round().to(torch.uint8)
         mixed[0] = mixed[0] // 16                                         # one dark image among bright ones
         to_batch(mixed)
+        to_batch(mixed[0]), to_batch(mixed[:1].float() / 255)             # ... or alone (per-sample paths)
