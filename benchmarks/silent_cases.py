@@ -617,7 +617,7 @@ def case_real_relabelled(tmp: Path, gen: Path) -> str:
         def __getitem__(self, i):
             return data[i][0], (1 if i in (5, 12, 30) else int(data.targets[i]))
     ds = BalancedDKGMDataset(Cleaned(), gen, progress=False, cache=None)
-    return raises(lambda: [ds[i] for i in range(ds.n_real)], "stored labels")
+    return raises(lambda: [ds[i] for i in range(ds.n_real)], "balanced with it in class")
 
 
 CASES = [

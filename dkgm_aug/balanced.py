@@ -263,7 +263,7 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
         for i in idx:
             if i < self.n_real:
                 item = self.ds[i]
-                self._check_real_label(i, item)
+                self._check_label(i, item, f"item {i}")
             else:
                 j = i - self.n_real
                 item = self._replace(sources[j], _like(made[j] if j in made else self._cache[j], images[j]))
@@ -273,30 +273,24 @@ class BalancedDKGMDataset(torch.utils.data.Dataset):
     def _check_labels(self, sources: dict) -> None:
         """A synthetic item is served under its source item's label: that label must still be the
         class it was planned for (labels read from ``.targets`` may differ from the items' own)."""
-        if self._labels_given:
-            return
         for j, item in sources.items():
-            planned = self.class_values[int(self._codes[self.n_real + j])]
-            label = plain_label(self._label(item))
-            if label != planned:
-                raise DataError(f"item {int(self._sources[j])} now reads label {label!r}, but its synthetic item "
-                                f"{self.n_real + j} was planned for class {planned!r} (the labels were read "
-                                "when the dataset was wrapped): the dataset's labels changed, or its stored "
-                                "labels (.targets) are not its items' own; pass labels= or wrap it again")
+            self._check_label(self.n_real + j, item, f"item {int(self._sources[j])} (the source of synthetic item "
+                                                     f"{self.n_real + j})")
 
-    def _check_real_label(self, i: int, item) -> None:
-        """A real item must read the label the balance was planned with: stored labels (``.targets``)
-        are trusted after spot checks, so an item whose ``__getitem__`` relabels it (label cleaning
-        that leaves ``.targets`` stale) unbalanced the classes with no word. One label read per item."""
+    def _check_label(self, i: int, item, what: str) -> None:
+        """Item ``i`` of this dataset (``item``, as read) must read the label the balance was planned
+        with: stored labels (``.targets``) are trusted after spot checks, so an item whose ``__getitem__``
+        relabels it (label cleaning that leaves ``.targets`` stale) unbalanced the classes with no word.
+        One label read per item served."""
         if self._labels_given:
             return
         planned = self.class_values[int(self._codes[i])]
         label = plain_label(self._label(item))
         if label != planned:
-            raise DataError(f"item {i} reads label {label!r}, but the stored labels (.targets, read when the dataset "
-                            f"was wrapped) say {planned!r}, and the classes were balanced on those: its __getitem__ "
-                            "changes labels, or they changed since; pass labels= with the items' own labels, or "
-                            "update .targets and wrap it again")
+            raise DataError(f"{what} reads label {label!r}, but the classes were balanced with it in class "
+                            f"{planned!r} (labels read when the dataset was wrapped, from its stored labels "
+                            "(.targets) when it has them): its __getitem__ changes labels, or they changed since; "
+                            "pass labels= with the items' own labels, or update .targets and wrap it again")
 
     def _on_demand(self, js: list, images: list) -> dict:
         if not self._warned and torch.utils.data.get_worker_info() is not None:
