@@ -508,6 +508,18 @@ def case_load_rng(tmp: Path, gen: Path) -> str:
     return "torch's global random stream is where it was (a classifier made next gets the same init)"
 
 
+def case_fit_rng(tmp: Path, gen: Path) -> str:
+    from dkgm_aug import Trainer
+    inits = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        Trainer(dkgm_aug.load(gen), small_set().images, out_dir=None, max_steps=1, batch_size=8,
+                progress=False).fit(stage=1)
+        inits.append(torch.rand(4))
+    assert not torch.equal(*inits), "fit() left torch's RNG at its own seed: both replicates draw the same"
+    return "replicates seeded apart draw apart after fit(): torch's global random state is the caller's again"
+
+
 def case_transform_class_order(tmp: Path, gen: Path) -> str:
     model = dkgm_aug.load(gen).with_labels(2, stages=(1,))
     model.info["classes"] = ["cat", "dog"]
@@ -662,6 +674,7 @@ CASES = [
     ("r5. label filter whose class indices are not the folder's labels (digits 3 and 7)", case_filter_wrong_indices),
     ("r5. ConcatDataset of folders that number their classes differently", case_concat_classes),
     ("r6. loading a generator, then making a classifier after torch.manual_seed", case_load_rng),
+    ("r6. replicates seeded apart, each training a generator, then drawing a classifier's init", case_fit_rng),
     ("r6. DKGMAugment(classes=) in another order than the conditional generator's", case_transform_class_order),
     ("r6. evaluator accuracy on a dataset whose transform changes its images", case_accuracy_transform),
     ("r6. float64 batch, one image of four augmented", case_float64_passthrough),

@@ -352,15 +352,19 @@ class Trainer:
     def fit(self, stage: int = 1, max_steps: int | None = None):
         """Train ``stage`` (one of ``model.stages``) for ``max_steps`` steps (default: the
         constructor's), resuming from ``out_dir`` when a state file is there; returns the model
-        with the stage's EMA weights."""
+        with the stage's EMA weights. Torch's global random state is the caller's again after it."""
         stages = tuple(self.model.stages)
         if stage not in stages:
             raise DKGMError(f"stage must be {' or '.join(map(str, stages))}, got {stage!r}")
         default = self.max_steps
         if max_steps is not None:       # for this call only: the next fit() trains the constructor's again
             self.max_steps = check_int("max_steps", max_steps, 1)
+        # training seeds torch's RNG with its own seed (dropout, random transforms): the caller's stream is
+        # put back after, or every model made after a fit started from the same state whatever the caller seeded
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            return self._fit(stage)
+            with torch.random.fork_rng(devices=devices):
+                return self._fit(stage)
         finally:
             self.max_steps = default
 

@@ -112,3 +112,21 @@ def test_loading_a_generator_or_evaluator_leaves_the_global_random_stream_alone(
     dkgm_aug.DKGMAugment("digits-tiny", p=1.0, seed=123)(torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1)))
     load_evaluator("digits-evaluator")
     assert torch.equal(torch.rand(4), want)
+
+
+def test_training_leaves_the_callers_global_random_stream_alone(tmp_path):
+    """fit() seeded torch's global RNG with the Trainer's seed and left it there: replicates seeded
+    apart (torch.manual_seed(s)) that train a generator first then got the same classifier init."""
+    import dkgm_aug
+    from conftest import micro_model, shapes_batch
+    inits = []
+    for s in (1, 2):
+        torch.manual_seed(s)
+        model = micro_model(image_size=8)
+        dkgm_aug.Trainer(model, shapes_batch(8, size=8), out_dir=None, max_steps=1, batch_size=4,
+                         progress=False).fit(stage=1)
+        inits.append(torch.rand(3))
+    assert not torch.equal(inits[0], inits[1])
+    torch.manual_seed(1)
+    micro_model(image_size=8)
+    assert torch.equal(torch.rand(3), inits[0])        # as if no training had happened in between

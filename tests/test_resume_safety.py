@@ -279,7 +279,7 @@ def test_a_model_with_other_starting_weights_warns_instead_of_resuming_silently(
     with pytest.warns(UserWarning, match="started from other weights than the model passed in, and is at step 2 "
                                          "of 2 already: resuming trains nothing"):
         trainer(tmp_path).fit(stage=1)
-    torch.manual_seed(3)        # (the Trainer seeds torch's RNG with its own seed: seed 1 would come back here)
+    torch.manual_seed(3)
     loaded = micro_model(image_size=8)
     loaded.info["training"] = {"data": "elsewhere"}                # a checkpoint loaded to be fine-tuned
     with pytest.warns(UserWarning, match="started from other weights"):
