@@ -83,7 +83,7 @@ def calibrate(model, dataset, evaluator, n: int = 500, tolerance: float = 0.03, 
         images01, labels = tensor_unit(stored[0][idx]), torch.as_tensor(stored[1])[idx]
     else:     # through the dataset's transform: the images it serves, its random draws seeded by `seed`
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)   # the CPU generator only: the one forked (GPUs untouched)
             items = [dataset[int(i)] for i in idx]
         images01 = torch.stack([to_unit_float(it[0]) for it in items])
         labels = torch.as_tensor([int(it[1]) for it in items])

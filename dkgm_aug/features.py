@@ -100,6 +100,8 @@ def _for_the_evaluator():
     try:
         yield
     except DataError as exc:
+        if "must be in [0, 1]" not in str(exc):    # NaN, binary masks...: their own message says it
+            raise
         raise DataError(f"the evaluator takes images in [0, 1] (uint8 or float): {exc}. A dataset whose transform "
                         "normalizes its images: score it without that transform") from None
 

@@ -105,6 +105,7 @@ def precompute(ds, generator, out, *, bank_k=None, sampling_strategy="auto", alp
             target = BalancedDKGMDataset(ds, generator, sampling_strategy, alpha, steps, seed=seed, cache=None,
                                          device=device, progress=False, dtype=dtype, compile=compile)
             kind, n_rows = "balanced", target.n_synthetic
+            target._check_stable_sources()               # rows are made from one view of each source: warn if it varies
             make = _synthetic_rows(target, target._generator(), batch_size)
             source_digest = _by_source(target)
         else:

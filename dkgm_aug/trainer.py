@@ -221,8 +221,10 @@ class Trainer:
         if self.rank == 0:
             info = getattr(self.model, "info", None) or {}
             loaded = any(k in info for k in ("training", "warm_start", "init"))
-            check_start_weights(path, meta, tensors, run.prefix, run.start_weights, loaded, self.max_steps,
-                                getattr(run.net, "_dkgm_run_start", None))
+            # a later stage's state beside it: a multi-stage script restarted, this stage done before the crash
+            restarting = any(self._state_path(s).exists() for s in self.model.stages if s > run.stage)
+            check_start_weights(path, meta, tensors, run.prefix, run.start_weights, loaded,
+                                float("inf") if restarting else self.max_steps, getattr(run.net, "_dkgm_run_start", None))
         run.start_weights = meta.get("start_weights") or None   # unknown for a state from before it was recorded
         restore(tensors, meta, run.prefix, run.net, run.ema, run.opt, run.gen, self.rank, self.device)
         self.elapsed[run.stage] = float(meta.get("elapsed_s", 0.0))
@@ -301,7 +303,10 @@ class Trainer:
         run = _Run(stage, net, wrapped, EMA(net, self.ema_decay), torch.optim.Adam(net.parameters(), lr=self.lr),
                    torch.Generator(self.device).manual_seed(seed), weights_prefix(self.model, net),
                    weights_digest(net.state_dict()))
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)     # only the generators fit() forks: the CPU's and its device's
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
         if self.writes and not self.resume:        # so that a run stopped before its first save resumes nothing
             self._state_path(stage).unlink(missing_ok=True)
         if self._resumable(stage):

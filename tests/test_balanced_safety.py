@@ -373,6 +373,12 @@ def test_a_random_transform_on_the_base_dataset_warns_before_neighbours_are_kept
         BalancedDKGMDataset(RandomlyFlipped(), gen, progress=False, cache=None).precompute(progress=False)
 
 
+def test_shards_written_from_a_randomly_transformed_base_dataset_warn_too(gen, tmp_path):
+    from dkgm_aug.precompute import precompute
+    with pytest.warns(UserWarning, match="served two different images"):
+        precompute(RandomlyFlipped(), gen, tmp_path / "s", shard_size=64, progress=False)
+
+
 class Relabelled(Images):
     """Label cleaning in __getitem__ that leaves .targets stale: items 5, 12, 30 (class 0, away from
     the spot checks) read class 1."""

@@ -317,3 +317,17 @@ def test_an_unseeded_restart_of_an_unfinished_run_resumes_without_a_warning(tmp_
         for steps in (5, 6):                                        # an old state, resumed twice
             torch.manual_seed(0)
             trainer(tmp_path, max_steps=steps).fit(stage=1)
+
+
+def test_a_two_stage_script_restarted_during_stage_2_resumes_without_a_warning(tmp_path):
+    """README's pattern, unseeded: stage 1 finished, stage 2 cut short; the rerun's fresh model found stage 1
+    'at max_steps already' and warned of a replicate. A later stage's state beside it marks a restart."""
+    import warnings
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(stage=1)
+    t.fit(stage=2, max_steps=1)                                     # 'killed' during stage 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = trainer(tmp_path, max_steps=2)                      # a new process, a new init
+        again.fit(stage=1)
+        again.fit(stage=2)
