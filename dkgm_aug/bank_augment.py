@@ -72,7 +72,7 @@ class BankAugment(KeepsSample, v2.Transform):
         picks = torch.stack([self.bank.neighbour(rows[i], params["pick"][i] % self.bank.k) for i in todo])
         out = x01.clone()
         out[todo] = tensor_unit(picks.to(out.device), check=False)   # the bank's own uint8: one copy, no checks
-        return restore(out, todo) if isinstance(inpt, torch.Tensor) else restore(out)
+        return restore(out, todo)
 
     def _rows(self, digests: list, labels) -> list:
         """Each image's bank row (None: not in the bank). When the rows depend on labels, a class label

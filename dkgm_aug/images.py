@@ -254,7 +254,7 @@ def _pil_batch(inpt: PIL.Image.Image):
     if inpt.mode not in ("L", "RGB"):
         raise DataError(f"PIL images must be mode 'L' or 'RGB', got {inpt.mode!r}; call .convert('RGB')")
 
-    def restore(out):
+    def restore(out, rows=None):    # one image: the caller returns the input itself when it is unchanged
         arr = to_uint8(out[0]).permute(1, 2, 0).cpu().numpy()
         return PIL.Image.fromarray(arr[..., 0] if inpt.mode == "L" else arr, mode=inpt.mode)
     return to_unit_float(inpt)[None], restore
@@ -266,7 +266,7 @@ def numpy_batch(img: np.ndarray):
     if img.ndim not in (2, 3):
         raise DataError(f"expected a numpy HxW or HxWxC image, got shape {img.shape}")
 
-    def restore(out):
+    def restore(out, rows=None):    # one image, as above
         y = out[0].permute(1, 2, 0).cpu()
         y = y[..., 0] if img.ndim == 2 else y
         return to_uint8(y).numpy() if img.dtype == np.uint8 else y.numpy().astype(np.float32)

@@ -250,7 +250,7 @@ class DKGMAugment(KeepsSample, v2.Transform):
         out[idx] = filtered_generate(model, x01[idx], [params["seeds"][i] for i in idx.tolist()], self.alpha,
                                      self.steps, self.convert_channels, label_filter=self.label_filter,
                                      labels=None if labels is None else [labels[i] for i in idx.tolist()])
-        return restore(out, idx) if isinstance(inpt, torch.Tensor) else restore(out)
+        return restore(out, idx)
 
     def extra_repr(self) -> str:
         spec = self.handle.spec if not isinstance(self.handle.spec, torch.nn.Module) else type(self.handle.spec).__name__
